@@ -1,0 +1,130 @@
+"""The only user of cffi/ctypes in hvjit: loads ``libhvt.so`` and declares its API.
+
+The library is loaded twice over the same handle: globally with ``RTLD_GLOBAL`` so Numba
+kernels can call it through ``ExternalFunction`` (an unloaded symbol would segfault, not
+raise), and through cffi for Python callers. Structures are opaque here; their layouts live
+in :mod:`hvjit.abi` as numpy dtypes and cross the boundary as ``ffi.from_buffer`` pointers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from importlib import resources
+from pathlib import Path
+
+import cffi
+
+from .errors import HvjitError, KvmError
+
+_CDEF = """
+struct kvm_run;
+struct kvm_cpuid_entry2;
+struct kvm_msr_entry;
+struct kvm_regs;
+struct kvm_sregs;
+struct kvm_fpu;
+struct kvm_vcpu_events;
+struct kvm_guest_debug;
+struct kvm_lapic_state;
+struct kvm_mp_state;
+struct kvm_msr_filter;
+struct hvt_loop_stats;
+
+int hvt_sys_open(const char *path);
+int hvt_sys_close(int fd);
+int hvt_sys_api_version(int kvm_fd);
+int hvt_sys_check_extension(int fd, long cap);
+int hvt_sys_vcpu_mmap_size(int kvm_fd);
+int hvt_sys_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *entries, int max, int *needed);
+int hvt_sys_get_msr_index_list(int kvm_fd, uint32_t *indices, int max, int *needed);
+int hvt_sys_get_msr_feature_index_list(int kvm_fd, uint32_t *indices, int max, int *needed);
+int hvt_sys_get_feature_msrs(int kvm_fd, struct kvm_msr_entry *entries, int count);
+int hvt_sys_nop(void);
+int hvt_sys_nop_ioctl(int kvm_fd);
+uint64_t hvt_sys_rdtsc(void);
+uint64_t hvt_sys_rdtscp(uint32_t *aux);
+int hvt_sys_init_kick_signal(void);
+int hvt_sys_kick_signal(void);
+
+int hvt_vm_create(int kvm_fd, unsigned long type);
+int hvt_vm_set_user_memory(int vm_fd, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size, void *host_addr);
+int hvt_vm_set_tss_addr(int vm_fd, uint64_t gpa);
+int hvt_vm_set_identity_map_addr(int vm_fd, uint64_t gpa);
+int hvt_vm_create_irqchip(int vm_fd);
+int hvt_vm_create_pit2(int vm_fd, uint32_t flags);
+int hvt_vm_irq_line(int vm_fd, uint32_t irq, uint32_t level);
+int hvt_vm_enable_cap(int vm_fd, uint32_t cap, uint64_t arg0, uint64_t arg1);
+int hvt_vm_set_msr_filter(int vm_fd, struct kvm_msr_filter *filter);
+
+int hvt_vcpu_create(int vm_fd, int id, int mmap_size, struct kvm_run **run_out);
+int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size);
+int hvt_vcpu_run(int vcpu_fd);
+int hvt_vcpu_kick(uint64_t thread, struct kvm_run *run);
+int hvt_vcpu_get_regs(int fd, struct kvm_regs *regs);
+int hvt_vcpu_set_regs(int fd, const struct kvm_regs *regs);
+int hvt_vcpu_get_sregs(int fd, struct kvm_sregs *sregs);
+int hvt_vcpu_set_sregs(int fd, const struct kvm_sregs *sregs);
+int hvt_vcpu_get_fpu(int fd, struct kvm_fpu *fpu);
+int hvt_vcpu_set_fpu(int fd, const struct kvm_fpu *fpu);
+int hvt_vcpu_get_msrs(int fd, struct kvm_msr_entry *entries, int count);
+int hvt_vcpu_set_msrs(int fd, const struct kvm_msr_entry *entries, int count);
+int hvt_vcpu_get_events(int fd, struct kvm_vcpu_events *events);
+int hvt_vcpu_set_events(int fd, const struct kvm_vcpu_events *events);
+int hvt_vcpu_set_cpuid(int fd, const struct kvm_cpuid_entry2 *entries, int count);
+int hvt_vcpu_get_tsc_khz(int fd);
+int hvt_vcpu_set_guest_debug(int fd, const struct kvm_guest_debug *dbg);
+int hvt_vcpu_get_lapic(int fd, struct kvm_lapic_state *lapic);
+int hvt_vcpu_get_mp_state(int fd, struct kvm_mp_state *state);
+int hvt_vcpu_set_mp_state(int fd, const struct kvm_mp_state *state);
+
+int hvt_msr_host_read(int cpu, uint32_t index, uint64_t *value);
+int hvt_msr_host_write(int cpu, uint32_t index, uint64_t value);
+
+int hvt_loop_reference(int vcpu_fd, struct kvm_run *run, uint64_t max_exits, uint16_t stop_port, struct hvt_loop_stats *stats);
+"""
+
+LIBRARY_NAME = "libhvt.so"
+
+
+def library_path() -> Path:
+    """Where ``libhvt.so`` is: ``$HVJIT_LIBHVT``, else inside the installed package."""
+    override = os.environ.get("HVJIT_LIBHVT")
+    if override:
+        return Path(override)
+    with resources.as_file(resources.files("hvjit") / LIBRARY_NAME) as p:
+        return Path(p)
+
+
+def _load():
+    path = library_path()
+    if not path.exists():
+        raise HvjitError(
+            f"{LIBRARY_NAME} not found at {path}: hvjit must be installed with pip "
+            "(`pip install .` or `pip install -e .`), which builds the trampoline"
+        )
+    # RTLD_GLOBAL first: Numba's ExternalFunction resolves symbols in the global namespace.
+    global_handle = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    return ffi, ffi.dlopen(str(path)), global_handle, path
+
+
+ffi, lib, _global_handle, LIBRARY = _load()
+
+
+def check(rc: int, op: str, detail: str = "") -> int:
+    """Turn the trampoline's ``-errno`` convention into :class:`KvmError`; pass counts through."""
+    if rc < 0:
+        raise KvmError(op, -rc, detail)
+    return rc
+
+
+def ptr(array, ctype: str = "void *"):
+    """A C pointer to a numpy array's (or buffer's) memory, for one call."""
+    return ffi.cast(ctype, ffi.from_buffer(array))
+
+
+def errno_name(rc: int) -> str:
+    return errno.errorcode.get(-rc, str(-rc)) if rc < 0 else "OK"

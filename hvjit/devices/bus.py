@@ -1,0 +1,145 @@
+"""The VM's IO bus: which device answers each port and MMIO range (kvmtool's one registry).
+
+The tables are numpy arrays the run loop reads directly: a 64 Ki-entry port → slot map, a
+short list of MMIO ranges, and per-slot kind, base, state and buffer rows. Native devices are
+handled inside the Numba loop; a Python handler occupies a slot of kind PYTHON, and its exits
+come back to Python (the slow path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import HvjitError, MemoryMapError
+from . import kinds
+
+MAX_MMIO_RANGES = 64
+
+# A Python port handler: (port, size, is_write, value) -> value read (ignored for writes).
+PortHandler = Callable[[int, int, bool, int], Optional[int]]
+# A Python MMIO handler: (gpa, size, is_write, value) -> value read (ignored for writes).
+MmioHandler = Callable[[int, int, bool, int], Optional[int]]
+
+
+class BusConflictError(HvjitError, ValueError):
+    """A port or MMIO range is already claimed by another device."""
+
+
+@dataclass
+class Slot:
+    index: int
+    kind: int
+    name: str
+    owner: object  # the device object (or the Python handler)
+
+
+class IoBus:
+    def __init__(self):
+        self.port_map = np.zeros(1 << 16, np.int16)
+        self.mmio = np.zeros((MAX_MMIO_RANGES, 3), np.int64)  # start, end (exclusive), slot
+        self.n_mmio = 0
+        self.dev_kind = np.zeros(kinds.MAX_DEVICES, np.int32)
+        self.dev_base = np.zeros(kinds.MAX_DEVICES, np.int64)
+        self.dev_state = np.zeros((kinds.MAX_DEVICES, kinds.STATE_WORDS), np.int64)
+        self.dev_buf = np.zeros((kinds.MAX_DEVICES, kinds.BUFFER_BYTES), np.uint8)
+        self.slots: dict[int, Slot] = {}
+        self._port_handlers: dict[int, tuple[int, PortHandler]] = {}  # port -> (slot, handler)
+        self._mmio_handlers: list[tuple[int, int, int, MmioHandler]] = []  # start, end, slot, h
+
+    # ---- slots ---------------------------------------------------------------------------
+
+    def add_slot(self, kind: int, name: str, owner, base: int = 0) -> int:
+        for i in range(1, kinds.MAX_DEVICES):  # slot 0 means "nobody"
+            if i not in self.slots:
+                self.slots[i] = Slot(i, kind, name, owner)
+                self.dev_kind[i] = kind
+                self.dev_base[i] = base
+                self.dev_state[i] = 0
+                return i
+        raise BusConflictError(f"no free device slot for {name!r} (max {kinds.MAX_DEVICES - 1})")
+
+    def remove_slot(self, slot: int) -> None:
+        self.port_map[self.port_map == slot] = 0
+        keep = [row for row in self.mmio[: self.n_mmio] if row[2] != slot]
+        self.mmio[:] = 0
+        for i, row in enumerate(keep):
+            self.mmio[i] = row
+        self.n_mmio = len(keep)
+        self.dev_kind[slot] = kinds.NONE
+        self.slots.pop(slot, None)
+        self._port_handlers = {p: e for p, e in self._port_handlers.items() if e[0] != slot}
+        self._mmio_handlers = [e for e in self._mmio_handlers if e[2] != slot]
+
+    def state(self, slot: int) -> np.ndarray:
+        return self.dev_state[slot]
+
+    def buffer(self, slot: int) -> np.ndarray:
+        return self.dev_buf[slot]
+
+    # ---- ports and ranges ----------------------------------------------------------------
+
+    def claim_ports(self, slot: int, first: int, count: int) -> None:
+        if not (0 <= first and count > 0 and first + count <= 1 << 16):
+            raise BusConflictError(f"ports {first:#x}+{count} are outside 0..0xffff")
+        taken = self.port_map[first : first + count]
+        if taken.any():
+            other = self.slots[int(taken[taken != 0][0])].name
+            raise BusConflictError(f"ports {first:#x}-{first + count - 1:#x} overlap device {other!r}")
+        taken[:] = slot
+
+    def claim_mmio(self, slot: int, gpa: int, size: int, memory=None) -> None:
+        if size <= 0 or gpa < 0:
+            raise MemoryMapError(f"invalid MMIO range {gpa:#x}+{size:#x}")
+        if memory is not None and any(
+            gpa < s.end and s.gpa < gpa + size for s in memory.segments
+        ):
+            raise MemoryMapError(f"MMIO range {gpa:#x}+{size:#x} overlaps guest RAM")
+        for start, end, other in self.mmio[: self.n_mmio]:
+            if gpa < end and start < gpa + size:
+                raise BusConflictError(
+                    f"MMIO range {gpa:#x}+{size:#x} overlaps device {self.slots[int(other)].name!r}"
+                )
+        if self.n_mmio == MAX_MMIO_RANGES:
+            raise BusConflictError(f"too many MMIO ranges (max {MAX_MMIO_RANGES})")
+        self.mmio[self.n_mmio] = (gpa, gpa + size, slot)
+        self.n_mmio += 1
+
+    def mmio_table(self) -> np.ndarray:
+        return self.mmio[: self.n_mmio]
+
+    # ---- Python handlers (slow path) -----------------------------------------------------
+
+    def add_port_handler(self, first: int, count: int, handler: PortHandler, name: str = "") -> int:
+        slot = self.add_slot(kinds.PYTHON, name or getattr(handler, "__name__", "python"), handler)
+        try:
+            self.claim_ports(slot, first, count)
+        except Exception:
+            self.remove_slot(slot)
+            raise
+        for p in range(first, first + count):
+            self._port_handlers[p] = (slot, handler)
+        return slot
+
+    def add_mmio_handler(self, gpa: int, size: int, handler: MmioHandler, name: str = "",
+                         memory=None) -> int:
+        slot = self.add_slot(kinds.PYTHON, name or getattr(handler, "__name__", "python"), handler)
+        try:
+            self.claim_mmio(slot, gpa, size, memory)
+        except Exception:
+            self.remove_slot(slot)
+            raise
+        self._mmio_handlers.append((gpa, gpa + size, slot, handler))
+        return slot
+
+    def port_handler(self, port: int) -> Optional[PortHandler]:
+        entry = self._port_handlers.get(port)
+        return entry[1] if entry else None
+
+    def mmio_handler(self, gpa: int, size: int) -> Optional[MmioHandler]:
+        for start, end, _, h in self._mmio_handlers:
+            if start <= gpa and gpa + size <= end:
+                return h
+        return None

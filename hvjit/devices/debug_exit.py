@@ -1,0 +1,43 @@
+"""The debug-exit port (isa-debug-exit convention, port 0xf4): a write stops the VM.
+
+The guest's value is its exit code: the run ends SUSPENDED/POWEROFF with ``code`` = value.
+(QEMU turns the same write into process status ``(value << 1) | 1``; hvjit reports both.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels._jit import kernel
+from . import kinds
+
+DEFAULT_PORT = 0xF4
+PORT_COUNT = 4
+
+
+@kernel
+def debug_exit_io(state, offset, size, is_write, value):
+    if is_write:
+        mask = (np.int64(1) << (8 * size)) - 1 if size < 8 else np.int64(-1)
+        state[kinds.STATE_EXIT_CODE] = value & mask
+        return np.int64(0), kinds.ACT_POWEROFF
+    return np.int64(0), kinds.ACT_CONTINUE
+
+
+class DebugExit:
+    """isa-debug-exit: a guest write ends the run with that value as its exit code."""
+
+    kind = kinds.DEBUG_EXIT
+
+    def __init__(self, port: int = DEFAULT_PORT, name: str = "debug-exit"):
+        self.port = port
+        self.name = name
+        self.slot = 0
+
+    def attach(self, bus) -> None:
+        self.slot = bus.add_slot(self.kind, self.name, self, base=self.port)
+        try:
+            bus.claim_ports(self.slot, self.port, PORT_COUNT)
+        except Exception:
+            bus.remove_slot(self.slot)
+            raise

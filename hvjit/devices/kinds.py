@@ -1,0 +1,27 @@
+"""Numbers shared by the native device handlers and the run loop's dispatch switch.
+
+Each native device owns one slot on the VM's bus: a row of ``STATE_WORDS`` int64 registers
+and a row of ``BUFFER_BYTES`` bytes (a UART's transmit ring, pc-testdev's MMIO scratch RAM).
+"""
+
+# Device kinds: the dispatch switch in hvjit.kernels.dispatch has one arm per native kind.
+NONE = 0
+PYTHON = 1  # a Python handler: the exit goes back to Python (slow path)
+UART16550 = 2
+DEBUG_EXIT = 3
+TESTDEV = 4
+PORT_SINK = 5  # port 0x80 and friends: writes dropped, reads all-ones
+
+MAX_DEVICES = 32
+STATE_WORDS = 64
+BUFFER_BYTES = 1 << 16
+
+# What a handler asks of the run loop after an access.
+ACT_CONTINUE = 0
+ACT_POWEROFF = 1  # leave: SUSPENDED / POWEROFF with state[STATE_EXIT_CODE]
+ACT_RESET = 2  # leave: SUSPENDED / RESET
+ACT_DRAIN = 3  # handled, but return to Python to drain a buffer before going on
+ACT_PYTHON = 4  # not handled natively after all: hand the exit to Python
+
+# State words every device may use the same way.
+STATE_EXIT_CODE = 0

@@ -1,0 +1,38 @@
+"""A port sink (e.g. 0x80, the POST/delay port): writes are dropped, reads return all ones."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels._jit import kernel
+from . import kinds
+
+POST_PORT = 0x80
+
+
+@kernel
+def port_sink_io(state, offset, size, is_write, value):
+    if is_write:
+        state[1] = value  # last value written, for tests and the curious
+        return np.int64(0), kinds.ACT_CONTINUE
+    return ((np.int64(1) << (8 * size)) - 1) if size < 8 else np.int64(-1), kinds.ACT_CONTINUE
+
+
+class PortSink:
+    """Claims ports whose writes a guest only uses as delays or POST codes."""
+
+    kind = kinds.PORT_SINK
+
+    def __init__(self, port: int = POST_PORT, count: int = 1, name: str = "post"):
+        self.port = port
+        self.count = count
+        self.name = name
+        self.slot = 0
+
+    def attach(self, bus) -> None:
+        self.slot = bus.add_slot(self.kind, self.name, self, base=self.port)
+        try:
+            bus.claim_ports(self.slot, self.port, self.count)
+        except Exception:
+            bus.remove_slot(self.slot)
+            raise

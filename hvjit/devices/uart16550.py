@@ -1,0 +1,188 @@
+"""A 16550A UART (COM1 at 0x3f8 by default): transmitted bytes go to a ring buffer.
+
+The register file lives in the device's state row so the Numba run loop handles every access;
+Python only drains the transmit ring (and feeds the receive FIFO for interactive input).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels._jit import kernel
+from . import kinds
+
+# Register offsets from the base port.
+RBR_THR_DLL = 0
+IER_DLM = 1
+IIR_FCR = 2
+LCR = 3
+MCR = 4
+LSR = 5
+MSR = 6
+SCR = 7
+
+LCR_DLAB = 0x80
+LSR_DR = 0x01
+LSR_THRE = 0x20
+LSR_TEMT = 0x40
+IIR_NO_INT = 0x01
+IIR_THRE = 0x02
+IIR_RDA = 0x04
+IER_RDA = 0x01
+IER_THRE = 0x02
+MCR_LOOP = 0x10
+
+# State words (0 is kinds.STATE_EXIT_CODE, unused here).
+S_IER = 1
+S_LCR = 2
+S_MCR = 3
+S_SCR = 4
+S_DLL = 5
+S_DLM = 6
+S_FCR = 7
+S_THRE_PENDING = 8  # a THRE interrupt is pending until IIR is read or THR written
+S_TX_HEAD = 9  # bytes ever written to the transmit ring (the ring index is head % size)
+S_TX_TAIL = 10  # bytes Python has drained
+S_RX_HEAD = 11
+S_RX_TAIL = 12
+S_RX_FIFO = 16  # receive FIFO: words 16..16+RX_FIFO_SIZE
+RX_FIFO_SIZE = 32
+
+PORT_COUNT = 8
+# Return to Python to drain once the transmit ring is this full.
+TX_DRAIN_THRESHOLD = kinds.BUFFER_BYTES * 3 // 4
+
+
+@kernel
+def uart_io(state, buf, offset, is_write, value):
+    """One byte-wide register access. Returns (value read, action)."""
+    dlab = (state[S_LCR] & LCR_DLAB) != 0
+    act = kinds.ACT_CONTINUE
+    value = value & 0xFF
+    if is_write:
+        if offset == RBR_THR_DLL:
+            if dlab:
+                state[S_DLL] = value
+            elif state[S_MCR] & MCR_LOOP:
+                _rx_push(state, value)
+            else:
+                head = state[S_TX_HEAD]
+                buf[head % buf.size] = value
+                state[S_TX_HEAD] = head + 1
+                state[S_THRE_PENDING] = 1
+                if head + 1 - state[S_TX_TAIL] >= TX_DRAIN_THRESHOLD:
+                    act = kinds.ACT_DRAIN
+        elif offset == IER_DLM:
+            if dlab:
+                state[S_DLM] = value
+            else:
+                state[S_IER] = value & 0x0F
+                state[S_THRE_PENDING] = 1
+        elif offset == IIR_FCR:
+            state[S_FCR] = value
+            if value & 0x02:  # clear receive FIFO
+                state[S_RX_TAIL] = state[S_RX_HEAD]
+        elif offset == LCR:
+            state[S_LCR] = value
+        elif offset == MCR:
+            state[S_MCR] = value & 0x1F
+        elif offset == SCR:
+            state[S_SCR] = value
+        return np.int64(0), act
+    if offset == RBR_THR_DLL:
+        if dlab:
+            return state[S_DLL], act
+        return _rx_pop(state), act
+    if offset == IER_DLM:
+        return (state[S_DLM] if dlab else state[S_IER]), act
+    if offset == IIR_FCR:
+        fifo = np.int64(0xC0) if state[S_FCR] & 1 else np.int64(0)
+        if (state[S_IER] & IER_RDA) and state[S_RX_HEAD] != state[S_RX_TAIL]:
+            return fifo | IIR_RDA, act
+        if (state[S_IER] & IER_THRE) and state[S_THRE_PENDING]:
+            state[S_THRE_PENDING] = 0
+            return fifo | IIR_THRE, act
+        return fifo | IIR_NO_INT, act
+    if offset == LCR:
+        return state[S_LCR], act
+    if offset == MCR:
+        return state[S_MCR], act
+    if offset == LSR:
+        lsr = np.int64(LSR_THRE | LSR_TEMT)  # transmission is instantaneous
+        if state[S_RX_HEAD] != state[S_RX_TAIL]:
+            lsr |= LSR_DR
+        return lsr, act
+    if offset == MSR:
+        if state[S_MCR] & MCR_LOOP:
+            m = state[S_MCR]
+            return ((m & 0x02) << 3) | ((m & 0x01) << 5) | ((m & 0x04) << 4) | ((m & 0x08) << 4), act
+        return np.int64(0xB0), act  # CTS, DSR, DCD: a cable is attached
+    if offset == SCR:
+        return state[S_SCR], act
+    return np.int64(0xFF), act
+
+
+@kernel
+def _rx_push(state, value):
+    head = state[S_RX_HEAD]
+    if head - state[S_RX_TAIL] < RX_FIFO_SIZE:
+        state[S_RX_FIFO + head % RX_FIFO_SIZE] = value
+        state[S_RX_HEAD] = head + 1
+
+
+@kernel
+def _rx_pop(state):
+    tail = state[S_RX_TAIL]
+    if tail == state[S_RX_HEAD]:
+        return np.int64(0)
+    value = state[S_RX_FIFO + tail % RX_FIFO_SIZE]
+    state[S_RX_TAIL] = tail + 1
+    return value
+
+
+class Uart16550:
+    """COM-port configuration; the registers live on the bus, handled natively."""
+
+    kind = kinds.UART16550
+
+    def __init__(self, port: int = 0x3F8, name: str = "com1"):
+        self.port = port
+        self.name = name
+        self.bus = None
+        self.slot = 0
+
+    def attach(self, bus) -> None:
+        self.slot = bus.add_slot(self.kind, self.name, self, base=self.port)
+        try:
+            bus.claim_ports(self.slot, self.port, PORT_COUNT)
+        except Exception:
+            bus.remove_slot(self.slot)
+            raise
+        self.bus = bus
+
+    def pending(self) -> int:
+        state = self.bus.state(self.slot)
+        return int(state[S_TX_HEAD] - state[S_TX_TAIL])
+
+    def drain(self) -> bytes:
+        """The bytes the guest transmitted since the last drain."""
+        state = self.bus.state(self.slot)
+        buf = self.bus.buffer(self.slot)
+        head, tail = int(state[S_TX_HEAD]), int(state[S_TX_TAIL])
+        if head - tail > buf.size:  # overrun cannot happen (the loop drains at 3/4) but be safe
+            tail = head - buf.size
+        idx = np.arange(tail, head) % buf.size
+        state[S_TX_TAIL] = head
+        return buf[idx].tobytes()
+
+    def feed(self, data: bytes) -> int:
+        """Queue input for the guest's receive FIFO; returns how many bytes fitted."""
+        state = self.bus.state(self.slot)
+        n = 0
+        for b in data:
+            before = state[S_RX_HEAD]
+            _rx_push(state, np.int64(b))
+            if state[S_RX_HEAD] == before:
+                break
+            n += 1
+        return n

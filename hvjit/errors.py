@@ -1,0 +1,99 @@
+"""The hvjit exception hierarchy.
+
+errno stays at the bottom (the trampoline returns ``-errno``); the layers above turn it into
+these types, each carrying what a user needs to act: the operation, the errno, the object.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class HvjitError(Exception):
+    """Base of every error hvjit raises on purpose."""
+
+
+class KvmUnavailableError(HvjitError):
+    """``/dev/kvm`` cannot be used (missing, no permission, wrong API version)."""
+
+
+class KvmError(HvjitError, OSError):
+    """A KVM ioctl failed: carries the operation name and the errno."""
+
+    def __init__(self, op: str, err: int, detail: str = ""):
+        self.op = op
+        msg = f"{op} failed: {_errno.errorcode.get(err, err)} ({os.strerror(err)})"
+        if detail:
+            msg += f": {detail}"
+        OSError.__init__(self, err, msg)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class CapabilityError(HvjitError):
+    """The host's KVM lacks a capability the requested feature needs."""
+
+
+class MemoryMapError(HvjitError, ValueError):
+    """Overlapping, misaligned or otherwise invalid guest memory layout."""
+
+
+class GuestMemoryError(HvjitError, IndexError):
+    """A guest-physical (or guest-linear) access outside guest memory."""
+
+
+class RegisterError(HvjitError, KeyError):
+    """An unknown register name or an invalid register value."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ObjectDestroyedError(HvjitError):
+    """The VM, vCPU or device was destroyed and can no longer be used."""
+
+
+class SessionClosedError(ObjectDestroyedError):
+    """The session was closed."""
+
+
+class InvalidHandleError(HvjitError, LookupError):
+    """A handle is nil, stale, forged, of the wrong kind or from another session."""
+
+
+class AccessDeniedError(HvjitError, PermissionError):
+    """The session may not do this (restricted session, foreign object)."""
+
+
+class VersionMismatchError(HvjitError):
+    """The requested interface version is incompatible with this library."""
+
+
+class DuplicateNameError(HvjitError, ValueError):
+    """A name (factory, VM) is already registered."""
+
+
+class LoaderError(HvjitError, ValueError):
+    """A guest image is malformed or does not fit the guest."""
+
+
+class DecodeError(HvjitError, ValueError):
+    """Bytes could not be decoded as an x86 instruction."""
+
+
+class EmulationError(HvjitError):
+    """KVM could not run an instruction and hvjit could not emulate it.
+
+    ``report`` is an :class:`hvjit.exits.EmulationReport` with rip, mode, bytes and the
+    decoded text.
+    """
+
+    def __init__(self, report):
+        self.report = report
+        super().__init__(str(report))
+
+
+class GuestTimeoutError(HvjitError, TimeoutError):
+    """The guest ran past the user's timeout (the watchdog kicked it out)."""

@@ -1,0 +1,299 @@
+"""The VM-exit run loop: ``KVM_RUN`` in a loop, exits dispatched to native device handlers.
+
+One kernel per vCPU thread (``nogil``): it calls the trampoline's ``hvt_vcpu_run`` through
+``ExternalFunction`` (cacheable, ~2 ns a call), decodes ``kvm_run``, and hands port-IO and
+MMIO to the device handlers compiled into the switch below. It returns to Python only for an
+exit no native handler claims, a buffer to drain, the exit budget, or a KVM error; the exit
+is normalised into one ``VM_EXIT_DTYPE`` record (bhyve's ``struct vm_exit``).
+
+Every index the guest influences (ports, MMIO offsets, the IO data area) is range-checked
+here: Numba does no bounds checking.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import types
+
+from .. import _trampoline  # noqa: F401  (loads libhvt.so globally before any kernel runs)
+from ..abi import KvmExit, KvmSystemEvent, SuspendHow, VmExitCode
+from ..devices import kinds
+from ..devices.debug_exit import debug_exit_io
+from ..devices.port_sink import port_sink_io
+from ..devices.testdev import testdev_mmio, testdev_pio
+from ..devices.uart16550 import uart_io
+from ._jit import kernel
+
+hvt_vcpu_run = types.ExternalFunction("hvt_vcpu_run", types.int32(types.int32))
+
+# What the loop returns.
+LOOP_EXIT = 0  # `out` holds an exit for Python (a Python handler or the user)
+LOOP_DRAIN = 1  # a device buffer needs draining; call again to go on
+LOOP_BUDGET = 2  # max_exits handled natively; call again to go on
+LOOP_ERRNO = 3  # KVM_RUN failed: counters[C_ERRNO] holds the errno (EINTR when kicked)
+
+# Loop options (bit flags).
+FLAG_RESUME_HLT = 1  # treat HLT as handled (count it and re-enter) instead of returning
+
+# Counter slots (int64 array of N_COUNTERS).
+C_EXITS = 0  # KVM_RUN returns with an exit
+C_NATIVE = 1  # exits the loop handled itself
+C_ESCALATED = 2  # exits handed to Python
+C_PIO = 3
+C_PIO_STRING = 4
+C_MMIO = 5
+C_HLT = 6
+C_ERRNO = 7
+C_EINTR = 8
+C_SUSPEND_SLOT = 9  # device slot that asked to stop
+N_COUNTERS = 16
+N_REASONS = 64  # per-KVM-exit-reason counts live after the named counters
+REASON_BASE = N_COUNTERS
+
+U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@kernel
+def _pio_device(kind, state, buf, offset, size, is_write, value):
+    """The native port-IO switch (kvmtool's single run-loop switch): (value, action)."""
+    if kind == kinds.UART16550:
+        return uart_io(state, buf, offset, is_write, value)
+    if kind == kinds.DEBUG_EXIT:
+        return debug_exit_io(state, offset, size, is_write, value)
+    if kind == kinds.TESTDEV:
+        return testdev_pio(state, offset, size, is_write, value)
+    if kind == kinds.PORT_SINK:
+        return port_sink_io(state, offset, size, is_write, value)
+    return np.int64(0), kinds.ACT_PYTHON
+
+
+@kernel
+def _mmio_device(kind, buf, offset, size, is_write, data):
+    if kind == kinds.TESTDEV:
+        return testdev_mmio(buf, offset, size, is_write, data)
+    return kinds.ACT_PYTHON
+
+
+@kernel
+def _load_le(page, offset, size):
+    v = np.int64(0)
+    for k in range(size):
+        v |= np.int64(page[offset + k]) << (8 * k)
+    return v
+
+
+@kernel
+def _store_le(page, offset, size, value):
+    for k in range(size):
+        page[offset + k] = (value >> (8 * k)) & 0xFF
+
+
+@kernel
+def _handle_pio(r, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters):
+    """Returns an action; ACT_PYTHON when no native device claims the port."""
+    port = np.int64(r["io_port"])
+    slot = np.int64(port_map[port])
+    if slot <= 0 or slot >= dev_kind.size:
+        return kinds.ACT_PYTHON
+    kind = dev_kind[slot]
+    if kind == kinds.PYTHON or kind == kinds.NONE:
+        return kinds.ACT_PYTHON
+    size = np.int64(r["io_size"])
+    count = np.int64(r["io_count"])
+    data_offset = np.int64(r["io_data_offset"])
+    # KVM sets these, not the guest, but a wrong value would let us scribble: check anyway.
+    if size != 1 and size != 2 and size != 4:
+        return kinds.ACT_PYTHON
+    if count < 1 or data_offset < 0 or data_offset + size * count > page.size:
+        return kinds.ACT_PYTHON
+    is_write = r["io_direction"] == 1
+    offset = port - dev_base[slot]
+    state = dev_state[slot]
+    buf = dev_buf[slot]
+    act = kinds.ACT_CONTINUE
+    for i in range(count):
+        at = data_offset + i * size
+        value = _load_le(page, at, size) if is_write else np.int64(0)
+        value, a = _pio_device(kind, state, buf, offset, size, is_write, value)
+        if not is_write:
+            _store_le(page, at, size, value)
+        if a != kinds.ACT_CONTINUE:
+            act = a
+            if a == kinds.ACT_PYTHON:
+                break
+    counters[C_PIO] += 1
+    if count > 1:
+        counters[C_PIO_STRING] += 1
+    if act == kinds.ACT_POWEROFF or act == kinds.ACT_RESET:
+        counters[C_SUSPEND_SLOT] = slot
+    return act
+
+
+@kernel
+def _handle_mmio(r, mmio_ranges, dev_kind, dev_buf, counters):
+    gpa = np.int64(r["mmio_phys_addr"])
+    size = np.int64(r["mmio_len"])
+    if size < 1 or size > 8:
+        return kinds.ACT_PYTHON
+    for i in range(mmio_ranges.shape[0]):
+        start = mmio_ranges[i, 0]
+        end = mmio_ranges[i, 1]
+        slot = mmio_ranges[i, 2]
+        if start <= gpa and gpa + size <= end:
+            if slot <= 0 or slot >= dev_kind.size:
+                return kinds.ACT_PYTHON
+            act = _mmio_device(dev_kind[slot], dev_buf[slot], gpa - start, size,
+                               r["mmio_is_write"] != 0, r["mmio_data"])
+            if act != kinds.ACT_PYTHON:
+                counters[C_MMIO] += 1
+            return act
+    return kinds.ACT_PYTHON
+
+
+@kernel
+def fill_exit(r, page, out):
+    """Normalise the exit in ``kvm_run`` into ``out`` (a VM_EXIT_DTYPE record)."""
+    reason = np.int64(r["exit_reason"])
+    out["kvm_reason"] = reason
+    out["exitcode"] = VmExitCode.UNKNOWN
+    out["port"] = 0
+    out["bytes"] = 0
+    out["is_in"] = 0
+    out["string"] = 0
+    out["rep"] = 0
+    out["count"] = 0
+    out["data"] = 0
+    out["gpa"] = 0
+    out["mmio_len"] = 0
+    out["is_write"] = 0
+    out["msr_index"] = 0
+    out["msr_data"] = 0
+    out["how"] = SuspendHow.NONE
+    out["code"] = 0
+    out["suberror"] = 0
+    out["ndata"] = 0
+    for i in range(16):
+        out["info"][i] = 0
+    if reason == KvmExit.IO:
+        size = np.int64(r["io_size"])
+        count = np.int64(r["io_count"])
+        out["exitcode"] = VmExitCode.INOUT_STR if count > 1 else VmExitCode.INOUT
+        out["port"] = r["io_port"]
+        out["bytes"] = size
+        out["is_in"] = r["io_direction"] == 0
+        out["string"] = count > 1
+        out["rep"] = count > 1
+        out["count"] = count
+        at = np.int64(r["io_data_offset"])
+        out["data"] = 0
+        if r["io_direction"] == 1 and size <= 8 and at >= 0 and at + size <= page.size:
+            out["data"] = _load_le(page, at, size)
+    elif reason == KvmExit.MMIO:
+        out["exitcode"] = VmExitCode.INST_EMUL
+        out["gpa"] = r["mmio_phys_addr"]
+        out["mmio_len"] = r["mmio_len"]
+        out["is_write"] = r["mmio_is_write"]
+        out["data"] = _load_le(r["mmio_data"], 0, min(np.int64(r["mmio_len"]), 8))
+    elif reason == KvmExit.HLT:
+        out["exitcode"] = VmExitCode.HLT
+    elif reason == KvmExit.SHUTDOWN:
+        out["exitcode"] = VmExitCode.SUSPENDED
+        out["how"] = SuspendHow.TRIPLEFAULT
+    elif reason == KvmExit.SYSTEM_EVENT:
+        kind = r["system_event_type"]
+        out["info"][0] = kind
+        if kind == KvmSystemEvent.SHUTDOWN:
+            out["exitcode"] = VmExitCode.SUSPENDED
+            out["how"] = SuspendHow.POWEROFF
+        elif kind == KvmSystemEvent.RESET:
+            out["exitcode"] = VmExitCode.SUSPENDED
+            out["how"] = SuspendHow.RESET
+        elif kind == KvmSystemEvent.CRASH:
+            out["exitcode"] = VmExitCode.SUSPENDED
+            out["how"] = SuspendHow.HALT
+        else:
+            out["exitcode"] = VmExitCode.SYSTEM_EVENT
+    elif reason == KvmExit.INTERNAL_ERROR:
+        out["exitcode"] = VmExitCode.EMULATION_FAILURE
+        out["suberror"] = r["internal_suberror"]
+        n = min(np.int64(r["internal_ndata"]), 16)
+        out["ndata"] = n
+        for i in range(n):
+            out["info"][i] = r["internal_data"][i]
+    elif reason == KvmExit.FAIL_ENTRY:
+        out["exitcode"] = VmExitCode.FAIL_ENTRY
+        out["info"][0] = r["fail_entry_reason"]
+        out["info"][1] = r["fail_entry_cpu"]
+    elif reason == KvmExit.DEBUG:
+        out["exitcode"] = VmExitCode.DEBUG
+        out["info"][0] = r["debug_exception"]
+        out["info"][1] = r["debug_pc"]
+        out["info"][2] = r["debug_dr6"]
+        out["info"][3] = r["debug_dr7"]
+    elif reason == KvmExit.X86_RDMSR:
+        out["exitcode"] = VmExitCode.RDMSR
+        out["msr_index"] = r["msr_index"]
+    elif reason == KvmExit.X86_WRMSR:
+        out["exitcode"] = VmExitCode.WRMSR
+        out["msr_index"] = r["msr_index"]
+        out["msr_data"] = r["msr_data"]
+    elif reason == KvmExit.HYPERCALL:
+        out["exitcode"] = VmExitCode.HYPERCALL
+        out["info"][0] = r["hypercall_nr"]
+        for i in range(6):
+            out["info"][1 + i] = r["hypercall_args"][i]
+    elif reason == KvmExit.INTR:
+        out["exitcode"] = VmExitCode.BOGUS
+    elif reason == KvmExit.UNKNOWN:
+        out["info"][0] = r["hw_exit_reason"]
+
+
+@kernel
+def run_loop(vcpu_fd, run, page, port_map, mmio_ranges, dev_kind, dev_base, dev_state, dev_buf,
+             counters, out, max_exits, flags):
+    """Run the vCPU until Python is needed. Returns a LOOP_* status; see the module doc.
+
+    ``run`` is the kvm_run page as a 1-record KVM_RUN_DTYPE array, ``page`` the same mapping
+    as bytes (the port-IO data area lies past the struct), ``out`` a 1-record VM_EXIT_DTYPE.
+    """
+    r = run[0]
+    o = out[0]
+    handled = 0
+    while handled < max_exits:
+        rc = hvt_vcpu_run(vcpu_fd)
+        if rc < 0:
+            counters[C_ERRNO] = -rc
+            if rc == -4:  # EINTR
+                counters[C_EINTR] += 1
+            return LOOP_ERRNO
+        counters[C_EXITS] += 1
+        reason = np.int64(r["exit_reason"])
+        if 0 <= reason < N_REASONS:
+            counters[REASON_BASE + reason] += 1
+        act = kinds.ACT_PYTHON
+        if reason == KvmExit.IO:
+            act = _handle_pio(r, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters)
+        elif reason == KvmExit.MMIO:
+            act = _handle_mmio(r, mmio_ranges, dev_kind, dev_buf, counters)
+        elif reason == KvmExit.HLT:
+            counters[C_HLT] += 1
+            if flags & FLAG_RESUME_HLT:
+                act = kinds.ACT_CONTINUE
+        if act == kinds.ACT_CONTINUE:
+            counters[C_NATIVE] += 1
+            handled += 1
+            continue
+        if act == kinds.ACT_DRAIN:
+            counters[C_NATIVE] += 1
+            return LOOP_DRAIN
+        fill_exit(r, page, o)
+        if act == kinds.ACT_POWEROFF or act == kinds.ACT_RESET:
+            counters[C_NATIVE] += 1
+            slot = counters[C_SUSPEND_SLOT]
+            o["exitcode"] = VmExitCode.SUSPENDED
+            o["how"] = SuspendHow.POWEROFF if act == kinds.ACT_POWEROFF else SuspendHow.RESET
+            o["code"] = dev_state[slot, kinds.STATE_EXIT_CODE]
+            return LOOP_EXIT
+        counters[C_ESCALATED] += 1
+        return LOOP_EXIT
+    return LOOP_BUDGET

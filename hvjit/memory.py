@@ -1,0 +1,177 @@
+"""Guest memory: segments of host memory mapped into guest-physical space.
+
+Kept apart from the VM's memory-map management (after rust-vmm's vm-memory): a
+``GuestMemory`` only reads and writes by guest-physical address, with range checks, through
+numpy views of each segment. Unmapped guest-physical ranges are MMIO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mmap
+
+import numpy as np
+
+from .errors import GuestMemoryError, MemoryMapError, ObjectDestroyedError
+
+PAGE_SIZE = 4096
+
+
+@dataclass(eq=False)
+class MemorySegment:
+    """One contiguous run of guest-physical memory backed by anonymous host memory."""
+
+    gpa: int
+    size: int
+    slot: int
+    readonly: bool
+    name: str
+    host_address: int
+    array: np.ndarray  # uint8 view of the whole segment
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end
+
+
+class GuestMemory:
+    """The guest-physical address space of one VM, as seen from the host."""
+
+    def __init__(self):
+        self._segments: list[MemorySegment] = []
+        self._closed = False
+
+    # ---- layout ----------------------------------------------------------------------------
+
+    @property
+    def segments(self) -> tuple[MemorySegment, ...]:
+        return tuple(self._segments)
+
+    @property
+    def size(self) -> int:
+        """Bytes of guest RAM (all segments)."""
+        return sum(s.size for s in self._segments)
+
+    def check_new_segment(self, gpa: int, size: int) -> None:
+        check_segment(gpa, size, self._segments)
+
+    def _add(self, segment: MemorySegment) -> None:
+        self._segments.append(segment)
+        self._segments.sort(key=lambda s: s.gpa)
+
+    def _remove(self, segment: MemorySegment) -> None:
+        self._segments.remove(segment)
+
+    def _close(self) -> None:
+        self._closed = True
+        self._segments.clear()
+
+    # ---- access ----------------------------------------------------------------------------
+
+    def find(self, gpa: int, length: int = 1) -> MemorySegment:
+        """The segment holding ``[gpa, gpa+length)`` whole, or ``GuestMemoryError``."""
+        if self._closed:
+            raise ObjectDestroyedError("guest memory of a destroyed VM")
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"invalid guest-physical range {gpa:#x}+{length:#x}")
+        for s in self._segments:
+            if s.contains(gpa, max(length, 1)):
+                return s
+        raise GuestMemoryError(
+            f"guest-physical range {gpa:#x}-{gpa + length:#x} is not inside guest memory "
+            f"({', '.join(f'{s.gpa:#x}-{s.end:#x}' for s in self._segments) or 'none'})"
+        )
+
+    def is_mapped(self, gpa: int, length: int = 1) -> bool:
+        return any(s.contains(gpa, max(length, 1)) for s in self._segments)
+
+    def view(self, gpa: int, length: int) -> np.ndarray:
+        """A writable uint8 numpy view of guest memory (no copy)."""
+        s = self.find(gpa, length)
+        off = gpa - s.gpa
+        return s.array[off : off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return self.view(gpa, length).tobytes()
+
+    def write(self, gpa: int, data) -> None:
+        buf = np.frombuffer(bytes(data) if not isinstance(data, (bytes, bytearray)) else data, np.uint8)
+        self.view(gpa, len(buf))[:] = buf
+
+    def fill(self, gpa: int, length: int, value: int = 0) -> None:
+        self.view(gpa, length)[:] = value
+
+    def _scalar(self, gpa: int, dtype) -> np.ndarray:
+        size = np.dtype(dtype).itemsize
+        return self.view(gpa, size).view(dtype)
+
+    def read_u8(self, gpa: int) -> int:
+        return int(self._scalar(gpa, "<u1")[0])
+
+    def read_u16(self, gpa: int) -> int:
+        return int(self._scalar(gpa, "<u2")[0])
+
+    def read_u32(self, gpa: int) -> int:
+        return int(self._scalar(gpa, "<u4")[0])
+
+    def read_u64(self, gpa: int) -> int:
+        return int(self._scalar(gpa, "<u8")[0])
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self._scalar(gpa, "<u1")[0] = value
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self._scalar(gpa, "<u2")[0] = value
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self._scalar(gpa, "<u4")[0] = value
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self._scalar(gpa, "<u8")[0] = value
+
+    def flat(self) -> tuple[np.ndarray, int]:
+        """The lowest segment as (uint8 array, base gpa): what the page-walk kernels take."""
+        s = self.find(self._segments[0].gpa) if self._segments else self.find(0)
+        return s.array, s.gpa
+
+
+def check_segment(gpa: int, size: int, existing) -> None:
+    """Refuse a misaligned, out-of-range or overlapping segment."""
+    if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+        raise MemoryMapError(
+            f"memory segment at {gpa:#x} of {size:#x} bytes: gpa and size must be positive "
+            f"multiples of the {PAGE_SIZE:#x}-byte page"
+        )
+    if gpa < 0 or gpa + size > 1 << 52:
+        raise MemoryMapError(f"memory segment at {gpa:#x}+{size:#x} is outside 52-bit physical space")
+    for s in existing:
+        if gpa < s.end and s.gpa < gpa + size:
+            raise MemoryMapError(
+                f"memory segment {gpa:#x}-{gpa + size:#x} overlaps {s.name!r} ({s.gpa:#x}-{s.end:#x})"
+            )
+
+
+def validate_layout(layout) -> None:
+    """Check a whole list of (gpa, size) before any of it is created."""
+    placed: list[MemorySegment] = []
+    for gpa, size in layout:
+        check_segment(gpa, size, placed)
+        placed.append(MemorySegment(gpa, size, -1, False, f"mem@{gpa:#x}", 0, None))
+
+
+def allocate_segment(size: int) -> tuple[int, np.ndarray]:
+    """Anonymous zeroed host memory for a segment: (host address, uint8 view).
+
+    The memory is a Python ``mmap`` owned by the numpy view: it is unmapped when the last view
+    goes, so a view a user kept after the VM was destroyed stays valid instead of dangling.
+    """
+    try:
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, OverflowError) as e:
+        raise MemoryMapError(f"cannot allocate {size:#x} bytes of guest memory: {e}") from None
+    array = np.frombuffer(mm, dtype=np.uint8)
+    return array.ctypes.data, array

@@ -1,0 +1,470 @@
+"""A virtual CPU: its registers by name, its entry state, and its run loop.
+
+Registers follow bhyve's vmm API: ``get_register``/``set_register`` by name for every general
+register, control register, EFER and RFLAGS (segments by selector), and ``get_desc``/
+``set_desc`` for segment descriptors in bhyve's base/limit/access form. ``run`` enters the
+Numba run loop and returns a :class:`~hvjit.exits.VmExit` for anything the loop and the
+Python handlers did not handle themselves.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from . import _trampoline as _t
+from .abi import (
+    GPR_NAMES, KVM_CPUID_ENTRY2_DTYPE, KVM_FPU_DTYPE, KVM_MSR_ENTRY_DTYPE, KVM_REGS_DTYPE,
+    KVM_RUN_DTYPE, KVM_RUN_SIZE, KVM_SREGS_DTYPE, KVM_VCPU_EVENTS_DTYPE, SEGMENT_NAMES,
+    VM_EXIT_DTYPE, VmExitCode,
+)
+from .errors import KvmError, ObjectDestroyedError, RegisterError
+from .exits import VmExit
+from .kernels import dispatch
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+DTABLE_NAMES = ("gdtr", "idtr")
+REGISTER_NAMES = GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES
+# Exits the loop handles per call before checking in with Python (watchdog, stop requests).
+EXIT_BUDGET = 1 << 20
+
+_kick_signal_ready = False
+_kick_lock = threading.Lock()
+
+
+def _ensure_kick_signal():
+    global _kick_signal_ready
+    with _kick_lock:
+        if not _kick_signal_ready:
+            _t.check(_t.lib.hvt_sys_init_kick_signal(), "sigaction(kick signal)")
+            _kick_signal_ready = True
+
+
+@dataclass(frozen=True)
+class SegmentDescriptor:
+    """bhyve's ``struct seg_desc``: base, limit and VMX-style access rights.
+
+    access = type | S<<4 | DPL<<5 | P<<7 | AVL<<12 | L<<13 | D/B<<14 | G<<15 | unusable<<16
+    """
+
+    base: int
+    limit: int
+    access: int
+
+    @property
+    def dpl(self) -> int:
+        return (self.access >> 5) & 3
+
+    @property
+    def unusable(self) -> bool:
+        return bool(self.access & (1 << 16))
+
+
+def _access_of(seg) -> int:
+    return (int(seg["type"]) | int(seg["s"]) << 4 | int(seg["dpl"]) << 5 | int(seg["present"]) << 7
+            | int(seg["avl"]) << 12 | int(seg["l"]) << 13 | int(seg["db"]) << 14
+            | int(seg["g"]) << 15 | int(seg["unusable"]) << 16)
+
+
+def _set_access(seg, access: int) -> None:
+    seg["type"] = access & 0xF
+    seg["s"] = (access >> 4) & 1
+    seg["dpl"] = (access >> 5) & 3
+    seg["present"] = (access >> 7) & 1
+    seg["avl"] = (access >> 12) & 1
+    seg["l"] = (access >> 13) & 1
+    seg["db"] = (access >> 14) & 1
+    seg["g"] = (access >> 15) & 1
+    seg["unusable"] = (access >> 16) & 1
+
+
+class _Watchdog:
+    """Kicks the vCPU out of KVM_RUN after `timeout` seconds (immediate exit + signal)."""
+
+    def __init__(self, vcpu: "Vcpu", timeout: Optional[float]):
+        self.fired = threading.Event()
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._timer = None
+        if timeout is not None:
+            self._thread = threading.get_ident()
+            self._timer = threading.Timer(timeout, self._fire, args=(vcpu,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self, vcpu: "Vcpu") -> None:
+        self.fired.set()
+        vcpu._kick_thread(self._thread)
+
+    def expired(self) -> bool:
+        return self.fired.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class Vcpu:
+    """One vCPU of a :class:`~hvjit.vm.Vm`; created only by its VM."""
+
+    def __init__(self, vm: "Vm", index: int):
+        self.vm = vm
+        self.index = index
+        run_out = _t.ffi.new("struct kvm_run **")
+        fd = vm._kvm_call(_t.lib.hvt_vcpu_create(vm.fd, index, vm.kvm.vcpu_mmap_size, run_out),
+                          "KVM_CREATE_VCPU", f"vcpu {index}")
+        self.fd = fd
+        self._run_ptr = run_out[0]
+        self._mmap_size = vm.kvm.vcpu_mmap_size
+        self._page = np.frombuffer(_t.ffi.buffer(self._run_ptr, self._mmap_size), np.uint8)
+        self._run = self._page[:KVM_RUN_SIZE].view(KVM_RUN_DTYPE)
+        self._exit = np.zeros(1, VM_EXIT_DTYPE)
+        self.counters = np.zeros(dispatch.N_COUNTERS + dispatch.N_REASONS, np.int64)
+        self._running_thread: Optional[int] = None
+        self._stop_requested = False
+        self.emulation_counts: dict[str, int] = {}
+        self.destroyed = False
+
+    # ---- lifetime ------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.destroyed:
+            raise ObjectDestroyedError(f"vcpu {self.index} of VM {self.vm.name!r} was destroyed")
+
+    def _destroy(self) -> None:
+        if self.destroyed:
+            return
+        self.destroyed = True
+        # Drop every numpy view of the run page before unmapping it.
+        self._page = self._run = None
+        _t.lib.hvt_vcpu_destroy(self.fd, self._run_ptr, self._mmap_size)
+        self._run_ptr = _t.ffi.NULL
+
+    def _call(self, rc: int, op: str) -> int:
+        return _t.check(rc, op, f"vcpu {self.index} of VM {self.vm.name!r}")
+
+    # ---- whole register files ------------------------------------------------------------
+
+    def get_regs(self) -> np.ndarray:
+        """The general registers (a KVM_REGS_DTYPE record; a copy)."""
+        self._check()
+        regs = np.zeros(1, KVM_REGS_DTYPE)
+        self._call(_t.lib.hvt_vcpu_get_regs(self.fd, _t.ptr(regs)), "KVM_GET_REGS")
+        return regs[0]
+
+    def set_regs(self, regs) -> None:
+        self._check()
+        arr = np.array([regs], KVM_REGS_DTYPE)
+        self._call(_t.lib.hvt_vcpu_set_regs(self.fd, _t.ptr(arr)), "KVM_SET_REGS")
+
+    def get_sregs(self) -> np.ndarray:
+        self._check()
+        sregs = np.zeros(1, KVM_SREGS_DTYPE)
+        self._call(_t.lib.hvt_vcpu_get_sregs(self.fd, _t.ptr(sregs)), "KVM_GET_SREGS")
+        return sregs[0]
+
+    def set_sregs(self, sregs) -> None:
+        self._check()
+        arr = np.array([sregs], KVM_SREGS_DTYPE)
+        self._call(_t.lib.hvt_vcpu_set_sregs(self.fd, _t.ptr(arr)), "KVM_SET_SREGS")
+
+    def get_fpu(self) -> np.ndarray:
+        self._check()
+        fpu = np.zeros(1, KVM_FPU_DTYPE)
+        self._call(_t.lib.hvt_vcpu_get_fpu(self.fd, _t.ptr(fpu)), "KVM_GET_FPU")
+        return fpu[0]
+
+    def set_fpu(self, fpu) -> None:
+        self._check()
+        arr = np.array([fpu], KVM_FPU_DTYPE)
+        self._call(_t.lib.hvt_vcpu_set_fpu(self.fd, _t.ptr(arr)), "KVM_SET_FPU")
+
+    def get_events(self) -> np.ndarray:
+        self._check()
+        ev = np.zeros(1, KVM_VCPU_EVENTS_DTYPE)
+        self._call(_t.lib.hvt_vcpu_get_events(self.fd, _t.ptr(ev)), "KVM_GET_VCPU_EVENTS")
+        return ev[0]
+
+    def set_events(self, events) -> None:
+        self._check()
+        arr = np.array([events], KVM_VCPU_EVENTS_DTYPE)
+        self._call(_t.lib.hvt_vcpu_set_events(self.fd, _t.ptr(arr)), "KVM_SET_VCPU_EVENTS")
+
+    # ---- registers by name (bhyve's vm_get_register / vm_set_register) -------------------
+
+    def get_register(self, name: str) -> int:
+        name = self._register_name(name)
+        if name in GPR_NAMES:
+            return int(self.get_regs()[name])
+        sregs = self.get_sregs()
+        if name in CONTROL_NAMES:
+            return int(sregs[name])
+        return int(sregs[name]["selector"])
+
+    def set_register(self, name: str, value: int) -> None:
+        self.set_registers(**{name: value})
+
+    def get_registers(self, *names: str) -> dict[str, int]:
+        """Several registers with at most two ioctls; all of them when no names are given."""
+        names = tuple(self._register_name(n) for n in names) or REGISTER_NAMES
+        out = {}
+        if any(n in GPR_NAMES for n in names):
+            regs = self.get_regs()
+            out.update({n: int(regs[n]) for n in names if n in GPR_NAMES})
+        if any(n not in GPR_NAMES for n in names):
+            sregs = self.get_sregs()
+            for n in names:
+                if n in CONTROL_NAMES:
+                    out[n] = int(sregs[n])
+                elif n in SEGMENT_NAMES:
+                    out[n] = int(sregs[n]["selector"])
+        return {n: out[n] for n in names}
+
+    def set_registers(self, **values: int) -> None:
+        """Set registers by name; general and special registers each in one ioctl.
+
+        Setting a segment register by name sets its selector only, as bhyve does; use
+        :meth:`set_desc` for the hidden part.
+        """
+        values = {self._register_name(n): v for n, v in values.items()}
+        for n, v in values.items():
+            if not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 1 << 64:
+                raise RegisterError(f"register {n}: {v!r} is not a 64-bit unsigned integer")
+        gprs = {n: v for n, v in values.items() if n in GPR_NAMES}
+        special = {n: v for n, v in values.items() if n not in GPR_NAMES}
+        if gprs:
+            regs = self.get_regs()
+            for n, v in gprs.items():
+                regs[n] = v
+            self.set_regs(regs)
+        if special:
+            sregs = self.get_sregs()
+            for n, v in special.items():
+                if n in CONTROL_NAMES:
+                    sregs[n] = v
+                else:
+                    if v > 0xFFFF:
+                        raise RegisterError(f"segment selector {n}: {v:#x} does not fit 16 bits")
+                    sregs[n]["selector"] = v
+            self.set_sregs(sregs)
+
+    @staticmethod
+    def _register_name(name: str) -> str:
+        key = name.lower() if isinstance(name, str) else name
+        if key not in REGISTER_NAMES:
+            raise RegisterError(f"unknown register {name!r}; known: {', '.join(REGISTER_NAMES)}")
+        return key
+
+    def get_desc(self, name: str) -> SegmentDescriptor:
+        """A segment's (or gdtr/idtr's) hidden part: base, limit, access."""
+        key = name.lower() if isinstance(name, str) else name
+        sregs = self.get_sregs()
+        if key in DTABLE_NAMES:
+            t = sregs[key[:3]]
+            return SegmentDescriptor(int(t["base"]), int(t["limit"]), 0)
+        if key not in SEGMENT_NAMES:
+            raise RegisterError(f"unknown segment {name!r}; known: {', '.join(SEGMENT_NAMES + DTABLE_NAMES)}")
+        seg = sregs[key]
+        return SegmentDescriptor(int(seg["base"]), int(seg["limit"]), _access_of(seg))
+
+    def set_desc(self, name: str, base: int, limit: int, access: int = 0,
+                 selector: Optional[int] = None) -> None:
+        key = name.lower() if isinstance(name, str) else name
+        sregs = self.get_sregs()
+        if key in DTABLE_NAMES:
+            t = sregs[key[:3]]
+            if limit > 0xFFFF:
+                raise RegisterError(f"{name} limit {limit:#x} does not fit 16 bits")
+            t["base"], t["limit"] = base, limit
+        elif key in SEGMENT_NAMES:
+            seg = sregs[key]
+            seg["base"], seg["limit"] = base, limit
+            _set_access(seg, access)
+            if selector is not None:
+                seg["selector"] = selector
+        else:
+            raise RegisterError(f"unknown segment {name!r}; known: {', '.join(SEGMENT_NAMES + DTABLE_NAMES)}")
+        self.set_sregs(sregs)
+
+    # ---- MSRs and CPUID ------------------------------------------------------------------
+
+    def get_msrs(self, indices) -> dict[int, Optional[int]]:
+        """Read MSRs through KVM; an MSR KVM refuses maps to None."""
+        self._check()
+        indices = [int(i) for i in indices]
+        out: dict[int, Optional[int]] = {}
+        pos = 0
+        while pos < len(indices):
+            entries = np.zeros(len(indices) - pos, KVM_MSR_ENTRY_DTYPE)
+            entries["index"] = indices[pos:]
+            n = self._call(_t.lib.hvt_vcpu_get_msrs(self.fd, _t.ptr(entries), len(entries)), "KVM_GET_MSRS")
+            for e in entries[:n]:
+                out[int(e["index"])] = int(e["data"])
+            if n < len(entries):  # KVM stops at the first MSR it refuses
+                out[indices[pos + n]] = None
+                n += 1
+            pos += n
+        return out
+
+    def get_msr(self, index: int) -> int:
+        value = self.get_msrs([index])[index]
+        if value is None:
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {index:#x} is not readable through KVM")
+        return value
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        """Write MSRs through KVM; returns how many KVM accepted (it stops at the first refusal)."""
+        self._check()
+        entries = np.zeros(len(values), KVM_MSR_ENTRY_DTYPE)
+        entries["index"] = list(values.keys())
+        entries["data"] = [int(v) & (1 << 64) - 1 for v in values.values()]
+        return self._call(_t.lib.hvt_vcpu_set_msrs(self.fd, _t.ptr(entries), len(entries)), "KVM_SET_MSRS")
+
+    def set_msr(self, index: int, value: int) -> None:
+        if self.set_msrs({index: value}) != 1:
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {index:#x} refused value {value:#x}")
+
+    def set_cpuid(self, entries: np.ndarray) -> None:
+        self._check()
+        entries = np.ascontiguousarray(entries, KVM_CPUID_ENTRY2_DTYPE)
+        self._call(_t.lib.hvt_vcpu_set_cpuid(self.fd, _t.ptr(entries), len(entries)), "KVM_SET_CPUID2")
+
+    def tsc_khz(self) -> int:
+        self._check()
+        return self._call(_t.lib.hvt_vcpu_get_tsc_khz(self.fd), "KVM_GET_TSC_KHZ")
+
+    # ---- running -------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Make a run in another thread return (with a BOGUS exit) as soon as possible."""
+        self._check()
+        self._stop_requested = True
+        thread = self._running_thread
+        if thread is not None:
+            self._kick_thread(thread)
+
+    def _kick_thread(self, thread: int) -> None:
+        if not self.destroyed and self._run_ptr != _t.ffi.NULL:
+            _t.lib.hvt_vcpu_kick(thread, self._run_ptr)
+
+    def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False) -> VmExit:
+        """Run until an exit that no native device and no Python handler handles.
+
+        ``timeout`` (seconds) arms a watchdog that kicks a runaway guest out: the run then
+        returns a TIMEOUT exit. ``resume_hlt`` counts HLT exits and resumes instead of
+        returning them (a guest with no interrupt source would otherwise halt for good).
+        """
+        self._check()
+        self.vm._check()
+        _ensure_kick_signal()
+        flags = dispatch.FLAG_RESUME_HLT if resume_hlt else 0
+        bus = self.vm.bus
+        self._stop_requested = False
+        self._running_thread = threading.get_ident()
+        watchdog = _Watchdog(self, timeout)
+        try:
+            while True:
+                if self._stop_requested:
+                    return self._synthetic_exit(VmExitCode.BOGUS)
+                self._run[0]["immediate_exit"] = 0
+                status = dispatch.run_loop(
+                    self.fd, self._run, self._page, bus.port_map, bus.mmio_table(), bus.dev_kind,
+                    bus.dev_base, bus.dev_state, bus.dev_buf, self.counters, self._exit,
+                    EXIT_BUDGET, flags,
+                )
+                self.vm._drain_devices()
+                if status == dispatch.LOOP_EXIT:
+                    result = self._slow_path()
+                    if result is not None:
+                        return result
+                elif status == dispatch.LOOP_ERRNO:
+                    err = int(self.counters[dispatch.C_ERRNO])
+                    if err != errno.EINTR:
+                        self._call(-err, "KVM_RUN")
+                if watchdog.expired():
+                    return self._synthetic_exit(VmExitCode.TIMEOUT)
+        finally:
+            watchdog.cancel()
+            self._running_thread = None
+
+    def _synthetic_exit(self, code: VmExitCode) -> VmExit:
+        return VmExit(exitcode=code, rip=int(self.get_regs()["rip"]), kvm_reason=-1)
+
+    def _slow_path(self) -> Optional[VmExit]:
+        """An exit the native loop handed back: a Python handler, emulation, or the user."""
+        rec = self._exit[0]
+        code = int(rec["exitcode"])
+        bus = self.vm.bus
+        if code in (VmExitCode.INOUT, VmExitCode.INOUT_STR):
+            handler = bus.port_handler(int(rec["port"]))
+            if handler is not None:
+                self._complete_pio(handler)
+                return None
+        elif code == VmExitCode.INST_EMUL:
+            handler = bus.mmio_handler(int(rec["gpa"]), int(rec["mmio_len"]))
+            if handler is not None:
+                self._complete_mmio(handler)
+                return None
+        exit_ = VmExit.from_record(rec, int(self.get_regs()["rip"]))
+        if code == VmExitCode.EMULATION_FAILURE:
+            return self.vm._emulation_failure(self, exit_)
+        return exit_
+
+    def _complete_pio(self, handler) -> None:
+        r = self._run[0]
+        size, count = int(r["io_size"]), int(r["io_count"])
+        port, at = int(r["io_port"]), int(r["io_data_offset"])
+        is_write = int(r["io_direction"]) == 1
+        if at < 0 or at + size * count > self._page.size:
+            raise KvmError("KVM_RUN", errno.EFAULT, f"port-IO data area {at:#x}+{size * count} outside the run page")
+        for i in range(count):
+            view = self._page[at + i * size : at + (i + 1) * size]
+            value = int.from_bytes(view.tobytes(), "little") if is_write else 0
+            result = handler(port, size, is_write, value)
+            if not is_write:
+                view[:] = np.frombuffer(int(result or 0).to_bytes(8, "little", signed=False)[:size], np.uint8)
+
+    def _complete_mmio(self, handler) -> None:
+        r = self._run[0]
+        size, gpa = int(r["mmio_len"]), int(r["mmio_phys_addr"])
+        is_write = bool(r["mmio_is_write"])
+        data = r["mmio_data"]
+        value = int.from_bytes(data[:size].tobytes(), "little") if is_write else 0
+        result = handler(gpa, size, is_write, value)
+        if not is_write:
+            data[:size] = np.frombuffer((int(result or 0) & ((1 << 64) - 1)).to_bytes(8, "little")[:size], np.uint8)
+
+    # ---- statistics ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        c = self.counters
+        d = {
+            "exits": int(c[dispatch.C_EXITS]),
+            "native": int(c[dispatch.C_NATIVE]),
+            "escalated": int(c[dispatch.C_ESCALATED]),
+            "pio": int(c[dispatch.C_PIO]),
+            "pio_string": int(c[dispatch.C_PIO_STRING]),
+            "mmio": int(c[dispatch.C_MMIO]),
+            "hlt": int(c[dispatch.C_HLT]),
+            "eintr": int(c[dispatch.C_EINTR]),
+        }
+        from .abi import KvmExit
+
+        for reason in KvmExit:
+            n = int(c[dispatch.REASON_BASE + reason]) if reason < dispatch.N_REASONS else 0
+            if n:
+                d[f"kvm_{reason.name.lower()}"] = n
+        for kind, n in self.emulation_counts.items():
+            d[f"emulated_{kind}"] = n
+        return d
+
+    def __repr__(self) -> str:
+        state = "destroyed" if self.destroyed else f"fd={self.fd}"
+        return f"<Vcpu {self.index} of {self.vm.name!r} {state}>"

@@ -1,0 +1,254 @@
+"""A virtual machine (after bhyve's vmm API): memory segments, vCPUs, devices, run.
+
+A ``Vm`` is created through a session (``session.create_vm(...)``). Guest RAM is a list of
+segments mapped into guest-physical space; whatever is not RAM is MMIO, answered by the
+devices on the VM's bus or returned to the caller as an exit.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Optional, Union
+
+from . import _trampoline as _t
+from .abi import Cap
+from .devices.bus import IoBus
+from .devices.debug_exit import DebugExit
+from .devices.port_sink import PortSink
+from .devices.testdev import TestDev
+from .devices.uart16550 import Uart16550
+from .errors import HvjitError, MemoryMapError, ObjectDestroyedError
+from .exits import VmExit
+from .memory import PAGE_SIZE, GuestMemory, MemorySegment, allocate_segment, validate_layout
+from .system import Kvm
+from .vcpu import Vcpu
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+# Where KVM may put its real-mode TSS (3 pages) and identity map (1 page) on Intel hosts:
+# just below the BIOS area at 4 GiB, as QEMU and kvmtool do. Never RAM.
+KVM_IDENTITY_MAP_GPA = 0xFFFBC000
+KVM_TSS_GPA = 0xFFFBD000
+LOWMEM_LIMIT = 0xC0000000  # RAM above this goes above 4 GiB (the PCI hole stays MMIO)
+HIGHMEM_BASE = 1 << 32
+MAX_VCPUS = 64
+
+MemorySpec = Union[int, Iterable[tuple[int, int]]]
+
+
+def probe_tsc_khz(kvm: Kvm) -> Optional[int]:
+    """The guest TSC frequency KVM reports, from a throwaway VM and vCPU (None if not offered)."""
+    if not kvm.has(Cap.GET_TSC_KHZ):
+        return None
+    vm_fd = _t.lib.hvt_vm_create(kvm.fd, 0)
+    if vm_fd < 0:
+        return None
+    try:
+        run = _t.ffi.new("struct kvm_run **")
+        fd = _t.lib.hvt_vcpu_create(vm_fd, 0, kvm.vcpu_mmap_size, run)
+        if fd < 0:
+            return None
+        khz = _t.lib.hvt_vcpu_get_tsc_khz(fd)
+        _t.lib.hvt_vcpu_destroy(fd, run[0], kvm.vcpu_mmap_size)
+        return khz if khz > 0 else None
+    finally:
+        _t.lib.hvt_sys_close(vm_fd)
+
+
+def _memory_layout(memory: MemorySpec) -> list[tuple[int, int]]:
+    """A size becomes bhyve's lowmem/highmem split; a list of (gpa, size) is taken as is."""
+    if isinstance(memory, int):
+        if memory <= 0 or memory % PAGE_SIZE:
+            raise MemoryMapError(f"memory size {memory:#x} must be a positive multiple of {PAGE_SIZE:#x}")
+        if memory <= LOWMEM_LIMIT:
+            return [(0, memory)]
+        return [(0, LOWMEM_LIMIT), (HIGHMEM_BASE, memory - LOWMEM_LIMIT)]
+    return [(int(g), int(s)) for g, s in memory]
+
+
+class Vm:
+    """One KVM virtual machine."""
+
+    def __init__(self, session, name: str, *, memory: MemorySpec = 16 << 20, vcpus: int = 1,
+                 devices: bool = True, kvm: Optional[Kvm] = None):
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ValueError(f"VM name {name!r}: 1-32 characters of letters, digits, '.', '_', '-', "
+                             "starting with a letter or digit")
+        if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+            raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, got {vcpus!r}")
+        layout = _memory_layout(memory)
+        self.session = session
+        self.name = name
+        self.kvm = kvm or Kvm.instance()
+        self.memory = GuestMemory()
+        validate_layout(layout)  # before anything is created
+        self.bus = IoBus()
+        self.uart: Optional[Uart16550] = None
+        self.debug_exit: Optional[DebugExit] = None
+        self.testdev: Optional[TestDev] = None
+        self.console_sink: Optional[Callable[[bytes], None]] = None
+        self._console = bytearray()
+        self.fd = -1
+        self.vcpus: list[Vcpu] = []
+        self.destroyed = False
+        self.handle = 0
+        self._next_slot = 0
+        try:
+            self._create_kvm_vm()
+            for gpa, size in layout:
+                self.add_memory(gpa, size, name="lowmem" if gpa == 0 else f"mem@{gpa:#x}")
+            if devices:
+                self._attach_default_devices()
+            for i in range(vcpus):
+                self.vcpus.append(Vcpu(self, i))
+        except BaseException:
+            self.destroy()
+            raise
+
+    # ---- lifetime ------------------------------------------------------------------------
+
+    def _create_kvm_vm(self) -> None:
+        self.fd = _t.check(_t.lib.hvt_vm_create(self.kvm.fd, 0), "KVM_CREATE_VM", self.name)
+        if self.kvm.has(Cap.SET_IDENTITY_MAP_ADDR):
+            self._kvm_call(_t.lib.hvt_vm_set_identity_map_addr(self.fd, KVM_IDENTITY_MAP_GPA),
+                           "KVM_SET_IDENTITY_MAP_ADDR")
+        if self.kvm.has(Cap.SET_TSS_ADDR):
+            self._kvm_call(_t.lib.hvt_vm_set_tss_addr(self.fd, KVM_TSS_GPA), "KVM_SET_TSS_ADDR")
+
+    def _attach_default_devices(self) -> None:
+        self.uart = Uart16550()
+        self.uart.attach(self.bus)
+        self.debug_exit = DebugExit()
+        self.debug_exit.attach(self.bus)
+        self.testdev = TestDev()
+        self.testdev.attach(self.bus, self.memory)
+        PortSink().attach(self.bus)
+
+    def _check(self) -> None:
+        if self.destroyed:
+            raise ObjectDestroyedError(f"VM {self.name!r} was destroyed")
+
+    def _kvm_call(self, rc: int, op: str, detail: str = "") -> int:
+        return _t.check(rc, op, f"VM {self.name!r}" + (f", {detail}" if detail else ""))
+
+    def destroy(self) -> None:
+        """Close every vCPU and the VM fd, unmap the run pages; idempotent."""
+        if self.destroyed:
+            return
+        self.destroyed = True
+        for v in self.vcpus:
+            v._destroy()
+        if self.fd >= 0:
+            _t.lib.hvt_sys_close(self.fd)
+            self.fd = -1
+        # The RAM goes when the last numpy view of it goes (see memory.allocate_segment).
+        self.memory._close()
+        if self.session is not None and getattr(self.session, "_forget_vm", None):
+            self.session._forget_vm(self)
+
+    def reinit(self) -> None:
+        """Reset to power-on: a fresh KVM VM and vCPUs over the same memory; devices reset.
+
+        Guest memory keeps its contents (as bhyve's vm_reinit does): a reboot's firmware or
+        loader rewrites what it needs.
+        """
+        self._check()
+        n = len(self.vcpus)
+        for v in self.vcpus:
+            v._destroy()
+        self.vcpus = []
+        _t.lib.hvt_sys_close(self.fd)
+        self.fd = -1
+        self._create_kvm_vm()
+        for seg in self.memory.segments:
+            self._map_segment(seg)
+        self.bus.dev_state[:] = 0
+        self._console.clear()
+        self.vcpus = [Vcpu(self, i) for i in range(n)]
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    # ---- memory --------------------------------------------------------------------------
+
+    def add_memory(self, gpa: int, size: int, *, readonly: bool = False, name: str = "") -> MemorySegment:
+        """Map ``size`` bytes of fresh zeroed RAM at ``gpa`` (read-only: writes become MMIO exits)."""
+        self._check()
+        self.memory.check_new_segment(gpa, size)
+        for start, end, _ in self.bus.mmio_table():
+            if gpa < end and start < gpa + size:
+                raise MemoryMapError(f"memory {gpa:#x}+{size:#x} overlaps an MMIO device range")
+        if readonly and not self.kvm.has(Cap.READONLY_MEM):
+            raise HvjitError("read-only memory needs KVM_CAP_READONLY_MEM, which this host lacks")
+        host, array = allocate_segment(size)
+        seg = MemorySegment(gpa, size, self._next_slot, readonly, name or f"mem@{gpa:#x}", host, array)
+        self._map_segment(seg)
+        self._next_slot += 1
+        self.memory._add(seg)
+        return seg
+
+    def _map_segment(self, seg: MemorySegment) -> None:
+        flags = 2 if seg.readonly else 0  # KVM_MEM_READONLY
+        self._kvm_call(_t.lib.hvt_vm_set_user_memory(self.fd, seg.slot, flags, seg.gpa, seg.size,
+                                                     _t.ffi.cast("void *", seg.host_address)),
+                       "KVM_SET_USER_MEMORY_REGION", f"{seg.name} at {seg.gpa:#x}+{seg.size:#x}")
+
+    def remove_memory(self, segment: MemorySegment) -> None:
+        self._check()
+        if segment not in self.memory.segments:
+            raise MemoryMapError(f"segment {segment.name!r} is not mapped in VM {self.name!r}")
+        self._kvm_call(_t.lib.hvt_vm_set_user_memory(self.fd, segment.slot, 0, segment.gpa, 0, _t.ffi.NULL),
+                       "KVM_SET_USER_MEMORY_REGION(delete)")
+        self.memory._remove(segment)
+
+    # ---- devices and handlers ------------------------------------------------------------
+
+    def add_port_handler(self, port: int, handler, count: int = 1, name: str = "") -> int:
+        """A Python handler ``handler(port, size, is_write, value) -> value`` for ports
+        ``port..port+count-1`` (the slow path: each access returns to Python)."""
+        self._check()
+        return self.bus.add_port_handler(port, count, handler, name)
+
+    def add_mmio_handler(self, gpa: int, size: int, handler, name: str = "") -> int:
+        """A Python handler ``handler(gpa, size, is_write, value) -> value`` for an MMIO range."""
+        self._check()
+        return self.bus.add_mmio_handler(gpa, size, handler, name, self.memory)
+
+    def remove_handler(self, slot: int) -> None:
+        self.bus.remove_slot(slot)
+
+    def _drain_devices(self) -> None:
+        if self.uart is not None and self.uart.pending():
+            data = self.uart.drain()
+            self._console += data
+            if self.console_sink is not None:
+                self.console_sink(data)
+
+    @property
+    def console(self) -> bytes:
+        """Everything the guest wrote to COM1 so far."""
+        return bytes(self._console)
+
+    # ---- vCPUs ---------------------------------------------------------------------------
+
+    def vcpu(self, index: int = 0) -> Vcpu:
+        self._check()
+        if not 0 <= index < len(self.vcpus):
+            raise IndexError(f"VM {self.name!r} has {len(self.vcpus)} vcpus; no vcpu {index}")
+        return self.vcpus[index]
+
+    def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False) -> VmExit:
+        """Run vCPU 0 (a single-vCPU guest) until an exit for the caller."""
+        return self.vcpu(0).run(timeout=timeout, resume_hlt=resume_hlt)
+
+    def _emulation_failure(self, vcpu: Vcpu, exit_: VmExit) -> VmExit:
+        """KVM could not run an instruction: attach a typed report (rip, mode, bytes, text)."""
+        from .emulation import report_for
+
+        return report_for(vcpu, exit_)
+
+    def __repr__(self) -> str:
+        state = "destroyed" if self.destroyed else f"fd={self.fd}"
+        return f"<Vm {self.name!r} {state} vcpus={len(self.vcpus)} memory={self.memory.size:#x}>"

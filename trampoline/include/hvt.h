@@ -1,0 +1,105 @@
+/*
+ * libhvt: hvjit's trampoline into Linux KVM.
+ *
+ * The only code in hvjit that issues ioctls. Every function is hvt_<object>_<verb>, keeps no
+ * hidden state, and returns a count (>= 0) or -errno. Policy lives above, in Python and Numba.
+ * Structures are the kernel's own (linux/kvm.h); hvjit mirrors them as numpy dtypes and a
+ * test checks sizes and offsets against this header.
+ */
+#ifndef HVT_H
+#define HVT_H
+
+#include <stdint.h>
+#include <linux/kvm.h>
+
+#define HVT_EXPORT __attribute__((visibility("default")))
+
+/* ---- sys.c: /dev/kvm itself ---------------------------------------------------------- */
+HVT_EXPORT int hvt_sys_open(const char *path);
+HVT_EXPORT int hvt_sys_close(int fd);
+HVT_EXPORT int hvt_sys_api_version(int kvm_fd);
+/* Works on the /dev/kvm fd and on a VM fd (VM-specific answers). */
+HVT_EXPORT int hvt_sys_check_extension(int fd, long cap);
+HVT_EXPORT int hvt_sys_vcpu_mmap_size(int kvm_fd);
+/* Fill up to max entries; returns the count, or -E2BIG with *needed set. */
+HVT_EXPORT int hvt_sys_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *entries,
+                                           int max, int *needed);
+HVT_EXPORT int hvt_sys_get_msr_index_list(int kvm_fd, uint32_t *indices, int max, int *needed);
+HVT_EXPORT int hvt_sys_get_msr_feature_index_list(int kvm_fd, uint32_t *indices, int max,
+                                                  int *needed);
+/* KVM_GET_MSRS on the system fd: the values of feature MSRs. Returns how many were read. */
+HVT_EXPORT int hvt_sys_get_feature_msrs(int kvm_fd, struct kvm_msr_entry *entries, int count);
+/* The call path alone, for measuring it (VirtualBox's fast-ioctl NOP). */
+HVT_EXPORT int hvt_sys_nop(void);
+/* One real but trivial syscall into KVM (KVM_CHECK_EXTENSION), for measuring ioctl cost. */
+HVT_EXPORT int hvt_sys_nop_ioctl(int kvm_fd);
+HVT_EXPORT uint64_t hvt_sys_rdtsc(void);
+HVT_EXPORT uint64_t hvt_sys_rdtscp(uint32_t *aux);
+/* Install the no-op handler for the signal used to kick a vCPU thread out of KVM_RUN. */
+HVT_EXPORT int hvt_sys_init_kick_signal(void);
+HVT_EXPORT int hvt_sys_kick_signal(void);
+
+/* ---- vm.c ------------------------------------------------------------------------------ */
+HVT_EXPORT int hvt_vm_create(int kvm_fd, unsigned long type);
+/* size == 0 deletes the slot. flags: KVM_MEM_READONLY, KVM_MEM_LOG_DIRTY_PAGES. */
+HVT_EXPORT int hvt_vm_set_user_memory(int vm_fd, uint32_t slot, uint32_t flags, uint64_t gpa,
+                                      uint64_t size, void *host_addr);
+HVT_EXPORT int hvt_vm_set_tss_addr(int vm_fd, uint64_t gpa);
+HVT_EXPORT int hvt_vm_set_identity_map_addr(int vm_fd, uint64_t gpa);
+HVT_EXPORT int hvt_vm_create_irqchip(int vm_fd);
+HVT_EXPORT int hvt_vm_create_pit2(int vm_fd, uint32_t flags);
+HVT_EXPORT int hvt_vm_irq_line(int vm_fd, uint32_t irq, uint32_t level);
+HVT_EXPORT int hvt_vm_enable_cap(int vm_fd, uint32_t cap, uint64_t arg0, uint64_t arg1);
+HVT_EXPORT int hvt_vm_set_msr_filter(int vm_fd, struct kvm_msr_filter *filter);
+
+/* ---- vcpu.c ---------------------------------------------------------------------------- */
+/* Creates vCPU `id` and maps its kvm_run page (*run_out, mmap_size bytes). Returns the fd. */
+HVT_EXPORT int hvt_vcpu_create(int vm_fd, int id, int mmap_size, struct kvm_run **run_out);
+/* Unmaps the run page and closes the fd. */
+HVT_EXPORT int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size);
+/* One KVM_RUN. 0 on an exit to user space; -EINTR when kicked or interrupted. */
+HVT_EXPORT int hvt_vcpu_run(int vcpu_fd);
+/* Ask a vCPU thread (pthread id) that may be inside KVM_RUN to leave it now. */
+HVT_EXPORT int hvt_vcpu_kick(uint64_t thread, struct kvm_run *run);
+HVT_EXPORT int hvt_vcpu_get_regs(int vcpu_fd, struct kvm_regs *regs);
+HVT_EXPORT int hvt_vcpu_set_regs(int vcpu_fd, const struct kvm_regs *regs);
+HVT_EXPORT int hvt_vcpu_get_sregs(int vcpu_fd, struct kvm_sregs *sregs);
+HVT_EXPORT int hvt_vcpu_set_sregs(int vcpu_fd, const struct kvm_sregs *sregs);
+HVT_EXPORT int hvt_vcpu_get_fpu(int vcpu_fd, struct kvm_fpu *fpu);
+HVT_EXPORT int hvt_vcpu_set_fpu(int vcpu_fd, const struct kvm_fpu *fpu);
+/* Returns how many of `count` entries KVM read/wrote (it stops at the first failing MSR). */
+HVT_EXPORT int hvt_vcpu_get_msrs(int vcpu_fd, struct kvm_msr_entry *entries, int count);
+HVT_EXPORT int hvt_vcpu_set_msrs(int vcpu_fd, const struct kvm_msr_entry *entries, int count);
+HVT_EXPORT int hvt_vcpu_get_events(int vcpu_fd, struct kvm_vcpu_events *events);
+HVT_EXPORT int hvt_vcpu_set_events(int vcpu_fd, const struct kvm_vcpu_events *events);
+HVT_EXPORT int hvt_vcpu_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *entries, int count);
+HVT_EXPORT int hvt_vcpu_get_tsc_khz(int vcpu_fd);
+HVT_EXPORT int hvt_vcpu_set_guest_debug(int vcpu_fd, const struct kvm_guest_debug *dbg);
+HVT_EXPORT int hvt_vcpu_get_lapic(int vcpu_fd, struct kvm_lapic_state *lapic);
+HVT_EXPORT int hvt_vcpu_get_mp_state(int vcpu_fd, struct kvm_mp_state *state);
+HVT_EXPORT int hvt_vcpu_set_mp_state(int vcpu_fd, const struct kvm_mp_state *state);
+
+/* ---- msr.c: host MSRs through /dev/cpu/N/msr ------------------------------------------- */
+/* -ENOENT when the msr driver is absent; -EIO when the MSR faulted (#GP). */
+HVT_EXPORT int hvt_msr_host_read(int cpu, uint32_t index, uint64_t *value);
+HVT_EXPORT int hvt_msr_host_write(int cpu, uint32_t index, uint64_t value);
+
+/* ---- loop.c: the C reference exit loop (for benchmarks) -------------------------------- */
+struct hvt_loop_stats {
+    uint64_t exits;      /* exits handled by the loop */
+    uint64_t pio;        /* port-IO exits */
+    uint64_t mmio;       /* MMIO exits */
+    uint64_t hlt;        /* HLT exits */
+    uint64_t last_reason; /* kvm_run.exit_reason of the exit that stopped the loop */
+    uint64_t last_port;  /* port of the last OUT (the guest's stop signal) */
+    uint64_t last_data;  /* data of the last OUT */
+};
+/*
+ * Run until `max_exits` exits were handled, or an OUT to `stop_port`, or an exit the loop
+ * does not know. Port IO: OUTs are counted, INs read 0. MMIO: reads return 0, writes are
+ * dropped. HLT: resumed. Returns 0, or -errno from KVM_RUN.
+ */
+HVT_EXPORT int hvt_loop_reference(int vcpu_fd, struct kvm_run *run, uint64_t max_exits,
+                                  uint16_t stop_port, struct hvt_loop_stats *stats);
+
+#endif

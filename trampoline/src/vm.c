@@ -1,0 +1,77 @@
+/* A VM: memory slots, TSS/identity-map addresses, in-kernel irqchip and PIT, caps. */
+#include "hvt.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+static int ioctl_rc(int rc)
+{
+    return rc < 0 ? -errno : rc;
+}
+
+int hvt_vm_create(int kvm_fd, unsigned long type)
+{
+    int rc;
+    do {
+        rc = ioctl(kvm_fd, KVM_CREATE_VM, type);
+    } while (rc < 0 && errno == EINTR);
+    return ioctl_rc(rc);
+}
+
+int hvt_vm_set_user_memory(int vm_fd, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size,
+                           void *host_addr)
+{
+    struct kvm_userspace_memory_region r = {
+        .slot = slot,
+        .flags = flags,
+        .guest_phys_addr = gpa,
+        .memory_size = size,
+        .userspace_addr = (uint64_t)(uintptr_t)host_addr,
+    };
+    return ioctl_rc(ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &r));
+}
+
+int hvt_vm_set_tss_addr(int vm_fd, uint64_t gpa)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_SET_TSS_ADDR, (unsigned long)gpa));
+}
+
+int hvt_vm_set_identity_map_addr(int vm_fd, uint64_t gpa)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &gpa));
+}
+
+int hvt_vm_create_irqchip(int vm_fd)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_CREATE_IRQCHIP, 0));
+}
+
+int hvt_vm_create_pit2(int vm_fd, uint32_t flags)
+{
+    struct kvm_pit_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.flags = flags;
+    return ioctl_rc(ioctl(vm_fd, KVM_CREATE_PIT2, &cfg));
+}
+
+int hvt_vm_irq_line(int vm_fd, uint32_t irq, uint32_t level)
+{
+    struct kvm_irq_level l = {.irq = irq, .level = level};
+    return ioctl_rc(ioctl(vm_fd, KVM_IRQ_LINE, &l));
+}
+
+int hvt_vm_enable_cap(int vm_fd, uint32_t cap, uint64_t arg0, uint64_t arg1)
+{
+    struct kvm_enable_cap c;
+    memset(&c, 0, sizeof(c));
+    c.cap = cap;
+    c.args[0] = arg0;
+    c.args[1] = arg1;
+    return ioctl_rc(ioctl(vm_fd, KVM_ENABLE_CAP, &c));
+}
+
+int hvt_vm_set_msr_filter(int vm_fd, struct kvm_msr_filter *filter)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_X86_SET_MSR_FILTER, filter));
+}
