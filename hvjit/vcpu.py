@@ -367,6 +367,9 @@ class Vcpu:
         flags = dispatch.FLAG_RESUME_HLT if resume_hlt else 0
         bus = self.vm.bus
         self._stop_requested = False
+        if not dispatch.run_loop.signatures:
+            # Compile (or load from cache) before the watchdog starts: JIT time is not guest time.
+            self._loop(bus, 0, flags)
         self._running_thread = threading.get_ident()
         watchdog = _Watchdog(self, timeout)
         try:
@@ -374,11 +377,7 @@ class Vcpu:
                 if self._stop_requested:
                     return self._synthetic_exit(VmExitCode.BOGUS)
                 self._run[0]["immediate_exit"] = 0
-                status = dispatch.run_loop(
-                    self.fd, self._run, self._page, bus.port_map, bus.mmio_table(), bus.dev_kind,
-                    bus.dev_base, bus.dev_state, bus.dev_buf, self.counters, self._exit,
-                    EXIT_BUDGET, flags,
-                )
+                status = self._loop(bus, EXIT_BUDGET, flags)
                 self.vm._drain_devices()
                 if status == dispatch.LOOP_EXIT:
                     result = self._slow_path()
@@ -393,6 +392,12 @@ class Vcpu:
         finally:
             watchdog.cancel()
             self._running_thread = None
+
+    def _loop(self, bus, budget: int, flags: int) -> int:
+        return dispatch.run_loop(
+            self.fd, self._run, self._page, bus.port_map, bus.mmio_table(), bus.dev_kind,
+            bus.dev_base, bus.dev_state, bus.dev_buf, self.counters, self._exit, budget, flags,
+        )
 
     def _synthetic_exit(self, code: VmExitCode) -> VmExit:
         return VmExit(exitcode=code, rip=int(self.get_regs()["rip"]), kvm_reason=-1)

@@ -1,0 +1,275 @@
+"""The ``hvjit`` command: a thin front over the public API.
+
+    hvjit info [--json]                 KVM availability, flavour, caps, TSC, CPU
+    hvjit run IMAGE [options]           run a flat binary; serial output to stdout
+    hvjit demo                          a greeting guest, its output and exit figures
+    hvjit bench exits|decode|pagewalk   benchmarks with ratios against references (--json)
+    hvjit msr-probe [--range A-B]       guest-visible (and host, where possible) MSRs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+from .errors import HvjitError, KvmUnavailableError
+
+# Exit statuses of `hvjit run` that are not the guest's own debug-exit code.
+STATUS_TIMEOUT = 124
+STATUS_TRIPLE_FAULT = 125
+STATUS_EMULATION_FAILURE = 126
+STATUS_OTHER_EXIT = 127
+
+
+def parse_size(text: str) -> int:
+    """'16M', '2G', '0x100000', '4096' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    try:
+        return int(t, 0) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 16M, 1G, 0x100000)") from None
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+# ---- info -------------------------------------------------------------------------------------
+
+def cmd_info(args) -> int:
+    from .system import Kvm, cpu_model, cpu_vendor, detect_flavour
+
+    try:
+        info = Kvm.instance().info()
+    except KvmUnavailableError as e:
+        info = {"available": False, "reason": str(e), "flavour": detect_flavour(),
+                "cpu_vendor": cpu_vendor(), "cpu_model": cpu_model()}
+    if args.json:
+        _print_json(info)
+        return 0 if info["available"] else 1
+    if not info["available"]:
+        print(f"KVM: unavailable: {info['reason']}")
+        return 1
+    flavour = {"pvm": "PVM (software virtualization: CPL0 code is emulated)",
+               "vmx": "hardware VMX (Intel)", "svm": "hardware SVM (AMD)"}.get(info["flavour"], info["flavour"])
+    print(f"KVM:          {info['device']}, API version {info['api_version']}")
+    print(f"flavour:      {flavour}")
+    print(f"CPU:          {info['cpu_model']} ({info['cpu_vendor']})")
+    print(f"TSC:          {info['tsc_khz']} kHz" if info["tsc_khz"] else "TSC:          (not reported)")
+    print(f"MSRs:         {info['msr_index_count']} saved by KVM, {info['feature_msr_count']} feature MSRs; "
+          f"host /dev/cpu/N/msr {'present' if info['host_msr_device'] else 'absent'}")
+    caps = ", ".join(f"{k}" + (f"={v}" if v != 1 else "") for k, v in sorted(info["capabilities"].items()))
+    print(f"capabilities: {caps}")
+    return 0
+
+
+# ---- run --------------------------------------------------------------------------------------
+
+def _exit_status(exit_) -> int:
+    from .abi import SuspendHow, VmExitCode
+
+    if exit_.exitcode == VmExitCode.SUSPENDED:
+        if exit_.how == SuspendHow.POWEROFF:
+            return exit_.code & 0xFF
+        if exit_.how == SuspendHow.TRIPLEFAULT:
+            return STATUS_TRIPLE_FAULT
+        return 0
+    if exit_.exitcode == VmExitCode.TIMEOUT:
+        return STATUS_TIMEOUT
+    if exit_.exitcode == VmExitCode.EMULATION_FAILURE:
+        return STATUS_EMULATION_FAILURE
+    return STATUS_OTHER_EXIT
+
+
+def run_image(args, out=sys.stdout) -> int:
+    from . import Session, entry
+
+    image = open(args.image, "rb").read()
+    entry_gpa = args.gpa if args.entry is None else args.entry
+    with Session() as s:
+        vm = s.create_vm(args.name, memory=args.memory)
+        if not vm.memory.is_mapped(args.gpa, len(image)):
+            raise HvjitError(f"image of {len(image)} bytes at {args.gpa:#x} does not fit in "
+                             f"{args.memory:#x} bytes of guest memory")
+        vm.memory.write(args.gpa, image)
+        if not args.json:
+            vm.console_sink = lambda b: (out.buffer.write(b) if hasattr(out, "buffer") else out.write(b.decode("latin-1")), out.flush())
+        vcpu = vm.vcpu(0)
+        entry.setup_mode(vcpu, args.mode, entry_gpa, cpl=args.cpl)
+        t0 = time.perf_counter()
+        exit_ = vcpu.run(timeout=args.timeout, resume_hlt=False)
+        elapsed = time.perf_counter() - t0
+        status = _exit_status(exit_)
+        if args.json:
+            _print_json({"exit": exit_.to_dict(), "status": status, "elapsed_s": round(elapsed, 6),
+                         "counters": vcpu.stats(), "console": vm.console.decode("latin-1")})
+        else:
+            print(f"hvjit: {exit_}", file=sys.stderr)
+    return status
+
+
+def cmd_run(args) -> int:
+    return run_image(args)
+
+
+# ---- demo -------------------------------------------------------------------------------------
+
+DEMO_SOURCE = r"""
+.code64
+    # Runs at CPL3 in long mode: natively even where KVM emulates ring 0.
+    lea msg(%rip), %rsi
+    mov $0x3f8, %dx
+1:  lodsb
+    test %al, %al
+    jz 2f
+    outb %al, %dx           # each byte: one port-IO exit, handled by the Numba UART
+    jmp 1b
+2:  mov $0, %eax
+    outl %eax, $0xf4        # debug-exit port: power off with code 0
+msg: .asciz "Hello from a hvjit guest! (long mode, CPL3, printing through a 16550 UART)\n"
+"""
+
+
+def cmd_demo(args) -> int:
+    from . import Session, entry
+    from .asm import assemble
+    from .system import Kvm
+
+    kvm = Kvm.instance()
+    print(f"hvjit demo on {kvm.flavour} KVM (API {kvm.api_version})")
+    code = assemble(DEMO_SOURCE, 0x1000)
+    with Session() as s:
+        t0 = time.perf_counter()
+        vm = s.create_vm("demo", memory=2 << 20)
+        vm.memory.write(0x1000, code)
+        vm.console_sink = lambda b: (sys.stdout.write("guest> " + b.decode("latin-1")) if b else None)
+        vcpu = vm.vcpu(0)
+        entry.setup_long_mode(vcpu, 0x1000, cpl=3)
+        t1 = time.perf_counter()
+        exit_ = vcpu.run(timeout=30)
+        t2 = time.perf_counter()
+        stats = vcpu.stats()
+        print(f"exit:     {exit_}")
+        print(f"exits:    {stats['exits']} ({stats['pio']} port IO), {stats['native']} handled in the "
+              f"Numba loop, {stats['escalated']} in Python")
+        print(f"timing:   VM set-up {1e3 * (t1 - t0):.1f} ms, run {1e3 * (t2 - t1):.1f} ms "
+              f"({1e6 * (t2 - t1) / max(stats['exits'], 1):.1f} us/exit incl. first-run JIT/cache load)")
+        ok = exit_.code == 0 and b"Hello" in vm.console
+    print("demo: OK" if ok else "demo: FAILED")
+    return 0 if ok else 1
+
+
+# ---- bench ------------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    if args.what == "exits":
+        from . import Session, exitbench
+
+        kinds = tuple(k.strip() for k in args.kinds.split(","))
+        with Session() as s:
+            result = exitbench.run_all(s, exits=args.exits, rounds=args.rounds, kinds=kinds)
+        if args.json:
+            _print_json(result)
+        else:
+            h = result["host"]
+            print(f"host: {h['flavour']} KVM on {h['cpu']}, TSC {h['tsc_khz']} kHz")
+            print(f"{'exit':6} {'C ns':>10} {'Numba ns':>10} {'Python ns':>10} {'Numba/C':>8} {'Python/C':>9}")
+            for kind, r in result["exits"].items():
+                print(f"{kind:6} {r['c_ns']:10.1f} {r['numba_ns']:10.1f} {r['python_ns']:10.1f} "
+                      f"{r['numba_over_c']:8.3f} {r['python_over_c']:9.3f}")
+        return 0
+    if args.what == "decode":
+        from .kernels.decode import bench_decode
+
+        result = bench_decode(None, args.seconds)
+    else:
+        from .kernels.pagewalk import bench_pagewalk
+
+        result = bench_pagewalk(args.seconds)
+    if args.json:
+        _print_json(result)
+    else:
+        for k, v in result.items():
+            print(f"{k:20} {v:,.2f}" if isinstance(v, float) else f"{k:20} {v}")
+    return 0
+
+
+# ---- msr-probe --------------------------------------------------------------------------------
+
+def cmd_msr_probe(args) -> int:
+    from .msr import probe_main
+
+    return probe_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvjit", description="A hypervisor library for Python: KVM + Numba.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="KVM availability, flavour, capabilities, TSC, CPU")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    run = sub.add_parser("run", help="run a guest image")
+    run.add_argument("image")
+    run.add_argument("--gpa", type=parse_int, default=0x1000, help="load address (default 0x1000)")
+    run.add_argument("--entry", type=parse_int, default=None, help="entry point (default: --gpa)")
+    run.add_argument("--mode", choices=["real", "protected", "long"], default="long")
+    run.add_argument("--cpl", type=int, choices=[0, 3], default=0)
+    run.add_argument("--memory", type=parse_size, default=16 << 20, help="guest RAM (default 16M)")
+    run.add_argument("--timeout", type=float, default=30.0, help="seconds before the watchdog stops the guest")
+    run.add_argument("--name", default="guest")
+    run.add_argument("--json", action="store_true", help="print the exit record and counters as JSON")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="run a greeting guest and show its exit figures")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks, each against a reference in the same run")
+    bench.add_argument("what", choices=["exits", "decode", "pagewalk"])
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--exits", type=int, default=20000, help="exits per sample (bench exits)")
+    bench.add_argument("--rounds", type=int, default=5, help="alternating rounds (bench exits)")
+    bench.add_argument("--kinds", default="pio,mmio,hlt", help="exit kinds (bench exits)")
+    bench.add_argument("--seconds", type=float, default=2.0, help="time per measurement (decode, pagewalk)")
+    bench.set_defaults(func=cmd_bench)
+
+    msr = sub.add_parser("msr-probe", help="probe MSRs as a guest (and the host) sees them")
+    msr.add_argument("--range", default=None, help="index range A-B (hex), default: KVM's MSR lists")
+    msr.add_argument("--json", action="store_true")
+    msr.add_argument("--host", action="store_true", help="also probe host MSRs via /dev/cpu/N/msr")
+    msr.set_defaults(func=cmd_msr_probe)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KvmUnavailableError as e:
+        print(f"hvjit: KVM unavailable: {e}", file=sys.stderr)
+        return 1
+    except (HvjitError, OSError) as e:
+        print(f"hvjit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

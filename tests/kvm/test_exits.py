@@ -1,0 +1,152 @@
+"""Exits that reach Python: HLT, MMIO handlers, triple faults, timeouts, unclaimed ports."""
+
+import time
+
+import pytest
+
+from hvjit.abi import SuspendHow, VmExitCode
+
+from .guests import load
+
+
+def test_hlt_is_an_exit(session):
+    vm = session.create_vm("hlt", memory=2 << 20)
+    load(vm, ".code64\n mov $0x1234, %rbx\n hlt\n", "long", 0)
+    ex = vm.run(timeout=10)
+    assert ex.exitcode == VmExitCode.HLT
+    assert ex.rip == 0x1000 + 8  # after the 7-byte mov and the 1-byte hlt
+    assert vm.vcpu(0).get_register("rbx") == 0x1234
+
+
+def test_mmio_to_unmapped_range_goes_to_a_python_handler(session):
+    vm = session.create_vm("mmio", memory=2 << 20)
+    seen = []
+
+    def device(gpa, size, is_write, value):
+        seen.append((gpa, size, is_write, value))
+        return 0x1122334455667788 if not is_write else None
+
+    vm.add_mmio_handler(0xD0000000, 0x1000, device)
+    load(vm, """
+.code64
+    mov $0xd0000010, %rbx
+    movl $0xcafe, (%rbx)          # MMIO write
+    mov 8(%rbx), %rax             # MMIO read (8 bytes)
+    mov %rax, %rcx
+    shr $32, %rcx
+    xor %eax, %ecx                # fold into 32 bits for the exit code
+    mov %ecx, %eax
+    outl %eax, $0xf4
+""", "long", 3)
+    ex = vm.run(timeout=10)
+    assert ex.exitcode == VmExitCode.SUSPENDED
+    assert ex.code == (0x11223344 ^ 0x55667788)
+    assert seen == [(0xD0000010, 4, True, 0xCAFE), (0xD0000018, 8, False, 0)]
+    stats = vm.vcpu(0).stats()
+    assert stats["kvm_mmio"] == 2 and stats["escalated"] == 2
+
+
+def test_unclaimed_mmio_is_returned_to_the_caller(session):
+    vm = session.create_vm("mmio2", memory=2 << 20)
+    load(vm, ".code64\n mov $0xe0000000, %ebx\n movb $0x5a, (%rbx)\n", "long", 3)
+    ex = vm.run(timeout=10)
+    assert ex.exitcode == VmExitCode.INST_EMUL
+    assert (ex.gpa, ex.bytes, ex.is_write, ex.data) == (0xE0000000, 1, True, 0x5A)
+
+
+def test_native_testdev_mmio_scratch_ram(session):
+    vm = session.create_vm("testdev", memory=2 << 20)
+    load(vm, """
+.code64
+    mov $0xff000100, %ebx         # pc-testdev MMIO scratch RAM
+    movl $0xdeadbeef, (%rbx)
+    movl (%rbx), %eax
+    outl %eax, $0xe0              # pc-testdev scratch port
+    inl $0xe0, %eax
+    outl %eax, $0xf4
+""", "long", 3)
+    ex = vm.run(timeout=10)
+    assert ex.code == 0xDEADBEEF
+    assert vm.testdev.scratch == 0xDEADBEEF
+    assert bytes(vm.testdev.iomem[0x100:0x104]) == (0xDEADBEEF).to_bytes(4, "little")
+    assert vm.vcpu(0).stats()["escalated"] == 0
+
+
+def test_python_port_handler_in_and_out(session):
+    vm = session.create_vm("ports", memory=2 << 20)
+    log = []
+
+    def handler(port, size, is_write, value):
+        log.append((port, size, is_write, value))
+        return 0x77 if not is_write else None
+
+    vm.add_port_handler(0x500, handler, count=2)
+    load(vm, """
+.code64
+    mov $0x99, %al
+    mov $0x501, %dx
+    outb %al, %dx
+    dec %dx
+    inb %dx, %al
+    movzx %al, %eax
+    outl %eax, $0xf4
+""", "long", 3)
+    ex = vm.run(timeout=10)
+    assert ex.code == 0x77
+    assert log == [(0x501, 1, True, 0x99), (0x500, 1, False, 0)]
+
+
+def test_unclaimed_port_is_returned_to_the_caller(session):
+    vm = session.create_vm("inout", memory=2 << 20)
+    load(vm, ".code64\n mov $0xab, %al\n outb %al, $0x99\n", "long", 3)
+    ex = vm.run(timeout=10)
+    assert ex.exitcode == VmExitCode.INOUT
+    assert (ex.port, ex.bytes, ex.is_in, ex.data) == (0x99, 1, False, 0xAB)
+
+
+def test_triple_fault_is_suspended_triplefault(session):
+    vm = session.create_vm("tf", memory=2 << 20)
+    # No IDT: the #GP from a privileged instruction at CPL3 escalates to a triple fault.
+    load(vm, ".code64\n cli\n", "long", 3)
+    ex = vm.run(timeout=10)
+    assert ex.exitcode == VmExitCode.SUSPENDED
+    assert ex.how == SuspendHow.TRIPLEFAULT
+
+
+def test_timeout_stops_a_spinning_guest(session):
+    vm = session.create_vm("spin", memory=2 << 20)
+    load(vm, ".code64\n1: jmp 1b\n", "long", 3)
+    t0 = time.monotonic()
+    ex = vm.run(timeout=0.5)
+    elapsed = time.monotonic() - t0
+    assert ex.exitcode == VmExitCode.TIMEOUT
+    assert ex.rip == 0x1000
+    assert elapsed < 10
+    # The vCPU is usable afterwards: point it at a guest that exits.
+    load(vm, ".code64\n mov $5, %eax\n outl %eax, $0xf4\n", "long", 3, at=0x2000)
+    assert vm.run(timeout=10).code == 5
+
+
+def test_kick_from_another_thread(session):
+    import threading
+
+    vm = session.create_vm("kick", memory=2 << 20)
+    load(vm, ".code64\n1: jmp 1b\n", "long", 3)
+    v = vm.vcpu(0)
+    timer = threading.Timer(0.3, v.kick)
+    timer.start()
+    ex = v.run(timeout=20)
+    timer.join()
+    assert ex.exitcode == VmExitCode.BOGUS
+
+
+def test_uart_lsr_reports_transmitter_empty(session):
+    vm = session.create_vm("lsr", memory=2 << 20)
+    load(vm, """
+.code64
+    mov $0x3fd, %dx
+    inb %dx, %al
+    movzx %al, %eax
+    outl %eax, $0xf4
+""", "long", 3)
+    assert vm.run(timeout=10).code & 0x60 == 0x60
