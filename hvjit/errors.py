@@ -75,6 +75,18 @@ class DuplicateNameError(HvjitError, ValueError):
     """A name (factory, VM) is already registered."""
 
 
+class InvalidNameError(HvjitError, ValueError):
+    """A name (factory, device) is empty, too long, not printable or not a string."""
+
+
+class FactoryNotFoundError(HvjitError, LookupError):
+    """No factory is registered under that name (or that factory is not registered)."""
+
+
+class InterfaceNotFoundError(HvjitError, LookupError):
+    """The factory exists but does not provide the requested interface."""
+
+
 class LoaderError(HvjitError, ValueError):
     """A guest image is malformed or does not fit the guest."""
 

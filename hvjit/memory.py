@@ -29,6 +29,7 @@ class MemorySegment:
     name: str
     host_address: int
     array: np.ndarray  # uint8 view of the whole segment
+    handle: int = 0  # the session's handle for it
 
     @property
     def end(self) -> int:

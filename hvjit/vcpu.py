@@ -131,6 +131,7 @@ class Vcpu:
         self._stop_requested = False
         self.emulation_counts: dict[str, int] = {}
         self.destroyed = False
+        self.handle = 0  # the session's handle for it
 
     # ---- lifetime ------------------------------------------------------------------------
 

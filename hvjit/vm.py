@@ -8,6 +8,7 @@ devices on the VM's bus or returned to the caller as an exit.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
@@ -76,11 +77,13 @@ class Vm:
         if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, got {vcpus!r}")
         layout = _memory_layout(memory)
-        self.session = session
+        validate_layout(layout)  # before anything is created
+        # Weak: the session owns the VM (through its handle table), not the other way round.
+        self._session = weakref.ref(session) if session is not None else None
+        self._handles: list[tuple[int, str]] = []  # what this VM registered with its session
         self.name = name
         self.kvm = kvm or Kvm.instance()
         self.memory = GuestMemory()
-        validate_layout(layout)  # before anything is created
         self.bus = IoBus()
         self.uart: Optional[Uart16550] = None
         self.debug_exit: Optional[DebugExit] = None
@@ -99,7 +102,9 @@ class Vm:
             if devices:
                 self._attach_default_devices()
             for i in range(vcpus):
-                self.vcpus.append(Vcpu(self, i))
+                vcpu = Vcpu(self, i)
+                self.vcpus.append(vcpu)
+                vcpu.handle = self._own(vcpu, "vcpu", vcpu._destroy)
         except BaseException:
             self.destroy()
             raise
@@ -123,6 +128,44 @@ class Vm:
         self.testdev.attach(self.bus, self.memory)
         PortSink().attach(self.bus)
 
+    @property
+    def session(self):
+        """The session that owns this VM (None once that session is gone)."""
+        return self._session() if self._session is not None else None
+
+    def _own(self, obj, kind: str, destructor) -> int:
+        """Register a part of this VM with the session, so it is torn down with it."""
+        session = self.session
+        if session is None:
+            return 0
+        handle = session.register(obj, kind, destructor)
+        self._handles.append((handle, kind))
+        return handle
+
+    def _release_handles(self) -> None:
+        from .errors import InvalidHandleError, SessionClosedError
+
+        session = self.session
+        while self._handles:
+            handle, kind = self._handles.pop()
+            if session is None:
+                continue
+            try:
+                session.release_handle(handle, kind)
+            except (InvalidHandleError, SessionClosedError):
+                pass  # the session is closing and already released it
+
+    def _release_handles_of_kind(self, kind: str, only: int = 0) -> None:
+        keep = []
+        for handle, k in self._handles:
+            if k == kind and only in (0, handle):
+                session = self.session
+                if session is not None:
+                    session.release_handle(handle, kind)
+            else:
+                keep.append((handle, k))
+        self._handles = keep
+
     def _check(self) -> None:
         if self.destroyed:
             raise ObjectDestroyedError(f"VM {self.name!r} was destroyed")
@@ -142,8 +185,10 @@ class Vm:
             self.fd = -1
         # The RAM goes when the last numpy view of it goes (see memory.allocate_segment).
         self.memory._close()
-        if self.session is not None and getattr(self.session, "_forget_vm", None):
-            self.session._forget_vm(self)
+        self._release_handles()
+        session = self.session
+        if session is not None and hasattr(session, "_forget_vm"):
+            session._forget_vm(self)
 
     def reinit(self) -> None:
         """Reset to power-on: a fresh KVM VM and vCPUs over the same memory; devices reset.
@@ -155,6 +200,7 @@ class Vm:
         n = len(self.vcpus)
         for v in self.vcpus:
             v._destroy()
+        self._release_handles_of_kind("vcpu")
         self.vcpus = []
         _t.lib.hvt_sys_close(self.fd)
         self.fd = -1
@@ -163,7 +209,10 @@ class Vm:
             self._map_segment(seg)
         self.bus.dev_state[:] = 0
         self._console.clear()
-        self.vcpus = [Vcpu(self, i) for i in range(n)]
+        for i in range(n):
+            vcpu = Vcpu(self, i)
+            self.vcpus.append(vcpu)
+            vcpu.handle = self._own(vcpu, "vcpu", vcpu._destroy)
 
     def __enter__(self) -> "Vm":
         return self
@@ -187,6 +236,7 @@ class Vm:
         self._map_segment(seg)
         self._next_slot += 1
         self.memory._add(seg)
+        seg.handle = self._own(seg, "memory", None)
         return seg
 
     def _map_segment(self, seg: MemorySegment) -> None:
@@ -202,6 +252,7 @@ class Vm:
         self._kvm_call(_t.lib.hvt_vm_set_user_memory(self.fd, segment.slot, 0, segment.gpa, 0, _t.ffi.NULL),
                        "KVM_SET_USER_MEMORY_REGION(delete)")
         self.memory._remove(segment)
+        self._release_handles_of_kind("memory", segment.handle)
 
     # ---- devices and handlers ------------------------------------------------------------
 

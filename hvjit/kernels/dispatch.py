@@ -89,8 +89,9 @@ def _store_le(page, offset, size, value):
 
 
 @kernel
-def _handle_pio(r, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters):
+def _handle_pio(run, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters):
     """Returns an action; ACT_PYTHON when no native device claims the port."""
+    r = run[0]
     port = np.int64(r["io_port"])
     slot = np.int64(port_map[port])
     if slot <= 0 or slot >= dev_kind.size:
@@ -130,7 +131,8 @@ def _handle_pio(r, page, port_map, dev_kind, dev_base, dev_state, dev_buf, count
 
 
 @kernel
-def _handle_mmio(r, mmio_ranges, dev_kind, dev_buf, counters):
+def _handle_mmio(run, mmio_ranges, dev_kind, dev_buf, counters):
+    r = run[0]
     gpa = np.int64(r["mmio_phys_addr"])
     size = np.int64(r["mmio_len"])
     if size < 1 or size > 8:
@@ -151,8 +153,10 @@ def _handle_mmio(r, mmio_ranges, dev_kind, dev_buf, counters):
 
 
 @kernel
-def fill_exit(r, page, out):
-    """Normalise the exit in ``kvm_run`` into ``out`` (a VM_EXIT_DTYPE record)."""
+def fill_exit(run, page, exit_out):
+    """Normalise the exit in ``kvm_run`` into ``exit_out`` (a 1-record VM_EXIT_DTYPE array)."""
+    r = run[0]
+    out = exit_out[0]
     reason = np.int64(r["exit_reason"])
     out["kvm_reason"] = reason
     out["exitcode"] = VmExitCode.UNKNOWN
@@ -272,9 +276,9 @@ def run_loop(vcpu_fd, run, page, port_map, mmio_ranges, dev_kind, dev_base, dev_
             counters[REASON_BASE + reason] += 1
         act = kinds.ACT_PYTHON
         if reason == KvmExit.IO:
-            act = _handle_pio(r, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters)
+            act = _handle_pio(run, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters)
         elif reason == KvmExit.MMIO:
-            act = _handle_mmio(r, mmio_ranges, dev_kind, dev_buf, counters)
+            act = _handle_mmio(run, mmio_ranges, dev_kind, dev_buf, counters)
         elif reason == KvmExit.HLT:
             counters[C_HLT] += 1
             if flags & FLAG_RESUME_HLT:
@@ -286,7 +290,7 @@ def run_loop(vcpu_fd, run, page, port_map, mmio_ranges, dev_kind, dev_base, dev_
         if act == kinds.ACT_DRAIN:
             counters[C_NATIVE] += 1
             return LOOP_DRAIN
-        fill_exit(r, page, o)
+        fill_exit(run, page, out)
         if act == kinds.ACT_POWEROFF or act == kinds.ACT_RESET:
             counters[C_NATIVE] += 1
             slot = counters[C_SUSPEND_SLOT]

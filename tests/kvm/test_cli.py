@@ -1,0 +1,92 @@
+"""The hvjit command, run as a user would: as a subprocess on flat images."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hvjit.asm import assemble
+
+from .guests import hello_source
+
+
+def hvjit(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "hvjit", *args], capture_output=True, timeout=timeout)
+
+
+def test_info_json_reports_flavour_and_caps():
+    p = hvjit("info", "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["available"] is True
+    assert info["api_version"] == 12
+    assert info["flavour"] in ("pvm", "vmx", "svm", "unknown")
+    assert "USER_MEMORY" in info["capabilities"]
+    assert info["cpu_vendor"]
+    human = hvjit("info")
+    assert b"flavour" in human.stdout and human.returncode == 0
+
+
+@pytest.mark.parametrize("mode,cpl,gpa", [
+    ("real", 0, 0x7C00), ("protected", 0, 0x100000), ("protected", 3, 0x2000),
+    ("long", 0, 0x100000), ("long", 3, 0x1000),
+])
+def test_run_flat_image_streams_serial_and_exits_with_guest_code(tmp_path, mode, cpl, gpa):
+    image = tmp_path / "guest.bin"
+    image.write_bytes(assemble(hello_source(mode, f"cli {mode} {cpl}\\n", 17 + cpl), gpa))
+    p = hvjit("run", str(image), "--mode", mode, "--cpl", str(cpl), "--gpa", hex(gpa), "--memory", "4M",
+              "--timeout", "20")
+    assert p.stdout == f"cli {mode} {cpl}\n".encode(), p.stderr
+    assert p.returncode == 17 + cpl, p.stderr
+
+
+def test_run_json_prints_exit_record_and_counters(tmp_path):
+    image = tmp_path / "guest.bin"
+    image.write_bytes(assemble(hello_source("long", "json", 9), 0x1000))
+    p = hvjit("run", str(image), "--cpl", "3", "--json")
+    assert p.returncode == 9
+    out = json.loads(p.stdout)
+    assert out["exit"]["exitcode"] == "SUSPENDED" and out["exit"]["how"] == "POWEROFF"
+    assert out["exit"]["code"] == 9 and out["console"] == "json"
+    assert out["counters"]["pio"] == 5 and out["counters"]["native"] == 5
+
+
+def test_run_reports_timeout_and_triple_fault(tmp_path):
+    spin = tmp_path / "spin.bin"
+    spin.write_bytes(b"\xeb\xfe")  # jmp .
+    p = hvjit("run", str(spin), "--cpl", "3", "--timeout", "0.5")
+    assert p.returncode == 124 and b"TIMEOUT" in p.stderr
+    tf = tmp_path / "tf.bin"
+    tf.write_bytes(b"\xfa")  # cli at CPL3 with no IDT
+    p = hvjit("run", str(tf), "--cpl", "3")
+    assert p.returncode == 125 and b"triplefault" in p.stderr
+
+
+def test_run_refuses_bad_input_clearly(tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(2 << 20))
+    p = hvjit("run", str(big), "--memory", "1M")
+    assert p.returncode == 1 and b"does not fit" in p.stderr
+    p = hvjit("run", str(tmp_path / "missing.bin"))
+    assert p.returncode == 1 and b"No such file" in p.stderr
+    p = hvjit("run", str(big), "--memory", "lots")
+    assert p.returncode == 2 and b"not a size" in p.stderr
+
+
+def test_bench_exits_json_schema():
+    p = hvjit("bench", "exits", "--json", "--exits", "300", "--rounds", "1", timeout=300)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert {"flavour", "cpu", "tsc_khz"} <= set(r["host"])
+    assert set(r["exits"]) == {"pio", "mmio", "hlt"}
+    for kind in r["exits"].values():
+        assert {"c_ns", "numba_ns", "python_ns", "numba_over_c", "python_over_c", "samples"} <= set(kind)
+        assert kind["c_ns"] > 0 and kind["numba_ns"] > 0
+        assert kind["numba_over_c"] == pytest.approx(kind["numba_ns"] / kind["c_ns"], rel=1e-3)
+
+
+def test_demo_runs():
+    p = hvjit("demo")
+    assert p.returncode == 0, p.stderr
+    assert b"guest> Hello from a hvjit guest!" in p.stdout and b"demo: OK" in p.stdout
