@@ -30,6 +30,7 @@ struct kvm_guest_debug;
 struct kvm_lapic_state;
 struct kvm_mp_state;
 struct kvm_msr_filter;
+struct kvm_irq_routing_entry;
 struct hvt_loop_stats;
 
 int hvt_sys_open(const char *path);
@@ -55,6 +56,7 @@ int hvt_vm_set_identity_map_addr(int vm_fd, uint64_t gpa);
 int hvt_vm_create_irqchip(int vm_fd);
 int hvt_vm_create_pit2(int vm_fd, uint32_t flags);
 int hvt_vm_irq_line(int vm_fd, uint32_t irq, uint32_t level);
+int hvt_vm_set_gsi_routing(int vm_fd, const struct kvm_irq_routing_entry *entries, int count);
 int hvt_vm_enable_cap(int vm_fd, uint32_t cap, uint64_t arg0, uint64_t arg1);
 int hvt_vm_set_msr_filter(int vm_fd, struct kvm_msr_filter *filter);
 

@@ -63,6 +63,15 @@ KVM_GUEST_DEBUG_DTYPE = np.dtype([("control", "<u4"), ("pad", "<u4"), ("debugreg
 KVM_MP_STATE_DTYPE = np.dtype([("mp_state", "<u4")])
 KVM_LAPIC_STATE_DTYPE = np.dtype([("regs", "u1", (1024,))])
 
+KVM_IRQ_ROUTING_ENTRY_DTYPE = np.dtype({
+    "names": ["gsi", "type", "flags", "irqchip", "pin"],
+    "formats": ["<u4"] * 5,
+    "offsets": [0, 4, 8, 16, 20],
+    "itemsize": 48,
+})
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
+
 HVT_LOOP_STATS_DTYPE = np.dtype([
     (n, "<u8") for n in ("exits", "pio", "mmio", "hlt", "last_reason", "last_port", "last_data")
 ])
@@ -127,7 +136,10 @@ KVM_RUN_DTYPE = np.dtype({
     "offsets": [f[3] for f in _KVM_RUN_FIELDS],
     "itemsize": KVM_RUN_SIZE,
 })
-C_NAMES = {"kvm_run": {f[0]: f[1] for f in _KVM_RUN_FIELDS}}
+C_NAMES = {
+    "kvm_run": {f[0]: f[1] for f in _KVM_RUN_FIELDS},
+    "kvm_irq_routing_entry": {"irqchip": "u.irqchip.irqchip", "pin": "u.irqchip.pin"},
+}
 
 # C struct name for each dtype, for the layout test and for documentation.
 C_STRUCTS = {
@@ -143,6 +155,7 @@ C_STRUCTS = {
     "kvm_mp_state": KVM_MP_STATE_DTYPE,
     "kvm_lapic_state": KVM_LAPIC_STATE_DTYPE,
     "hvt_loop_stats": HVT_LOOP_STATS_DTYPE,
+    "kvm_irq_routing_entry": KVM_IRQ_ROUTING_ENTRY_DTYPE,
     "kvm_run": KVM_RUN_DTYPE,
 }
 

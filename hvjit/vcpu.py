@@ -386,7 +386,9 @@ class Vcpu:
                         return result
                 elif status == dispatch.LOOP_ERRNO:
                     err = int(self.counters[dispatch.C_ERRNO])
-                    if err != errno.EINTR:
+                    # EINTR: kicked (watchdog, kick()) or a stray signal. EAGAIN: an AP that
+                    # was waiting for INIT/SIPI changed state; KVM wants KVM_RUN again.
+                    if err not in (errno.EINTR, errno.EAGAIN):
                         self._call(-err, "KVM_RUN")
                 if watchdog.expired():
                     return self._synthetic_exit(VmExitCode.TIMEOUT)

@@ -8,11 +8,13 @@ devices on the VM's bus or returned to the caller as an exit.
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from typing import Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
 from .abi import Cap
+from . import interrupts
 from .devices.bus import IoBus
 from .devices.debug_exit import DebugExit
 from .devices.port_sink import PortSink
@@ -70,7 +72,7 @@ class Vm:
     """One KVM virtual machine."""
 
     def __init__(self, session, name: str, *, memory: MemorySpec = 16 << 20, vcpus: int = 1,
-                 devices: bool = True, kvm: Optional[Kvm] = None):
+                 devices: bool = True, irqchip: bool = False, kvm: Optional[Kvm] = None):
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ValueError(f"VM name {name!r}: 1-32 characters of letters, digits, '.', '_', '-', "
                              "starting with a letter or digit")
@@ -90,11 +92,13 @@ class Vm:
         self.testdev: Optional[TestDev] = None
         self.console_sink: Optional[Callable[[bytes], None]] = None
         self._console = bytearray()
+        self._drain_lock = threading.Lock()
         self.fd = -1
         self.vcpus: list[Vcpu] = []
         self.destroyed = False
         self.handle = 0
         self._next_slot = 0
+        self.irqchip = irqchip
         try:
             self._create_kvm_vm()
             for gpa, size in layout:
@@ -118,6 +122,8 @@ class Vm:
                            "KVM_SET_IDENTITY_MAP_ADDR")
         if self.kvm.has(Cap.SET_TSS_ADDR):
             self._kvm_call(_t.lib.hvt_vm_set_tss_addr(self.fd, KVM_TSS_GPA), "KVM_SET_TSS_ADDR")
+        if self.irqchip:
+            interrupts.create_irqchip(self)
 
     def _attach_default_devices(self) -> None:
         self.uart = Uart16550()
@@ -272,10 +278,11 @@ class Vm:
 
     def _drain_devices(self) -> None:
         if self.uart is not None and self.uart.pending():
-            data = self.uart.drain()
-            self._console += data
-            if self.console_sink is not None:
-                self.console_sink(data)
+            with self._drain_lock:  # vCPU threads drain in turn
+                data = self.uart.drain()
+                self._console += data
+                if self.console_sink is not None and data:
+                    self.console_sink(data)
 
     @property
     def console(self) -> bytes:
@@ -290,9 +297,26 @@ class Vm:
             raise IndexError(f"VM {self.name!r} has {len(self.vcpus)} vcpus; no vcpu {index}")
         return self.vcpus[index]
 
-    def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False) -> VmExit:
-        """Run vCPU 0 (a single-vCPU guest) until an exit for the caller."""
-        return self.vcpu(0).run(timeout=timeout, resume_hlt=resume_hlt)
+    def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False) -> "RunResult":
+        """Run every vCPU (one thread each) until the VM stops; see :class:`RunResult`.
+
+        The VM stops at the first exit a vCPU returns (a suspend, an unhandled exit, an
+        emulation failure) or at ``timeout`` seconds; the other vCPUs are kicked out.
+        """
+        self._check()
+        from .runner import run_vm
+
+        return run_vm(self, timeout=timeout, resume_hlt=resume_hlt)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """Drive an interrupt line (GSI) of the in-kernel irqchip."""
+        self._check()
+        interrupts.irq_line(self, irq, level)
+
+    def pulse_irq(self, irq: int) -> None:
+        """An edge on an interrupt line: raise then lower it."""
+        self.irq_line(irq, 1)
+        self.irq_line(irq, 0)
 
     def _emulation_failure(self, vcpu: Vcpu, exit_: VmExit) -> VmExit:
         """KVM could not run an instruction: attach a typed report (rip, mode, bytes, text)."""

@@ -49,6 +49,9 @@ HVT_EXPORT int hvt_vm_set_identity_map_addr(int vm_fd, uint64_t gpa);
 HVT_EXPORT int hvt_vm_create_irqchip(int vm_fd);
 HVT_EXPORT int hvt_vm_create_pit2(int vm_fd, uint32_t flags);
 HVT_EXPORT int hvt_vm_irq_line(int vm_fd, uint32_t irq, uint32_t level);
+/* KVM_SET_GSI_ROUTING with the variable-length kvm_irq_routing header built here. */
+HVT_EXPORT int hvt_vm_set_gsi_routing(int vm_fd, const struct kvm_irq_routing_entry *entries,
+                                      int count);
 HVT_EXPORT int hvt_vm_enable_cap(int vm_fd, uint32_t cap, uint64_t arg0, uint64_t arg1);
 HVT_EXPORT int hvt_vm_set_msr_filter(int vm_fd, struct kvm_msr_filter *filter);
 

@@ -2,6 +2,7 @@
 #include "hvt.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 
@@ -59,6 +60,20 @@ int hvt_vm_irq_line(int vm_fd, uint32_t irq, uint32_t level)
 {
     struct kvm_irq_level l = {.irq = irq, .level = level};
     return ioctl_rc(ioctl(vm_fd, KVM_IRQ_LINE, &l));
+}
+
+int hvt_vm_set_gsi_routing(int vm_fd, const struct kvm_irq_routing_entry *entries, int count)
+{
+    if (count < 0)
+        return -EINVAL;
+    struct kvm_irq_routing *r = calloc(1, sizeof(*r) + (size_t)count * sizeof(*entries));
+    if (!r)
+        return -ENOMEM;
+    r->nr = (uint32_t)count;
+    memcpy(r->entries, entries, (size_t)count * sizeof(*entries));
+    int rc = ioctl_rc(ioctl(vm_fd, KVM_SET_GSI_ROUTING, r));
+    free(r);
+    return rc;
 }
 
 int hvt_vm_enable_cap(int vm_fd, uint32_t cap, uint64_t arg0, uint64_t arg1)

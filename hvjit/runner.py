@@ -1,0 +1,113 @@
+"""Running a whole VM: one thread per vCPU until the VM stops (``Vm.run``).
+
+Each vCPU thread enters the Numba run loop (which releases the GIL), so vCPUs truly run in
+parallel. The first vCPU to return an exit decides the outcome; the others are kicked out
+of KVM_RUN and stop too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .abi import SuspendHow, VmExitCode
+from .exits import VmExit
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a VM run ended: the deciding exit, which vCPU saw it, and what each vCPU did."""
+
+    exit: VmExit
+    vcpu: int
+    elapsed: float
+    console: bytes
+    vcpu_stats: list = field(default_factory=list)
+
+    @property
+    def reason(self) -> str:
+        """'poweroff', 'reset', 'halt', 'triplefault', 'timeout', or the exit code's name."""
+        if self.exit.exitcode == VmExitCode.SUSPENDED:
+            return self.exit.how.name.lower()
+        return self.exit.exitcode.name.lower().replace("_", "-")
+
+    # The deciding exit's fields, so `vm.run().code` reads naturally.
+    @property
+    def exitcode(self) -> VmExitCode:
+        return self.exit.exitcode
+
+    @property
+    def how(self) -> SuspendHow:
+        return self.exit.how
+
+    @property
+    def code(self) -> int:
+        return self.exit.code
+
+    @property
+    def rip(self) -> int:
+        return self.exit.rip
+
+    def __getattr__(self, name):
+        # Exit-specific fields (port, gpa, data, report, ...) of the deciding exit.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.exit, name)
+
+    def to_dict(self) -> dict:
+        return {"reason": self.reason, "vcpu": self.vcpu, "elapsed_s": round(self.elapsed, 6),
+                "exit": self.exit.to_dict(), "vcpus": self.vcpu_stats,
+                "console": self.console.decode("latin-1")}
+
+    def __str__(self) -> str:
+        return f"{self.reason} (vcpu {self.vcpu}, {self.elapsed:.3f} s): {self.exit}"
+
+
+def run_vm(vm, *, timeout: Optional[float], resume_hlt: bool) -> RunResult:
+    t0 = time.perf_counter()
+    vcpus = vm.vcpus
+    if len(vcpus) == 1:
+        ex = vcpus[0].run(timeout=timeout, resume_hlt=resume_hlt)
+        return _result(vm, ex, 0, t0)
+
+    decided: list[tuple[int, VmExit]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def stop_others(me: int) -> None:
+        for other in vcpus:
+            if other.index != me:
+                other.kick()
+
+    def worker(v) -> None:
+        try:
+            ex = v.run(timeout=timeout, resume_hlt=resume_hlt)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            with lock:
+                errors.append(e)
+            stop_others(v.index)
+            return
+        with lock:
+            first = not decided and not (ex.exitcode == VmExitCode.BOGUS and v._stop_requested)
+            if first:
+                decided.append((v.index, ex))
+        if first:
+            stop_others(v.index)
+
+    threads = [threading.Thread(target=worker, args=(v,), name=f"{vm.name}-vcpu{v.index}", daemon=True)
+               for v in vcpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors and not decided:
+        raise errors[0]
+    index, ex = decided[0] if decided else (0, vcpus[0]._synthetic_exit(VmExitCode.BOGUS))
+    return _result(vm, ex, index, t0)
+
+
+def _result(vm, ex: VmExit, index: int, t0: float) -> RunResult:
+    return RunResult(exit=ex, vcpu=index, elapsed=time.perf_counter() - t0, console=vm.console,
+                     vcpu_stats=[v.stats() for v in vm.vcpus])
