@@ -29,6 +29,9 @@ _LAZY = {
     "Kvm": ("hvjit.system", "Kvm"),
     "assemble": ("hvjit.asm", "assemble"),
     "decode_buffer": ("hvjit.kernels.decode", "decode_buffer"),
+    "decode": ("hvjit.kernels.decode", "decode"),
+    "format_instruction": ("hvjit.kernels.format", "format_instruction"),
+    "RunResult": ("hvjit.runner", "RunResult"),
     "entry": ("hvjit.entry", None),
     "errors": ("hvjit.errors", None),
 }

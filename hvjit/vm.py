@@ -17,7 +17,7 @@ from .abi import Cap
 from . import interrupts
 from .devices.bus import IoBus
 from .devices.debug_exit import DebugExit
-from .devices.port_sink import PortSink
+from .devices.registry import device_class
 from .devices.testdev import TestDev
 from .devices.uart16550 import Uart16550
 from .errors import HvjitError, MemoryMapError, ObjectDestroyedError
@@ -87,6 +87,7 @@ class Vm:
         self.kvm = kvm or Kvm.instance()
         self.memory = GuestMemory()
         self.bus = IoBus()
+        self.devices: list = []
         self.uart: Optional[Uart16550] = None
         self.debug_exit: Optional[DebugExit] = None
         self.testdev: Optional[TestDev] = None
@@ -126,13 +127,23 @@ class Vm:
             interrupts.create_irqchip(self)
 
     def _attach_default_devices(self) -> None:
-        self.uart = Uart16550()
-        self.uart.attach(self.bus)
-        self.debug_exit = DebugExit()
-        self.debug_exit.attach(self.bus)
-        self.testdev = TestDev()
-        self.testdev.attach(self.bus, self.memory)
-        PortSink().attach(self.bus)
+        self.uart = self.add_device("uart16550")
+        self.debug_exit = self.add_device("debug-exit")
+        self.testdev = self.add_device("pc-testdev")
+        self.add_device("port-sink")
+
+    def add_device(self, name: str, **config):
+        """Attach a device by its factory name (built-in or registered by a user).
+
+        The device belongs to the VM's session: it is detached when the VM is destroyed.
+        """
+        self._check()
+        cls = device_class(self.session, name)
+        device = cls(**config)
+        device.attach(self.bus, self.memory)
+        device.handle = self._own(device, "device", lambda: device.detach(self.bus))
+        self.devices.append(device)
+        return device
 
     @property
     def session(self):

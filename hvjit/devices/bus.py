@@ -143,3 +143,34 @@ class IoBus:
             if start <= gpa and gpa + size <= end:
                 return h
         return None
+
+
+class PortDevice:
+    """A native device that claims ``port_count`` ports from ``port`` on one bus slot."""
+
+    kind = kinds.NONE
+    port_count = 1
+
+    def __init__(self, port: int, name: str):
+        self.port = port
+        self.name = name
+        self.slot = 0
+        self.bus: Optional[IoBus] = None
+
+    def attach(self, bus: IoBus, memory=None) -> None:
+        self.slot = bus.add_slot(self.kind, self.name, self, base=self.port)
+        try:
+            self._claim(bus, memory)
+        except Exception:
+            bus.remove_slot(self.slot)
+            raise
+        self.bus = bus
+
+    def _claim(self, bus: IoBus, memory) -> None:
+        bus.claim_ports(self.slot, self.port, self.port_count)
+
+    def detach(self, bus: IoBus) -> None:
+        if self.slot:
+            bus.remove_slot(self.slot)
+            self.slot = 0
+            self.bus = None

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..kernels._jit import kernel
 from . import kinds
+from .bus import PortDevice
 
 DEFAULT_PORT = 0xF4
 PORT_COUNT = 4
@@ -24,20 +25,11 @@ def debug_exit_io(state, offset, size, is_write, value):
     return np.int64(0), kinds.ACT_CONTINUE
 
 
-class DebugExit:
+class DebugExit(PortDevice):
     """isa-debug-exit: a guest write ends the run with that value as its exit code."""
 
     kind = kinds.DEBUG_EXIT
+    port_count = PORT_COUNT
 
     def __init__(self, port: int = DEFAULT_PORT, name: str = "debug-exit"):
-        self.port = port
-        self.name = name
-        self.slot = 0
-
-    def attach(self, bus) -> None:
-        self.slot = bus.add_slot(self.kind, self.name, self, base=self.port)
-        try:
-            bus.claim_ports(self.slot, self.port, PORT_COUNT)
-        except Exception:
-            bus.remove_slot(self.slot)
-            raise
+        super().__init__(port, name)

@@ -25,3 +25,10 @@ ACT_PYTHON = 4  # not handled natively after all: hand the exit to Python
 
 # State words every device may use the same way.
 STATE_EXIT_CODE = 0
+
+# PC platform devices (hvjit.devices.i8042, cmos, fw_cfg, pci, pm_timer).
+I8042 = 6  # keyboard controller 0x60/0x64 (+ system control port B 0x61)
+CMOS = 7  # CMOS RAM / RTC 0x70/0x71
+FW_CFG = 8  # QEMU fw_cfg legacy ports 0x510/0x511
+PCI_HOST = 9  # PCI configuration mechanism #1 0xcf8/0xcfc with an i440FX host bridge
+PM_TIMER = 10  # ACPI PM1a event/control blocks and the PM timer

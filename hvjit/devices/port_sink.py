@@ -6,6 +6,7 @@ import numpy as np
 
 from ..kernels._jit import kernel
 from . import kinds
+from .bus import PortDevice
 
 POST_PORT = 0x80
 
@@ -18,21 +19,11 @@ def port_sink_io(state, offset, size, is_write, value):
     return ((np.int64(1) << (8 * size)) - 1) if size < 8 else np.int64(-1), kinds.ACT_CONTINUE
 
 
-class PortSink:
+class PortSink(PortDevice):
     """Claims ports whose writes a guest only uses as delays or POST codes."""
 
     kind = kinds.PORT_SINK
 
     def __init__(self, port: int = POST_PORT, count: int = 1, name: str = "post"):
-        self.port = port
-        self.count = count
-        self.name = name
-        self.slot = 0
-
-    def attach(self, bus) -> None:
-        self.slot = bus.add_slot(self.kind, self.name, self, base=self.port)
-        try:
-            bus.claim_ports(self.slot, self.port, self.count)
-        except Exception:
-            bus.remove_slot(self.slot)
-            raise
+        super().__init__(port, name)
+        self.port_count = count

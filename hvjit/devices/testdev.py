@@ -11,6 +11,7 @@ import numpy as np
 
 from ..kernels._jit import kernel
 from . import kinds
+from .bus import PortDevice
 
 SCRATCH_PORT = 0xE0
 FLUSH_PORT = 0xE4
@@ -50,27 +51,20 @@ def testdev_mmio(buf, offset, size, is_write, data):
     return kinds.ACT_CONTINUE
 
 
-class TestDev:
+class TestDev(PortDevice):
     """pc-testdev: the scratch and flush ports natively, the MMIO scratch RAM natively."""
 
     kind = kinds.TESTDEV
+    port_count = 8
     __test__ = False  # not a pytest class
 
     def __init__(self, name: str = "pc-testdev", iomem_gpa: int = IOMEM_GPA):
-        self.name = name
+        super().__init__(SCRATCH_PORT, name)
         self.iomem_gpa = iomem_gpa
-        self.slot = 0
-        self.bus = None
 
-    def attach(self, bus, memory=None) -> None:
-        self.slot = bus.add_slot(self.kind, self.name, self, base=SCRATCH_PORT)
-        try:
-            bus.claim_ports(self.slot, SCRATCH_PORT, 8)
-            bus.claim_mmio(self.slot, self.iomem_gpa, IOMEM_SIZE, memory)
-        except Exception:
-            bus.remove_slot(self.slot)
-            raise
-        self.bus = bus
+    def _claim(self, bus, memory) -> None:
+        super()._claim(bus, memory)
+        bus.claim_mmio(self.slot, self.iomem_gpa, IOMEM_SIZE, memory)
 
     @property
     def scratch(self) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..kernels._jit import kernel
 from . import kinds
+from .bus import PortDevice
 
 # Register offsets from the base port.
 RBR_THR_DLL = 0
@@ -140,25 +141,14 @@ def _rx_pop(state):
     return value
 
 
-class Uart16550:
+class Uart16550(PortDevice):
     """COM-port configuration; the registers live on the bus, handled natively."""
 
     kind = kinds.UART16550
+    port_count = PORT_COUNT
 
     def __init__(self, port: int = 0x3F8, name: str = "com1"):
-        self.port = port
-        self.name = name
-        self.bus = None
-        self.slot = 0
-
-    def attach(self, bus) -> None:
-        self.slot = bus.add_slot(self.kind, self.name, self, base=self.port)
-        try:
-            bus.claim_ports(self.slot, self.port, PORT_COUNT)
-        except Exception:
-            bus.remove_slot(self.slot)
-            raise
-        self.bus = bus
+        super().__init__(port, name)
 
     def pending(self) -> int:
         state = self.bus.state(self.slot)

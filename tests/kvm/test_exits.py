@@ -150,3 +150,48 @@ def test_uart_lsr_reports_transmitter_empty(session):
     outl %eax, $0xf4
 """, "long", 3)
     assert vm.run(timeout=10).code & 0x60 == 0x60
+
+
+def test_user_device_through_a_registered_factory(session):
+    """A research user's own device: a factory under a name, attached by that name."""
+    from hvjit.factory import DEVICE_INTERFACE_UUID, SimpleFactory
+
+    class Doubler:
+        def __init__(self, port):
+            self.port, self.slot, self.last = port, 0, None
+
+        def attach(self, bus, memory=None):
+            self.slot = bus.add_port_handler(self.port, 4, self.io, name="doubler")
+
+        def detach(self, bus):
+            bus.remove_slot(self.slot)
+
+        def io(self, port, size, is_write, value):
+            if is_write:
+                self.last = value
+                return None
+            return 2 * self.last
+
+    session.register_factory(SimpleFactory("doubler", {DEVICE_INTERFACE_UUID: lambda s: Doubler}))
+    vm = session.create_vm("userdev", memory=2 << 20)
+    dev = vm.add_device("doubler", port=0x600)
+    load(vm, """
+.code64
+    mov $0x600, %dx
+    mov $21, %eax
+    outl %eax, %dx
+    inl %dx, %eax
+    outl %eax, $0xf4
+""", "long", 3)
+    assert vm.run(timeout=10).code == 42
+    assert dev in vm.devices
+    vm.destroy()
+    assert dev.slot not in vm.bus.slots  # detached with the VM
+
+
+def test_unknown_device_name_is_a_clear_error(session):
+    from hvjit.errors import FactoryNotFoundError
+
+    vm = session.create_vm("nodev", memory=1 << 20)
+    with pytest.raises(FactoryNotFoundError, match="no-such-device"):
+        vm.add_device("no-such-device")
