@@ -368,9 +368,7 @@ class Vcpu:
         flags = dispatch.FLAG_RESUME_HLT if resume_hlt else 0
         bus = self.vm.bus
         self._stop_requested = False
-        if not dispatch.run_loop.signatures:
-            # Compile (or load from cache) before the watchdog starts: JIT time is not guest time.
-            self._loop(bus, 0, flags)
+        self.warm_up()  # JIT time is not guest time: before the watchdog starts
         self._running_thread = threading.get_ident()
         watchdog = _Watchdog(self, timeout)
         try:
@@ -396,6 +394,15 @@ class Vcpu:
             watchdog.cancel()
             self._running_thread = None
 
+    def warm_up(self) -> float:
+        """Compile (or load from the cache) the run loop now; returns the seconds it took."""
+        self._check()
+        if dispatch.run_loop.signatures:
+            return 0.0
+        t0 = time.perf_counter()
+        self._loop(self.vm.bus, 0, 0)  # a zero budget returns before entering the guest
+        return time.perf_counter() - t0
+
     def _loop(self, bus, budget: int, flags: int) -> int:
         return dispatch.run_loop(
             self.fd, self._run, self._page, bus.port_map, bus.mmio_table(), bus.dev_kind,
@@ -419,6 +426,11 @@ class Vcpu:
             handler = bus.mmio_handler(int(rec["gpa"]), int(rec["mmio_len"]))
             if handler is not None:
                 self._complete_mmio(handler)
+                return None
+        elif code in (VmExitCode.RDMSR, VmExitCode.WRMSR):
+            handler = self.vm.msr_handler(int(rec["msr_index"]))
+            if handler is not None:
+                self._complete_msr(handler, code == VmExitCode.WRMSR)
                 return None
         exit_ = VmExit.from_record(rec, int(self.get_regs()["rip"]))
         if code == VmExitCode.EMULATION_FAILURE:
@@ -448,6 +460,19 @@ class Vcpu:
         result = handler(gpa, size, is_write, value)
         if not is_write:
             data[:size] = np.frombuffer((int(result or 0) & ((1 << 64) - 1)).to_bytes(8, "little")[:size], np.uint8)
+
+    def _complete_msr(self, handler, is_write: bool) -> None:
+        """Answer a user-space MSR exit: the handler's value, or a #GP when it returns None
+        for a read (False for a write)."""
+        r = self._run[0]
+        index = int(r["msr_index"])
+        if is_write:
+            ok = handler(index, True, int(r["msr_data"]))
+            r["msr_error"] = 1 if ok is False else 0
+        else:
+            value = handler(index, False, 0)
+            r["msr_error"] = 1 if value is None else 0
+            r["msr_data"] = 0 if value is None else int(value) & (1 << 64) - 1
 
     # ---- statistics ----------------------------------------------------------------------
 

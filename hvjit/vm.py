@@ -20,7 +20,7 @@ from .devices.debug_exit import DebugExit
 from .devices.registry import device_class
 from .devices.testdev import TestDev
 from .devices.uart16550 import Uart16550
-from .errors import HvjitError, MemoryMapError, ObjectDestroyedError
+from .errors import CapabilityError, HvjitError, MemoryMapError, ObjectDestroyedError
 from .exits import VmExit
 from .memory import PAGE_SIZE, GuestMemory, MemorySegment, allocate_segment, validate_layout
 from .system import Kvm
@@ -88,6 +88,8 @@ class Vm:
         self.memory = GuestMemory()
         self.bus = IoBus()
         self.devices: list = []
+        self._msr_handlers: dict = {}
+        self._msr_exits = 0
         self.uart: Optional[Uart16550] = None
         self.debug_exit: Optional[DebugExit] = None
         self.testdev: Optional[TestDev] = None
@@ -286,6 +288,30 @@ class Vm:
 
     def remove_handler(self, slot: int) -> None:
         self.bus.remove_slot(slot)
+
+    def enable_msr_exits(self, *, unknown: bool = True, invalid: bool = True) -> None:
+        """Send guest RDMSR/WRMSR of MSRs KVM does not know (or refuses) to user space
+        (KVM_CAP_X86_USER_SPACE_MSR): they come back as RDMSR/WRMSR exits or reach the
+        handlers of :meth:`add_msr_handler`, instead of KVM injecting #GP."""
+        self._check()
+        if not self.kvm.has(Cap.X86_USER_SPACE_MSR):
+            raise CapabilityError("this host's KVM cannot exit to user space on MSR accesses")
+        reasons = (2 if unknown else 0) | (1 if invalid else 0)  # KVM_MSR_EXIT_REASON_UNKNOWN/INVAL
+        self._kvm_call(_t.lib.hvt_vm_enable_cap(self.fd, Cap.X86_USER_SPACE_MSR, reasons, 0),
+                       "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)")
+        self._msr_exits = reasons
+
+    def add_msr_handler(self, index: int, handler) -> None:
+        """A Python handler for an MSR that exits to user space:
+        ``handler(index, is_write, value)`` returns the value read (None → #GP), or for a
+        write False to refuse it with a #GP."""
+        self._check()
+        if not self._msr_exits:
+            self.enable_msr_exits()
+        self._msr_handlers[int(index)] = handler
+
+    def msr_handler(self, index: int):
+        return self._msr_handlers.get(index)
 
     def _drain_devices(self) -> None:
         if self.uart is not None and self.uart.pending():

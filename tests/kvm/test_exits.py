@@ -195,3 +195,26 @@ def test_unknown_device_name_is_a_clear_error(session):
     vm = session.create_vm("nodev", memory=1 << 20)
     with pytest.raises(FactoryNotFoundError, match="no-such-device"):
         vm.add_device("no-such-device")
+
+
+def test_unknown_msrs_exit_to_user_space_and_python_handlers(session):
+    vm = session.create_vm("msrexit", memory=2 << 20)
+    writes = []
+    vm.add_msr_handler(0x4B564D99, lambda i, w, v: writes.append(v) if w else 0x1234_5678_9ABC)
+    load(vm, """
+.code64
+    mov $0x4b564d99, %ecx
+    mov $0x11, %eax
+    mov $0x22, %edx
+    wrmsr
+    rdmsr
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, %rbx
+    mov $0x4b564d98, %ecx       # no handler: the exit goes to the caller
+    rdmsr
+""", "long", 0)
+    ex = vm.run(timeout=20)
+    assert ex.exitcode == VmExitCode.RDMSR and ex.msr_index == 0x4B564D98
+    assert writes == [0x22_0000_0011]
+    assert vm.vcpu(0).get_register("rbx") == 0x1234_5678_9ABC
