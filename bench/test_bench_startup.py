@@ -7,7 +7,6 @@ import sys
 import tempfile
 import time
 
-import pytest
 
 from hvjit import entry
 from hvjit.asm import assemble

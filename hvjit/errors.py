@@ -67,6 +67,10 @@ class AccessDeniedError(HvjitError, PermissionError):
     """The session may not do this (restricted session, foreign object)."""
 
 
+class HostMsrUnavailableError(HvjitError):
+    """``/dev/cpu/N/msr`` is absent (no msr driver, not exposed, no such CPU)."""
+
+
 class VersionMismatchError(HvjitError):
     """The requested interface version is incompatible with this library."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from typing import Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
 from .abi import Cap
@@ -25,6 +25,9 @@ from .exits import VmExit
 from .memory import PAGE_SIZE, GuestMemory, MemorySegment, allocate_segment, validate_layout
 from .system import Kvm
 from .vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from .runner import RunResult
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 # Where KVM may put its real-mode TSS (3 pages) and identity map (1 page) on Intel hosts:
