@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from . import _trampoline as _t
+from . import watchdog
 from .abi import (
     GPR_NAMES, KVM_CPUID_ENTRY2_DTYPE, KVM_FPU_DTYPE, KVM_MSR_ENTRY_DTYPE, KVM_REGS_DTYPE,
     KVM_RUN_DTYPE, KVM_RUN_SIZE, KVM_SREGS_DTYPE, KVM_VCPU_EVENTS_DTYPE, SEGMENT_NAMES,
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 DTABLE_NAMES = ("gdtr", "idtr")
 REGISTER_NAMES = GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES
+# KVM refuses KVM_GET/SET_MSRS with more entries than this (E2BIG).
+MSRS_PER_IOCTL = 255
 # Exits the loop handles per call before checking in with Python (watchdog, stop requests).
 EXIT_BUDGET = 1 << 20
 
@@ -90,25 +93,23 @@ class _Watchdog:
     """Kicks the vCPU out of KVM_RUN after `timeout` seconds (immediate exit + signal)."""
 
     def __init__(self, vcpu: "Vcpu", timeout: Optional[float]):
-        self.fired = threading.Event()
+        self.fired = False
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self._timer = None
+        self._token = None
         if timeout is not None:
-            self._thread = threading.get_ident()
-            self._timer = threading.Timer(timeout, self._fire, args=(vcpu,))
-            self._timer.daemon = True
-            self._timer.start()
+            thread = threading.get_ident()
+            self._token = watchdog.arm(timeout, lambda: self._fire(vcpu, thread))
 
-    def _fire(self, vcpu: "Vcpu") -> None:
-        self.fired.set()
-        vcpu._kick_thread(self._thread)
+    def _fire(self, vcpu: "Vcpu", thread: int) -> None:
+        self.fired = True
+        vcpu._kick_thread(thread)
 
     def expired(self) -> bool:
-        return self.fired.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
+        return self.fired or (self.deadline is not None and time.monotonic() >= self.deadline)
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._token is not None:
+            watchdog.cancel(self._token)
 
 
 class Vcpu:
@@ -303,8 +304,8 @@ class Vcpu:
         out: dict[int, Optional[int]] = {}
         pos = 0
         while pos < len(indices):
-            entries = np.zeros(len(indices) - pos, KVM_MSR_ENTRY_DTYPE)
-            entries["index"] = indices[pos:]
+            entries = np.zeros(min(len(indices) - pos, MSRS_PER_IOCTL), KVM_MSR_ENTRY_DTYPE)
+            entries["index"] = indices[pos:pos + len(entries)]
             n = self._call(_t.lib.hvt_vcpu_get_msrs(self.fd, _t.ptr(entries), len(entries)), "KVM_GET_MSRS")
             for e in entries[:n]:
                 out[int(e["index"])] = int(e["data"])
@@ -323,10 +324,18 @@ class Vcpu:
     def set_msrs(self, values: dict[int, int]) -> int:
         """Write MSRs through KVM; returns how many KVM accepted (it stops at the first refusal)."""
         self._check()
-        entries = np.zeros(len(values), KVM_MSR_ENTRY_DTYPE)
-        entries["index"] = list(values.keys())
-        entries["data"] = [int(v) & (1 << 64) - 1 for v in values.values()]
-        return self._call(_t.lib.hvt_vcpu_set_msrs(self.fd, _t.ptr(entries), len(entries)), "KVM_SET_MSRS")
+        items = list(values.items())
+        done = 0
+        for start in range(0, len(items), MSRS_PER_IOCTL):
+            chunk = items[start:start + MSRS_PER_IOCTL]
+            entries = np.zeros(len(chunk), KVM_MSR_ENTRY_DTYPE)
+            entries["index"] = [int(i) for i, _ in chunk]
+            entries["data"] = [int(v) & (1 << 64) - 1 for _, v in chunk]
+            n = self._call(_t.lib.hvt_vcpu_set_msrs(self.fd, _t.ptr(entries), len(entries)), "KVM_SET_MSRS")
+            done += n
+            if n < len(entries):
+                break
+        return done
 
     def set_msr(self, index: int, value: int) -> None:
         if self.set_msrs({index: value}) != 1:

@@ -182,3 +182,13 @@ def test_vcpus_each_have_their_own_state(session):
     assert [v.get_register("rax") for v in vm.vcpus] == [100, 101, 102]
     with pytest.raises(IndexError):
         vm.vcpu(3)
+
+
+def test_many_msrs_in_one_call_are_chunked(session):
+    vm = session.create_vm("msrs", memory=1 << 20)
+    v = vm.vcpu(0)
+    indices = [0x174, 0x175, 0x176] * 200  # 600 entries: more than one KVM_GET_MSRS takes
+    values = v.get_msrs(indices)
+    assert set(values) == {0x174, 0x175, 0x176}
+    assert v.set_msrs({0x174: 0x10, 0x175: 0x2000, 0x176: 0x3000}) == 3
+    assert v.get_msrs([0x174, 0x175, 0x176] * 100) == {0x174: 0x10, 0x175: 0x2000, 0x176: 0x3000}
