@@ -146,7 +146,8 @@ class Vm:
         cls = device_class(self.session, name)
         device = cls(**config)
         device.attach(self.bus, self.memory)
-        device.handle = self._own(device, "device", lambda: device.detach(self.bus))
+        bus = self.bus
+        device.handle = self._own(device, "device", lambda: device.detach(bus))
         self.devices.append(device)
         return device
 
@@ -208,6 +209,9 @@ class Vm:
         # The RAM goes when the last numpy view of it goes (see memory.allocate_segment).
         self.memory._close()
         self._release_handles()
+        # Drop the bus tables now rather than when the garbage collector finds the
+        # VM <-> vCPU cycles: they are most of a VM's host memory.
+        self.bus.release()
         session = self.session
         if session is not None and hasattr(session, "_forget_vm"):
             session._forget_vm(self)

@@ -62,6 +62,8 @@ class IoBus:
         raise BusConflictError(f"no free device slot for {name!r} (max {kinds.MAX_DEVICES - 1})")
 
     def remove_slot(self, slot: int) -> None:
+        if slot not in self.slots:
+            return
         self.port_map[self.port_map == slot] = 0
         keep = [row for row in self.mmio[: self.n_mmio] if row[2] != slot]
         self.mmio[:] = 0
@@ -72,6 +74,19 @@ class IoBus:
         self.slots.pop(slot, None)
         self._port_handlers = {p: e for p, e in self._port_handlers.items() if e[0] != slot}
         self._mmio_handlers = [e for e in self._mmio_handlers if e[2] != slot]
+
+    def release(self) -> None:
+        """Free the tables (the VM is gone); the bus is empty afterwards."""
+        self.port_map = np.zeros(0, np.int16)
+        self.mmio = np.zeros((0, 3), np.int64)
+        self.n_mmio = 0
+        self.dev_kind = np.zeros(0, np.int32)
+        self.dev_base = np.zeros(0, np.int64)
+        self.dev_state = np.zeros((0, kinds.STATE_WORDS), np.int64)
+        self.dev_buf = np.zeros((0, kinds.BUFFER_BYTES), np.uint8)
+        self.slots.clear()
+        self._port_handlers.clear()
+        self._mmio_handlers.clear()
 
     def state(self, slot: int) -> np.ndarray:
         return self.dev_state[slot]
