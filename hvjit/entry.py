@@ -74,7 +74,7 @@ def sysarea_gpa(vm) -> int:
     return min(seg.end, 1 << 32) - SYSAREA_SIZE
 
 
-def build_system_tables(vm) -> int:
+def build_system_tables(vm, long_mode: bool) -> int:
     """Write GDT, TSS (zero I/O bitmap) and identity page tables; returns the area's gpa."""
     base = sysarea_gpa(vm)
     mem = vm.memory
@@ -86,10 +86,14 @@ def build_system_tables(vm) -> int:
     struct.pack_into("<Q", gdt, SEL_TSS, _descriptor(tss, TSS_LIMIT, 0x8B, 0))
     struct.pack_into("<Q", gdt, SEL_TSS + 8, tss >> 32)
     mem.write(base + GDT_OFF, gdt)
-    # TSS: RSP0/ESP0 just below the system area, I/O map base -> the bitmap (all zero =
-    # every port allowed), then the terminating 0xff byte the architecture requires.
-    mem.write_u64(tss + 4, base)
-    mem.write_u32(tss + 8, SEL_DATA)  # SS0 (32-bit TSS)
+    # TSS: the ring-0 stack just below the system area (64-bit: RSP0 at 4; 32-bit: ESP0 at 4
+    # and SS0 at 8, which would be RSP0's high half), the I/O map base -> the bitmap (all
+    # zero = every port allowed), then the terminating 0xff byte the architecture requires.
+    if long_mode:
+        mem.write_u64(tss + 4, base)
+    else:
+        mem.write_u32(tss + 4, base)
+        mem.write_u32(tss + 8, SEL_DATA)
     mem.write_u16(tss + 0x66, 0x68)
     mem.write_u8(base + IOBITMAP_OFF + 0x2000, 0xFF)
     # 4-level tables: PML4[0] -> PDPT, PDPT[0..3] -> 4 PDs of 2 MiB user-writable pages.
@@ -153,7 +157,7 @@ def setup_protected_mode(vcpu, entry: int, *, cpl: int = 0, stack: Optional[int]
     ``paging`` turns on 32-bit paging (4 MiB user pages identity-mapping 4 GiB).
     """
     _check_cpl(cpl)
-    sysarea = build_system_tables(vcpu.vm)
+    sysarea = build_system_tables(vcpu.vm, long_mode=False)
     sregs = vcpu.get_sregs()
     code, data = (SEL_CODE32, SEL_DATA) if cpl == 0 else (SEL_USER_CODE32, SEL_USER_DATA)
     _segment(sregs, "cs", code, 0, 0xFFFFFFFF, 0xB, dpl=cpl, db=1, g=1)
@@ -173,7 +177,7 @@ def setup_protected_mode(vcpu, entry: int, *, cpl: int = 0, stack: Optional[int]
 def setup_long_mode(vcpu, entry: int, *, cpl: int = 0, stack: Optional[int] = None) -> EntryState:
     """64-bit long mode, identity-mapped low 4 GiB (2 MiB user pages), at CPL0 or CPL3."""
     _check_cpl(cpl)
-    sysarea = build_system_tables(vcpu.vm)
+    sysarea = build_system_tables(vcpu.vm, long_mode=True)
     sregs = vcpu.get_sregs()
     code, data = (SEL_CODE64, SEL_DATA) if cpl == 0 else (SEL_USER_CODE64, SEL_USER_DATA)
     _segment(sregs, "cs", code, 0, 0xFFFFFFFF, 0xB, dpl=cpl, l=1, g=1)

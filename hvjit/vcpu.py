@@ -414,7 +414,7 @@ class Vcpu:
 
     def _loop(self, bus, budget: int, flags: int) -> int:
         return dispatch.run_loop(
-            self.fd, self._run, self._page, bus.port_map, bus.mmio_table(), bus.dev_kind,
+            self.fd, self.vm.fd if self.vm.irqchip else -1, self._run, self._page, bus.port_map, bus.mmio_table(), bus.dev_kind,
             bus.dev_base, bus.dev_state, bus.dev_buf, self.counters, self._exit, budget, flags,
         )
 

@@ -58,6 +58,7 @@ class IoBus:
                 self.dev_kind[i] = kind
                 self.dev_base[i] = base
                 self.dev_state[i] = 0
+                self.dev_state[i, kinds.STATE_IRQ_GSI] = -1
                 return i
         raise BusConflictError(f"no free device slot for {name!r} (max {kinds.MAX_DEVICES - 1})")
 

@@ -25,6 +25,11 @@ ACT_PYTHON = 4  # not handled natively after all: hand the exit to Python
 
 # State words every device may use the same way.
 STATE_EXIT_CODE = 0
+# The last three words wire a device to an interrupt line; the run loop tells KVM (through
+# KVM_IRQ_LINE, when the VM has an in-kernel irqchip) whenever the wanted level changes.
+STATE_IRQ_REPORTED = STATE_WORDS - 3  # the level KVM was last told
+STATE_IRQ_LEVEL = STATE_WORDS - 2  # the level the device wants now (0/1)
+STATE_IRQ_GSI = STATE_WORDS - 1  # the GSI it is wired to, -1 for none
 
 # PC platform devices (hvjit.devices.i8042, cmos, fw_cfg, pci, pm_timer).
 I8042 = 6  # keyboard controller 0x60/0x64 (+ system control port B 0x61)

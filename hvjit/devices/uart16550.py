@@ -6,6 +6,8 @@ Python only drains the transmit ring (and feeds the receive FIFO for interactive
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from ..kernels._jit import kernel
@@ -31,6 +33,7 @@ IIR_THRE = 0x02
 IIR_RDA = 0x04
 IER_RDA = 0x01
 IER_THRE = 0x02
+MCR_OUT2 = 0x08
 MCR_LOOP = 0x10
 
 # State words (0 is kinds.STATE_EXIT_CODE, unused here).
@@ -57,6 +60,22 @@ TX_DRAIN_THRESHOLD = kinds.BUFFER_BYTES * 3 // 4
 @kernel
 def uart_io(state, buf, offset, is_write, value):
     """One byte-wide register access. Returns (value read, action)."""
+    result = _uart_access(state, buf, offset, is_write, value)
+    _update_irq_level(state)
+    return result
+
+
+@kernel
+def _update_irq_level(state):
+    """The INTR output: a pending enabled interrupt, gated by OUT2 as PCs wire it."""
+    rx = (state[S_IER] & IER_RDA) != 0 and state[S_RX_HEAD] != state[S_RX_TAIL]
+    tx = (state[S_IER] & IER_THRE) != 0 and state[S_THRE_PENDING] != 0
+    out2 = (state[S_MCR] & MCR_OUT2) != 0
+    state[kinds.STATE_IRQ_LEVEL] = 1 if (rx or tx) and out2 else 0
+
+
+@kernel
+def _uart_access(state, buf, offset, is_write, value):
     dlab = (state[S_LCR] & LCR_DLAB) != 0
     act = kinds.ACT_CONTINUE
     value = value & 0xFF
@@ -147,8 +166,13 @@ class Uart16550(PortDevice):
     kind = kinds.UART16550
     port_count = PORT_COUNT
 
-    def __init__(self, port: int = 0x3F8, name: str = "com1"):
+    def __init__(self, port: int = 0x3F8, name: str = "com1", irq: int = 4):
         super().__init__(port, name)
+        self.irq = irq
+
+    def attach(self, bus, memory=None) -> None:
+        super().attach(bus, memory)
+        bus.state(self.slot)[kinds.STATE_IRQ_GSI] = self.irq
 
     def pending(self) -> int:
         state = self.bus.state(self.slot)
@@ -175,4 +199,14 @@ class Uart16550(PortDevice):
             if state[S_RX_HEAD] == before:
                 break
             n += 1
+        _update_irq_level(state)
         return n
+
+    def irq_change(self) -> "Optional[int]":
+        """The level to tell the irqchip if it changed outside a guest access, else None."""
+        state = self.bus.state(self.slot)
+        level = int(state[kinds.STATE_IRQ_LEVEL])
+        if level == state[kinds.STATE_IRQ_REPORTED]:
+            return None
+        state[kinds.STATE_IRQ_REPORTED] = level
+        return level

@@ -18,13 +18,20 @@ from numba import types
 from .. import _trampoline  # noqa: F401  (loads libhvt.so globally before any kernel runs)
 from ..abi import KvmExit, KvmSystemEvent, SuspendHow, VmExitCode
 from ..devices import kinds
+from ..devices.cmos import cmos_io
 from ..devices.debug_exit import debug_exit_io
+from ..devices.fw_cfg import fw_cfg_io
+from ..devices.i8042 import i8042_io
+from ..devices.pci import pci_io
+from ..devices.pm_timer import pm_timer_io
 from ..devices.port_sink import port_sink_io
 from ..devices.testdev import testdev_mmio, testdev_pio
 from ..devices.uart16550 import uart_io
 from ._jit import kernel
 
 hvt_vcpu_run = types.ExternalFunction("hvt_vcpu_run", types.int32(types.int32))
+hvt_vm_irq_line = types.ExternalFunction("hvt_vm_irq_line", types.int32(types.int32, types.uint32, types.uint32))
+MAX_GSI = 24
 
 # What the loop returns.
 LOOP_EXIT = 0  # `out` holds an exit for Python (a Python handler or the user)
@@ -64,6 +71,16 @@ def _pio_device(kind, state, buf, offset, size, is_write, value):
         return testdev_pio(state, offset, size, is_write, value)
     if kind == kinds.PORT_SINK:
         return port_sink_io(state, offset, size, is_write, value)
+    if kind == kinds.I8042:
+        return i8042_io(state, offset, size, is_write, value)
+    if kind == kinds.CMOS:
+        return cmos_io(state, buf, offset, size, is_write, value)
+    if kind == kinds.FW_CFG:
+        return fw_cfg_io(state, buf, offset, size, is_write, value)
+    if kind == kinds.PCI_HOST:
+        return pci_io(state, buf, offset, size, is_write, value)
+    if kind == kinds.PM_TIMER:
+        return pm_timer_io(state, offset, size, is_write, value)
     return np.int64(0), kinds.ACT_PYTHON
 
 
@@ -89,7 +106,18 @@ def _store_le(page, offset, size, value):
 
 
 @kernel
-def _handle_pio(run, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters):
+def _update_irq(vm_fd, state):
+    """Tell the in-kernel irqchip when a device's interrupt output changed (vm_fd < 0: none)."""
+    gsi = state[kinds.STATE_IRQ_GSI]
+    level = state[kinds.STATE_IRQ_LEVEL]
+    if vm_fd < 0 or gsi < 0 or gsi >= MAX_GSI or level == state[kinds.STATE_IRQ_REPORTED]:
+        return
+    hvt_vm_irq_line(vm_fd, np.uint32(gsi), np.uint32(level))
+    state[kinds.STATE_IRQ_REPORTED] = level
+
+
+@kernel
+def _handle_pio(vm_fd, run, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters):
     """Returns an action; ACT_PYTHON when no native device claims the port."""
     r = run[0]
     port = np.int64(r["io_port"])
@@ -122,6 +150,7 @@ def _handle_pio(run, page, port_map, dev_kind, dev_base, dev_state, dev_buf, cou
             act = a
             if a == kinds.ACT_PYTHON:
                 break
+    _update_irq(vm_fd, state)
     counters[C_PIO] += 1
     if count > 1:
         counters[C_PIO_STRING] += 1
@@ -253,11 +282,12 @@ def fill_exit(run, page, exit_out):
 
 
 @kernel
-def run_loop(vcpu_fd, run, page, port_map, mmio_ranges, dev_kind, dev_base, dev_state, dev_buf,
-             counters, out, max_exits, flags):
+def run_loop(vcpu_fd, vm_fd, run, page, port_map, mmio_ranges, dev_kind, dev_base, dev_state,
+             dev_buf, counters, out, max_exits, flags):
     """Run the vCPU until Python is needed. Returns a LOOP_* status; see the module doc.
 
-    ``run`` is the kvm_run page as a 1-record KVM_RUN_DTYPE array, ``page`` the same mapping
+    ``vm_fd`` is the VM's fd when it has an in-kernel irqchip (device interrupts go there),
+    else -1. ``run`` is the kvm_run page as a 1-record KVM_RUN_DTYPE array, ``page`` the same mapping
     as bytes (the port-IO data area lies past the struct), ``out`` a 1-record VM_EXIT_DTYPE.
     """
     r = run[0]
@@ -276,7 +306,7 @@ def run_loop(vcpu_fd, run, page, port_map, mmio_ranges, dev_kind, dev_base, dev_
             counters[REASON_BASE + reason] += 1
         act = kinds.ACT_PYTHON
         if reason == KvmExit.IO:
-            act = _handle_pio(run, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters)
+            act = _handle_pio(vm_fd, run, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters)
         elif reason == KvmExit.MMIO:
             act = _handle_mmio(run, mmio_ranges, dev_kind, dev_buf, counters)
         elif reason == KvmExit.HLT:

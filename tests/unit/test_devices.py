@@ -170,14 +170,14 @@ def test_native_pio_dispatch_checks_the_data_area(bus):
     r = run[0]
     r["io_direction"], r["io_size"], r["io_port"], r["io_count"], r["io_data_offset"] = 1, 1, 0x3F8, 3, 4000
     page[4000:4003] = list(b"abc")
-    act = dispatch._handle_pio(run, page, bus.port_map, bus.dev_kind, bus.dev_base, bus.dev_state,
+    act = dispatch._handle_pio(-1, run, page, bus.port_map, bus.dev_kind, bus.dev_base, bus.dev_state,
                                bus.dev_buf, counters)
     assert act == kinds.ACT_CONTINUE and uart.drain() == b"abc"
     r["io_count"] = 1000  # would run past the page: refused, nothing read
-    act = dispatch._handle_pio(run, page, bus.port_map, bus.dev_kind, bus.dev_base, bus.dev_state,
+    act = dispatch._handle_pio(-1, run, page, bus.port_map, bus.dev_kind, bus.dev_base, bus.dev_state,
                                bus.dev_buf, counters)
     assert act == kinds.ACT_PYTHON and uart.drain() == b""
     r["io_count"], r["io_port"] = 1, 0x999  # nobody's port
-    act = dispatch._handle_pio(run, page, bus.port_map, bus.dev_kind, bus.dev_base, bus.dev_state,
+    act = dispatch._handle_pio(-1, run, page, bus.port_map, bus.dev_kind, bus.dev_base, bus.dev_state,
                                bus.dev_buf, counters)
     assert act == kinds.ACT_PYTHON
