@@ -44,6 +44,18 @@ class GuestMemoryError(HvjitError, IndexError):
     """A guest-physical (or guest-linear) access outside guest memory."""
 
 
+class GuestFault(GuestMemoryError):
+    """A guest-linear access hit a translation fault (what the guest would see as #PF).
+
+    ``translation`` is the page walk's result: faulting address, status and error code.
+    """
+
+    def __init__(self, translation):
+        self.translation = translation
+        t = translation
+        super().__init__(f"{t.status.name} at guest-linear {t.gla:#x} (error code {t.error_code:#x})")
+
+
 class RegisterError(HvjitError, KeyError):
     """An unknown register name or an invalid register value."""
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hvjit.errors import GuestMemoryError
+from hvjit.errors import GuestFault, GuestMemoryError  # noqa: F401  (GuestFault: re-exported)
 from hvjit.kernels._jit import kernel
 
 _U = np.uint64
@@ -567,17 +567,6 @@ class Translation:
     @property
     def fault(self) -> bool:
         return self.status != WalkStatus.OK
-
-
-class GuestFault(GuestMemoryError):
-    """A guest-linear copy hit a translation fault; ``translation`` says where and why."""
-
-    def __init__(self, translation: Translation):
-        self.translation = translation
-        t = translation
-        super().__init__(
-            f"{t.status.name} at guest-linear {t.gla:#x} (error code {t.error_code:#x})"
-        )
 
 
 @dataclass(frozen=True)
