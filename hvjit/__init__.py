@@ -33,6 +33,7 @@ _LAZY = {
     "format_instruction": ("hvjit.kernels.format", "format_instruction"),
     "RunResult": ("hvjit.runner", "RunResult"),
     "entry": ("hvjit.entry", None),
+    "loaders": ("hvjit.loaders", None),
     "errors": ("hvjit.errors", None),
 }
 

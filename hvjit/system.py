@@ -89,6 +89,7 @@ class Kvm:
             _t.lib.hvt_sys_close(fd)
             raise KvmUnavailableError(f"{path}: bad vCPU mmap size {size}")
         self.vcpu_mmap_size = size
+        self._supported_cpuid: Optional[np.ndarray] = None
 
     @classmethod
     def instance(cls) -> "Kvm":
@@ -125,6 +126,18 @@ class Kvm:
                 continue
             _t.check(rc, "KVM_GET_SUPPORTED_CPUID")
             return entries[:rc].copy()
+
+    def vcpu_cpuid(self, apic_id: int) -> np.ndarray:
+        """The supported CPUID with ``apic_id`` as the initial (x2)APIC ID, for one vCPU."""
+        if self._supported_cpuid is None:
+            self._supported_cpuid = self.supported_cpuid()
+        entries = self._supported_cpuid.copy()
+        for e in entries:
+            if e["function"] == 1:
+                e["ebx"] = (int(e["ebx"]) & 0x00FFFFFF) | (apic_id & 0xFF) << 24
+            elif e["function"] in (0xB, 0x1F):
+                e["edx"] = apic_id
+        return entries
 
     def _msr_list(self, fn, op: str) -> list[int]:
         size = 64

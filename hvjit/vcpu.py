@@ -133,6 +133,8 @@ class Vcpu:
         self.emulation_counts: dict[str, int] = {}
         self.destroyed = False
         self.handle = 0  # the session's handle for it
+        # Without KVM_SET_CPUID2 a guest sees almost no features (long mode included).
+        self.set_cpuid(vm.kvm.vcpu_cpuid(index))
 
     # ---- lifetime ------------------------------------------------------------------------
 

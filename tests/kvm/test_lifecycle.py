@@ -192,3 +192,30 @@ def test_many_msrs_in_one_call_are_chunked(session):
     assert set(values) == {0x174, 0x175, 0x176}
     assert v.set_msrs({0x174: 0x10, 0x175: 0x2000, 0x176: 0x3000}) == 3
     assert v.get_msrs([0x174, 0x175, 0x176] * 100) == {0x174: 0x10, 0x175: 0x2000, 0x176: 0x3000}
+
+
+def test_each_vcpu_gets_kvm_cpuid_with_its_apic_id(session):
+    """CPUID at CPL0 goes through KVM (at CPL3 PVM hosts answer from the host CPU)."""
+    from hvjit import entry
+    from hvjit.asm import assemble
+
+    vm = session.create_vm("cpuid", memory=2 << 20, vcpus=2)
+    vm.memory.write(0x1000, assemble("""
+.code64
+    mov $1, %eax
+    cpuid
+    shr $24, %ebx                 # initial APIC ID
+    mov %ebx, %esi
+    mov $0x80000001, %eax
+    cpuid
+    shr $29, %edx                 # long mode supported
+    and $1, %edx
+    shl $8, %edx
+    or %esi, %edx
+    mov %edx, %eax
+    outl %eax, $0xf4
+""", 0x1000))
+    for v in vm.vcpus:
+        entry.setup_long_mode(v, 0x1000, cpl=0)
+        ex = v.run(timeout=20)
+        assert ex.code == 0x100 | v.index
