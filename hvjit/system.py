@@ -111,6 +111,13 @@ class Kvm:
         return {c.name: v for c in Cap if (v := self.check_extension(c))}
 
     @cached_property
+    def tsc_khz(self) -> Optional[int]:
+        """The TSC frequency KVM gives guests (None where KVM does not say)."""
+        from .vm import probe_tsc_khz
+
+        return probe_tsc_khz(self)
+
+    @cached_property
     def flavour(self) -> str:
         return detect_flavour()
 
@@ -169,8 +176,6 @@ class Kvm:
 
     def info(self) -> dict:
         """What ``hvjit info`` prints."""
-        from .vm import probe_tsc_khz
-
         return {
             "device": self.path,
             "available": True,
@@ -179,7 +184,7 @@ class Kvm:
             "vcpu_mmap_size": self.vcpu_mmap_size,
             "cpu_vendor": cpu_vendor(),
             "cpu_model": cpu_model(),
-            "tsc_khz": probe_tsc_khz(self),
+            "tsc_khz": self.tsc_khz,
             "capabilities": self.capabilities,
             "msr_index_count": len(self.msr_index_list()),
             "feature_msr_count": len(self.feature_msr_index_list()),

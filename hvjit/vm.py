@@ -37,6 +37,7 @@ KVM_TSS_GPA = 0xFFFBD000
 LOWMEM_LIMIT = 0xC0000000  # RAM above this goes above 4 GiB (the PCI hole stays MMIO)
 HIGHMEM_BASE = 1 << 32
 MAX_VCPUS = 64
+PM_BASE = 0x600  # ACPI PM1a blocks and the PM timer (the FADT written by the loaders agrees)
 
 MemorySpec = Union[int, Iterable[tuple[int, int]]]
 
@@ -96,6 +97,7 @@ class Vm:
         self.uart: Optional[Uart16550] = None
         self.debug_exit: Optional[DebugExit] = None
         self.testdev: Optional[TestDev] = None
+        self.fw_cfg = None
         self.console_sink: Optional[Callable[[bytes], None]] = None
         self._console = bytearray()
         self._drain_lock = threading.Lock()
@@ -110,7 +112,7 @@ class Vm:
             for gpa, size in layout:
                 self.add_memory(gpa, size, name="lowmem" if gpa == 0 else f"mem@{gpa:#x}")
             if devices:
-                self._attach_default_devices()
+                self._attach_default_devices(vcpus)
             for i in range(vcpus):
                 vcpu = Vcpu(self, i)
                 self.vcpus.append(vcpu)
@@ -131,11 +133,18 @@ class Vm:
         if self.irqchip:
             interrupts.create_irqchip(self)
 
-    def _attach_default_devices(self) -> None:
+    def _attach_default_devices(self, cpus: int) -> None:
+        """What PC guests and conformance-suite kernels expect (see DESIGN.md)."""
+        tsc_khz = self.kvm.tsc_khz
         self.uart = self.add_device("uart16550")
         self.debug_exit = self.add_device("debug-exit")
         self.testdev = self.add_device("pc-testdev")
         self.add_device("port-sink")
+        self.add_device("i8042")
+        self.add_device("cmos", cpus=cpus, tsc_khz=tsc_khz)
+        self.fw_cfg = self.add_device("fw_cfg", cpus=cpus)
+        self.add_device("pci-host")
+        self.add_device("acpi-pm", base=PM_BASE, tsc_khz=tsc_khz)
 
     def add_device(self, name: str, **config):
         """Attach a device by its factory name (built-in or registered by a user).

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..kernels._jit import kernel
 from . import kinds
+from .bus import PortDevice
 from .pm_timer import host_tsc_hz, rdtsc, tsc_to_ticks
 
 DEFAULT_PORT = 0x70
@@ -258,13 +259,15 @@ def ram_split(memory) -> tuple[int, int]:
     """(bytes of RAM below 4 GiB, bytes above) of a GuestMemory."""
     below = above = 0
     for seg in memory.segments:
+        if seg.readonly:
+            continue  # ROM is not RAM
         start, end = seg.gpa, seg.gpa + seg.size
         below += max(0, min(end, 1 << 32) - start)
         above += max(0, end - max(start, 1 << 32))
     return below, above
 
 
-class Cmos:
+class Cmos(PortDevice):
     """CMOS RAM + RTC at 0x70/0x71.
 
     ``ram_below_4g``/``ram_above_4g``: RAM sizes for the memory registers; by default taken
@@ -274,19 +277,17 @@ class Cmos:
     """
 
     kind = kinds.CMOS
+    port_count = PORT_COUNT
 
     def __init__(self, *, ram_below_4g: int | None = None, ram_above_4g: int | None = None,
                  cpus: int = 1, tsc_khz: int | None = None, time_ns: int | None = None,
                  port: int = DEFAULT_PORT, name: str = "cmos"):
+        super().__init__(port, name)
         self.ram_below_4g = ram_below_4g
         self.ram_above_4g = ram_above_4g
         self.cpus = cpus
         self.tsc_khz = tsc_khz
         self.time_ns = time_ns
-        self.port = port
-        self.name = name
-        self.slot = 0
-        self.bus = None
 
     def attach(self, bus, memory=None) -> None:
         below, above = ram_split(memory) if memory is not None else (0, 0)
@@ -295,13 +296,7 @@ class Cmos:
         if self.ram_above_4g is not None:
             above = self.ram_above_4g
         tsc_hz = self.tsc_khz * 1000 if self.tsc_khz else host_tsc_hz()
-        self.slot = bus.add_slot(self.kind, self.name, self, base=self.port)
-        try:
-            bus.claim_ports(self.slot, self.port, PORT_COUNT)
-        except Exception:
-            bus.remove_slot(self.slot)
-            raise
-        self.bus = bus
+        super().attach(bus, memory)
         buf = bus.buffer(self.slot)
         buf[:CMOS_SIZE] = 0
         buf[REG_A] = REG_A_DEFAULT

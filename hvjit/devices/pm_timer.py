@@ -23,6 +23,7 @@ from numba import types
 from .. import _trampoline  # noqa: F401  (loads libhvt.so globally before any kernel runs)
 from ..kernels._jit import kernel
 from . import kinds
+from .bus import PortDevice
 
 hvt_sys_rdtsc = types.ExternalFunction("hvt_sys_rdtsc", types.uint64())
 
@@ -73,8 +74,7 @@ def tsc_to_ticks(delta, tsc_hz, rate):
 def pm_ticks(state):
     """The unwrapped PM-timer tick count now (monotonic)."""
     ticks = tsc_to_ticks(rdtsc() - state[S_TSC_BASE], state[S_TSC_HZ], np.int64(PM_TIMER_HZ))
-    if ticks < state[S_LAST_TICKS]:
-        ticks = state[S_LAST_TICKS]
+    ticks = max(ticks, state[S_LAST_TICKS])
     state[S_LAST_TICKS] = ticks
     return ticks
 
@@ -134,13 +134,13 @@ def host_tsc_hz() -> int:
     """The host TSC frequency in Hz, from the process GIP (KVM's figure or a measurement)."""
     global _tsc_hz_cache
     if not _tsc_hz_cache:
-        from ..gip import process_gip  # noqa: PLC0415  (measured once, on first use)
+        from ..gip import process_gip  # measured once, on first use
 
         _tsc_hz_cache = int(process_gip().tsc_khz) * 1000
     return _tsc_hz_cache
 
 
-class PmTimer:
+class PmTimer(PortDevice):
     """ACPI PM1a event/control blocks and the PM timer at ``base`` (0x600: PM_TMR at 0x608).
 
     ``tsc_khz``: the host TSC frequency; by default the process GIP's. Keep ``base`` equal to
@@ -148,17 +148,16 @@ class PmTimer:
     """
 
     kind = kinds.PM_TIMER
+    port_count = PORT_COUNT
 
     def __init__(self, base: int = DEFAULT_BASE, *, tsc_khz: int | None = None, name: str = "acpi-pm"):
         if not 0 < base <= 0x10000 - PORT_COUNT:
             raise ValueError(f"PM base {base:#x} leaves no room for {PORT_COUNT} ports")
         if tsc_khz is not None and tsc_khz <= 0:
             raise ValueError(f"tsc_khz must be positive, got {tsc_khz}")
+        super().__init__(base, name)
         self.base = base
         self.tsc_khz = tsc_khz
-        self.name = name
-        self.slot = 0
-        self.bus = None
 
     @property
     def timer_port(self) -> int:
@@ -166,16 +165,10 @@ class PmTimer:
 
     def attach(self, bus, memory=None) -> None:
         tsc_hz = self.tsc_khz * 1000 if self.tsc_khz else host_tsc_hz()
-        self.slot = bus.add_slot(self.kind, self.name, self, base=self.base)
-        try:
-            bus.claim_ports(self.slot, self.base, PORT_COUNT)
-        except Exception:
-            bus.remove_slot(self.slot)
-            raise
+        super().attach(bus, memory)
         state = bus.state(self.slot)
         state[S_TSC_HZ] = tsc_hz
         state[S_TSC_BASE] = rdtsc()
-        self.bus = bus
 
     def read_timer(self) -> int:
         """The 24-bit counter as the guest would read it now."""

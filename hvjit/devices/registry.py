@@ -17,7 +17,12 @@ from __future__ import annotations
 import threading
 
 from ..factory import DEVICE_INTERFACE_UUID, SimpleFactory
+from .cmos import Cmos
 from .debug_exit import DebugExit
+from .fw_cfg import FwCfg
+from .i8042 import I8042
+from .pci import PciHost
+from .pm_timer import PmTimer
 from .port_sink import PortSink
 from .testdev import TestDev
 from .uart16550 import Uart16550
@@ -27,6 +32,11 @@ BUILTIN_DEVICES = {
     "debug-exit": DebugExit,
     "pc-testdev": TestDev,
     "port-sink": PortSink,
+    "i8042": I8042,
+    "cmos": Cmos,
+    "fw_cfg": FwCfg,
+    "pci-host": PciHost,
+    "acpi-pm": PmTimer,
 }
 
 _lock = threading.Lock()

@@ -174,10 +174,10 @@ def test_user_device_through_a_registered_factory(session):
 
     session.register_factory(SimpleFactory("doubler", {DEVICE_INTERFACE_UUID: lambda s: Doubler}))
     vm = session.create_vm("userdev", memory=2 << 20)
-    dev = vm.add_device("doubler", port=0x600)
+    dev = vm.add_device("doubler", port=0x6f0)
     load(vm, """
 .code64
-    mov $0x600, %dx
+    mov $0x6f0, %dx
     mov $21, %eax
     outl %eax, %dx
     inl %dx, %eax
