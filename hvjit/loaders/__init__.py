@@ -26,6 +26,7 @@ from ..errors import HvjitError, LoaderError
 
 PAGE = 0x1000
 E820_RAM, E820_RESERVED = 1, 2
+BIOS_AREA = (0xE0000, 0x100000)  # where firmware tables go (ACPI, MP)
 BIOS_HOLE = (0x9FC00, 0x100000)  # EBDA, VGA and BIOS ROM area: reserved in every memory map
 BOOT_STACK_SIZE = 0x4000  # a scratch stack for the entry state (not reserved in the map)
 MAX_IMAGE_SIZE = 1 << 32  # refuse absurd inputs before reading them
@@ -300,6 +301,24 @@ def detect_format(data: bytes) -> str:
     return "flat"
 
 
+def write_firmware(vm, cmdline: str = "") -> Optional[int]:
+    """What a PC firmware leaves behind: ACPI tables (RSDP, RSDT/XSDT, FADT with the PM timer,
+    MADT) and an MP table in the BIOS area, and the command line in fw_cfg. Returns the RSDP's
+    address, or None when RAM does not cover the BIOS area."""
+    from ..firmware.acpi import write_acpi_tables
+    from ..firmware.mptable import write_mp_table
+    from ..vm import PM_BASE
+
+    if getattr(vm, "fw_cfg", None) is not None and cmdline:
+        vm.fw_cfg.set_cmdline(cmdline)
+    if not vm.memory.is_mapped(BIOS_AREA[0], BIOS_AREA[1] - BIOS_AREA[0]):
+        return None
+    cpus = len(vm.vcpus)
+    rsdp = write_acpi_tables(vm.memory, cpus=cpus, pm_base=PM_BASE)
+    write_mp_table(vm.memory, cpus=cpus)
+    return rsdp
+
+
 def load(vm, image: ImageSource, *, format: str = "auto", cmdline="", initrd=None, modules=(),
          gpa: Optional[int] = None, entry: Optional[int] = None, mode: Optional[str] = None,
          cpl: int = 0, vcpu: int = 0, rsdp: Optional[int] = None) -> BootInfo:
@@ -329,13 +348,18 @@ def load(vm, image: ImageSource, *, format: str = "auto", cmdline="", initrd=Non
     if fmt in ("flat", "elf") and cmdline:
         raise LoaderError(f"a {fmt} image has no way to receive a command line")
     v = vm.vcpu(vcpu)
+    if fmt != "flat":
+        from . import elf
+
+        # Firmware first, so an image that overlaps the BIOS area wins over it.
+        found = write_firmware(vm, cmdline)
+        if rsdp is None and fmt == "linux" and data[:4] == b"\x7fELF" and elf.pvh_entry(data) is not None:
+            rsdp = found  # a PVH kernel is told where it is; the others scan the BIOS area
     if fmt == "flat":
         from . import flat
 
         return flat.load(vm, v, data, gpa=gpa, entry=entry, mode=mode or "long", cpl=cpl)
     if fmt == "elf":
-        from . import elf
-
         return elf.load(vm, v, data, entry=entry, mode=mode, cpl=cpl)
     if fmt == "multiboot":
         from . import multiboot
