@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Optional
@@ -95,34 +96,92 @@ def _exit_status(exit_) -> int:
     return STATUS_OTHER_EXIT
 
 
-def run_image(args, out=sys.stdout) -> int:
-    from . import Session, entry
+def _image_and_format(args) -> tuple[bytes, str, list[str]]:
+    """The image to load, its format, and notes for the user (e.g. a bzImage unpacked)."""
+    from . import loaders
+    from .loaders.bzimage import extract_vmlinux
+    from .system import Kvm
 
-    image = open(args.image, "rb").read()
-    entry_gpa = args.gpa if args.entry is None else args.entry
+    path = args.kernel or args.image
+    if path is None:
+        raise HvjitError("nothing to run: give an IMAGE or --kernel")
+    data = loaders.read_image(path)
+    fmt = loaders.detect_format(data) if args.format == "auto" else args.format
+    notes = []
+    if fmt == "linux" and data[:4] != b"\x7fELF" and Kvm.instance().flavour == "pvm" and not args.no_extract:
+        # Ring 0 is emulated here: decompressing in the guest would take many minutes.
+        data = extract_vmlinux(data)
+        notes.append("PVM host: booting the bzImage's vmlinux through its PVH entry (--no-extract to keep it)")
+    return data, fmt, notes
+
+
+def run_image(args, out=sys.stdout) -> int:
+    from . import Session, loaders
+
+    data, fmt, notes = _image_and_format(args)
+    real_guest = fmt in ("multiboot", "linux")
+    irqchip = args.irqchip or real_guest or args.cpus > 1
     with Session() as s:
-        vm = s.create_vm(args.name, memory=args.memory)
-        if not vm.memory.is_mapped(args.gpa, len(image)):
-            raise HvjitError(f"image of {len(image)} bytes at {args.gpa:#x} does not fit in "
-                             f"{args.memory:#x} bytes of guest memory")
-        vm.memory.write(args.gpa, image)
+        vm = s.create_vm(args.name, memory=args.memory, vcpus=args.cpus, irqchip=irqchip)
+        info = loaders.load(
+            vm, data, format=fmt, cmdline=args.append or "", initrd=args.initrd,
+            modules=args.module or (),
+            gpa=args.gpa if fmt == "flat" else None, entry=args.entry,
+            mode=None if real_guest else (args.mode if fmt == "flat" or args.mode_given else None),
+            cpl=0 if real_guest else args.cpl,
+        )
         if not args.json:
-            vm.console_sink = lambda b: (out.buffer.write(b) if hasattr(out, "buffer") else out.write(b.decode("latin-1")), out.flush())
-        vcpu = vm.vcpu(0)
-        entry.setup_mode(vcpu, args.mode, entry_gpa, cpl=args.cpl)
-        t0 = time.perf_counter()
-        exit_ = vcpu.run(timeout=args.timeout, resume_hlt=False)
-        elapsed = time.perf_counter() - t0
-        status = _exit_status(exit_)
+            for note in notes:
+                print(f"hvjit: {note}", file=sys.stderr)
+            if args.verbose:
+                print(f"hvjit: {info}", file=sys.stderr)
+            sink = out.buffer if hasattr(out, "buffer") else None
+            vm.console_sink = (lambda b: (sink.write(b), sink.flush())) if sink else (
+                lambda b: (out.write(b.decode("latin-1")), out.flush()))
+        stdin_feeder = _feed_stdin(vm) if args.interactive else None
+        try:
+            result = vm.run(timeout=args.timeout)
+        finally:
+            if stdin_feeder is not None:
+                stdin_feeder.set()
+        status = _exit_status(result.exit)
         if args.json:
-            _print_json({"exit": exit_.to_dict(), "status": status, "elapsed_s": round(elapsed, 6),
-                         "counters": vcpu.stats(), "console": vm.console.decode("latin-1")})
+            doc = result.to_dict()
+            doc.update(status=status, format=fmt, counters=result.vcpu_stats[0] if args.cpus == 1 else result.vcpu_stats)
+            _print_json(doc)
         else:
-            print(f"hvjit: {exit_}", file=sys.stderr)
+            print(f"hvjit: {result}", file=sys.stderr)
+            if result.exit.report is not None:
+                print(f"hvjit: {result.exit.report}", file=sys.stderr)
     return status
 
 
+def _feed_stdin(vm):
+    """Forward the user's stdin to the guest's COM1 receiver (interactive use)."""
+    import threading
+
+    stop = threading.Event()
+
+    def pump():
+        fd = sys.stdin.fileno()
+        while not stop.is_set():
+            try:
+                chunk = os.read(fd, 64)
+            except OSError:
+                return
+            if not chunk:
+                return
+            vm.send_console_input(chunk.replace(b"\n", b"\r"))
+
+    threading.Thread(target=pump, name="hvjit-stdin", daemon=True).start()
+    return stop
+
+
 def cmd_run(args) -> int:
+    args.mode_given = args.mode is not None
+    args.mode = args.mode or "long"
+    if args.memory is None:
+        args.memory = 256 << 20 if (args.format == "linux" or args.kernel) else 16 << 20
     return run_image(args)
 
 
@@ -226,16 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
-    run = sub.add_parser("run", help="run a guest image")
-    run.add_argument("image")
-    run.add_argument("--gpa", type=parse_int, default=0x1000, help="load address (default 0x1000)")
-    run.add_argument("--entry", type=parse_int, default=None, help="entry point (default: --gpa)")
-    run.add_argument("--mode", choices=["real", "protected", "long"], default="long")
+    run = sub.add_parser("run", help="run a guest: flat binary, ELF, multiboot kernel or Linux")
+    run.add_argument("image", nargs="?", help="the guest image (or use --kernel)")
+    run.add_argument("--kernel", help="kernel image (same as IMAGE)")
+    run.add_argument("--format", choices=["auto", "flat", "elf", "multiboot", "linux"], default="auto")
+    run.add_argument("--append", default="", help="kernel command line (multiboot, Linux)")
+    run.add_argument("--initrd", help="initial ramdisk (Linux)")
+    run.add_argument("--module", action="append", help="multiboot module (repeatable)")
+    run.add_argument("--gpa", type=parse_int, default=0x1000, help="load address of a flat binary (default 0x1000)")
+    run.add_argument("--entry", type=parse_int, default=None, help="entry point (default: the image's)")
+    run.add_argument("--mode", choices=["real", "protected", "long"], default=None,
+                     help="entry mode of a flat binary or plain ELF (default long)")
     run.add_argument("--cpl", type=int, choices=[0, 3], default=0)
-    run.add_argument("--memory", type=parse_size, default=16 << 20, help="guest RAM (default 16M)")
+    run.add_argument("--cpus", type=int, default=1)
+    run.add_argument("--memory", type=parse_size, default=None, help="guest RAM (default 16M; 256M for Linux)")
+    run.add_argument("--irqchip", action="store_true", help="in-kernel PIC/IOAPIC/LAPIC/PIT (on for multiboot, Linux, SMP)")
     run.add_argument("--timeout", type=float, default=30.0, help="seconds before the watchdog stops the guest")
+    run.add_argument("--interactive", action="store_true", help="feed stdin to the guest's COM1")
+    run.add_argument("--no-extract", action="store_true",
+                     help="boot a bzImage as is, even where ring 0 is emulated (PVM)")
     run.add_argument("--name", default="guest")
-    run.add_argument("--json", action="store_true", help="print the exit record and counters as JSON")
+    run.add_argument("-v", "--verbose", action="store_true", help="print what was loaded where")
+    run.add_argument("--json", action="store_true", help="print the exit record, counters and console as JSON")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="run a greeting guest and show its exit figures")

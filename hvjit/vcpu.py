@@ -485,6 +485,23 @@ class Vcpu:
             r["msr_error"] = 1 if value is None else 0
             r["msr_data"] = 0 if value is None else int(value) & (1 << 64) - 1
 
+    # ---- looking at the guest ------------------------------------------------------------
+
+    def disassemble(self, rip: Optional[int] = None, count: int = 1) -> list:
+        """``count`` instructions from ``rip`` (default: the current one), fetched through
+        the guest's page tables: a list of (address, bytes, Intel-syntax text)."""
+        from . import emulation
+
+        self._check()
+        return emulation.disassemble(self, rip, count)
+
+    def translate(self, gla: int, access: str = "r"):
+        """Walk this vCPU's page tables for ``gla`` (``access``: "r", "w" or "x")."""
+        from . import emulation
+
+        self._check()
+        return emulation.translate(self, gla, access)
+
     # ---- statistics ----------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:

@@ -337,6 +337,18 @@ class Vm:
                 if self.console_sink is not None and data:
                     self.console_sink(data)
 
+    def send_console_input(self, data: bytes) -> int:
+        """Type into COM1: queue bytes for the guest's receiver (raising its interrupt where
+        the VM has an irqchip). Returns how many fitted in the receive FIFO."""
+        self._check()
+        if self.uart is None:
+            raise HvjitError(f"VM {self.name!r} has no UART")
+        n = self.uart.feed(data)
+        level = self.uart.irq_change()
+        if level is not None and self.irqchip:
+            self.irq_line(self.uart.irq, level)
+        return n
+
     @property
     def console(self) -> bytes:
         """Everything the guest wrote to COM1 so far."""
@@ -371,11 +383,17 @@ class Vm:
         self.irq_line(irq, 1)
         self.irq_line(irq, 0)
 
-    def _emulation_failure(self, vcpu: Vcpu, exit_: VmExit) -> VmExit:
-        """KVM could not run an instruction: attach a typed report (rip, mode, bytes, text)."""
-        from .emulation import report_for
+    def _emulation_failure(self, vcpu: Vcpu, exit_: VmExit) -> Optional[VmExit]:
+        """KVM could not run an instruction: emulate it (None: resume) or return the exit
+        with a typed report (rip, mode, bytes, decoded text, reason)."""
+        from .emulation import handle_emulation_failure
 
-        return report_for(vcpu, exit_)
+        return handle_emulation_failure(vcpu, exit_)
+
+    def translate(self, gla: int, *, vcpu: int = 0, access: str = "r"):
+        """Guest-linear to guest-physical through vCPU ``vcpu``'s page tables (a page-walk
+        ``Translation``: gpa, page size, or the #PF error code a CPU would raise)."""
+        return self.vcpu(vcpu).translate(gla, access=access)
 
     def __repr__(self) -> str:
         state = "destroyed" if self.destroyed else f"fd={self.fd}"

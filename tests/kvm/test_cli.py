@@ -67,7 +67,7 @@ def test_run_refuses_bad_input_clearly(tmp_path):
     big = tmp_path / "big.bin"
     big.write_bytes(bytes(2 << 20))
     p = hvjit("run", str(big), "--memory", "1M")
-    assert p.returncode == 1 and b"does not fit" in p.stderr
+    assert p.returncode == 1 and b"error: flat image [0x1000-0x201000)" in p.stderr
     p = hvjit("run", str(tmp_path / "missing.bin"))
     assert p.returncode == 1 and b"No such file" in p.stderr
     p = hvjit("run", str(big), "--memory", "lots")
