@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from .abi import KvmInternalError, VmExitCode
+from .abi import KvmInternalError
 from .exits import EmulationReport, VmExit
 
 EMULATION_FLAG_INSTRUCTION_BYTES = 1

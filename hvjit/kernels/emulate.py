@@ -40,7 +40,7 @@ from enum import IntEnum
 import numpy as np
 
 from hvjit.kernels._jit import kernel
-from hvjit.kernels.decode import VIE_DTYPE, DecodeStatus, OpClass
+from hvjit.kernels.decode import VIE_DTYPE, OpClass
 
 __all__ = [
     "EmulateStatus", "MemKind", "NREGS", "R_RIP", "R_RFLAGS", "REG_NAMES", "MAX_MOPS",

@@ -16,7 +16,7 @@ import numpy as np
 from hvjit import entry
 from hvjit.abi import VmExitCode
 
-from tests.unit.test_emulate import (BASE_VALUE, CODE, FORMS_64, WINDOW, WINDOW_SIZE, compare,
+from tests.unit.test_emulate import (CODE, FORMS_64, WINDOW, WINDOW_SIZE, compare,
                                      random_state, run_hvjit)
 
 CASES = int(os.environ.get("HVJIT_EMULATE_CPU_CASES", "300"))

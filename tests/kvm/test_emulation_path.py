@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
 
 from hvjit import entry
 from hvjit.abi import SuspendHow, VmExitCode
