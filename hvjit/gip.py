@@ -432,6 +432,16 @@ _process_gip: Gip | None = None
 _process_gip_lock = threading.Lock()
 
 
+def _kvm_tsc_khz() -> int | None:
+    """KVM's TSC frequency for guests, where /dev/kvm is usable (else the GIP measures)."""
+    try:
+        from hvjit.system import Kvm
+
+        return Kvm.instance().tsc_khz
+    except Exception:  # noqa: BLE001 - no KVM here: measuring is the fallback
+        return None
+
+
 def process_gip(*, kvm_tsc_khz: int | Callable[[], int | None] | None = None) -> Gip:
     """The process-wide GIP, measured on first use.
 
@@ -442,7 +452,7 @@ def process_gip(*, kvm_tsc_khz: int | Callable[[], int | None] | None = None) ->
     with _process_gip_lock:
         if _process_gip is None:
             try:
-                _process_gip = Gip(kvm_tsc_khz=kvm_tsc_khz)
+                _process_gip = Gip(kvm_tsc_khz=kvm_tsc_khz if kvm_tsc_khz is not None else _kvm_tsc_khz)
             except (ImportError, AttributeError) as exc:
                 raise HvjitError(f"the GIP needs the trampoline's hvt_sys_rdtsc: {exc}") from exc
             return _process_gip

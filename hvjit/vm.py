@@ -18,7 +18,7 @@ from . import interrupts
 from .devices.bus import IoBus
 from .devices.debug_exit import DebugExit
 from .devices.registry import device_class
-from .devices.testdev import TestDev
+from .devices.testdev import IRQ_LINES, IRQ_PORT, TestDev
 from .devices.uart16550 import Uart16550
 from .errors import CapabilityError, HvjitError, MemoryMapError, ObjectDestroyedError
 from .exits import VmExit
@@ -139,6 +139,9 @@ class Vm:
         self.uart = self.add_device("uart16550")
         self.debug_exit = self.add_device("debug-exit")
         self.testdev = self.add_device("pc-testdev")
+        if self.irqchip:
+            # pc-testdev's IRQ lines: a byte written to 0x2000+n sets GSI n's level.
+            self.add_port_handler(IRQ_PORT, self._testdev_irq, count=IRQ_LINES, name="pc-testdev-irq")
         self.add_device("port-sink")
         self.add_device("i8042")
         self.add_device("cmos", cpus=cpus, tsc_khz=tsc_khz)
@@ -336,6 +339,11 @@ class Vm:
                 self._console += data
                 if self.console_sink is not None and data:
                     self.console_sink(data)
+
+    def _testdev_irq(self, port: int, size: int, is_write: bool, value: int) -> int:
+        if is_write:
+            self.irq_line(port - IRQ_PORT, value & 1)
+        return 0
 
     def send_console_input(self, data: bytes) -> int:
         """Type into COM1: queue bytes for the guest's receiver (raising its interrupt where

@@ -86,3 +86,72 @@ def test_no_interrupt_without_out2(session):
 """, "long", 3)
     _install_idt(vm, VECTOR, HANDLER_GPA)
     assert vm.run(timeout=20).code == 7
+
+
+def _timer_guest(vm, setup: str):
+    """A CPL0 handler reporting 0x100|vector-ish marker; a CPL3 main that arms a timer and spins."""
+    vm.memory.write(HANDLER_GPA, assemble("""
+.code64
+    mov $0x3f8, %dx
+    mov $'T', %al
+    outb %al, %dx
+    mov $0x1234, %eax
+    outl %eax, $0xf4
+""", HANDLER_GPA))
+    load(vm, f"""
+.code64
+    mov $0xff, %al
+    outb %al, $0x21
+    outb %al, $0xa1
+    mov $0xfee00000, %rbx
+    movl $0x1ff, 0xf0(%rbx)        # LAPIC: software enable
+{setup}
+1:  jmp 1b
+""", "long", 3)
+    _install_idt(vm, VECTOR, HANDLER_GPA)
+
+
+def test_lapic_timer_interrupt(session):
+    vm = session.create_vm("lapic-timer", memory=2 << 20, irqchip=True)
+    _timer_guest(vm, f"""
+    movl $0xb, 0x3e0(%rbx)         # divide by 1
+    movl ${VECTOR:#x}, 0x320(%rbx) # LVT timer: one-shot, our vector
+    movl $100000, 0x380(%rbx)      # initial count
+""")
+    result = vm.run(timeout=20)
+    assert result.code == 0x1234 and vm.console == b"T"
+
+
+def test_pit_interrupt_through_ioapic_pin_2(session):
+    vm = session.create_vm("pit", memory=2 << 20, irqchip=True)
+    _timer_guest(vm, f"""
+    mov $0xfec00000, %rbx
+    movl $0x14, (%rbx)             # IOAPIC pin 2: where PCs wire the PIT (GSI 0 -> pin 2)
+    movl ${VECTOR:#x}, 0x10(%rbx)
+    movl $0x15, (%rbx)
+    movl $0, 0x10(%rbx)
+    mov $0x34, %al                 # PIT channel 0, lobyte/hibyte, rate generator
+    outb %al, $0x43
+    mov $0x00, %al
+    outb %al, $0x40
+    mov $0x10, %al
+    outb %al, $0x40                # divisor 0x1000: ~290 Hz
+""")
+    result = vm.run(timeout=20)
+    assert result.code == 0x1234 and vm.console == b"T"
+
+
+def test_pc_testdev_irq_lines(session):
+    vm = session.create_vm("testdev-irq", memory=2 << 20, irqchip=True)
+    _timer_guest(vm, f"""
+    mov $0xfec00000, %rbx
+    movl $0x1a, (%rbx)             # IOAPIC pin 5, level-triggered
+    movl ${VECTOR:#x} | 0x8000, 0x10(%rbx)
+    movl $0x1b, (%rbx)
+    movl $0, 0x10(%rbx)
+    mov $0x2005, %dx               # pc-testdev: raise IRQ line 5
+    mov $1, %al
+    outb %al, %dx
+""")
+    result = vm.run(timeout=20)
+    assert result.code == 0x1234 and vm.console == b"T"
