@@ -90,7 +90,8 @@ def _uart_access(state, buf, offset, is_write, value):
                 buf[head % buf.size] = value
                 state[S_TX_HEAD] = head + 1
                 state[S_THRE_PENDING] = 1
-                if head + 1 - state[S_TX_TAIL] >= TX_DRAIN_THRESHOLD:
+                # Hand each finished line to Python at once, so the console streams.
+                if value == 0x0A or head + 1 - state[S_TX_TAIL] >= TX_DRAIN_THRESHOLD:
                     act = kinds.ACT_DRAIN
         elif offset == IER_DLM:
             if dlab:

@@ -181,3 +181,12 @@ def test_native_pio_dispatch_checks_the_data_area(bus):
     act = dispatch._handle_pio(-1, run, page, bus.port_map, bus.dev_kind, bus.dev_base, bus.dev_state,
                                bus.dev_buf, counters)
     assert act == kinds.ACT_PYTHON
+
+
+def test_uart_hands_each_finished_line_to_python(bus):
+    """The console streams line by line instead of waiting for the ring to fill."""
+    uart = Uart16550()
+    uart.attach(bus)
+    state, buf = bus.state(uart.slot), bus.buffer(uart.slot)
+    acts = [uart_io(state, buf, 0, True, ch)[1] for ch in b"ok\n"]
+    assert acts == [kinds.ACT_CONTINUE, kinds.ACT_CONTINUE, kinds.ACT_DRAIN]
