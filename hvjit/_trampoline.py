@@ -31,6 +31,7 @@ struct kvm_lapic_state;
 struct kvm_mp_state;
 struct kvm_msr_filter;
 struct kvm_irq_routing_entry;
+struct kvm_xcrs;
 struct hvt_loop_stats;
 
 int hvt_sys_open(const char *path);
@@ -77,6 +78,10 @@ int hvt_vcpu_set_events(int fd, const struct kvm_vcpu_events *events);
 int hvt_vcpu_set_cpuid(int fd, const struct kvm_cpuid_entry2 *entries, int count);
 int hvt_vcpu_get_tsc_khz(int fd);
 int hvt_vcpu_set_guest_debug(int fd, const struct kvm_guest_debug *dbg);
+int hvt_vcpu_get_xsave(int fd, void *area, int size);
+int hvt_vcpu_set_xsave(int fd, const void *area);
+int hvt_vcpu_get_xcrs(int fd, struct kvm_xcrs *xcrs);
+int hvt_vcpu_set_xcrs(int fd, const struct kvm_xcrs *xcrs);
 int hvt_vcpu_get_lapic(int fd, struct kvm_lapic_state *lapic);
 int hvt_vcpu_get_mp_state(int fd, struct kvm_mp_state *state);
 int hvt_vcpu_set_mp_state(int fd, const struct kvm_mp_state *state);

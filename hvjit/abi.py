@@ -59,6 +59,12 @@ KVM_VCPU_EVENTS_DTYPE = np.dtype([
     ("reserved", "u1", (26,)), ("exception_has_payload", "u1"), ("exception_payload", "<u8"),
 ], align=True)
 
+KVM_XCR_DTYPE = np.dtype([("xcr", "<u4"), ("reserved", "<u4"), ("value", "<u8")])
+KVM_MAX_XCRS = 16
+KVM_XCRS_DTYPE = np.dtype([("nr_xcrs", "<u4"), ("flags", "<u4"), ("xcrs", KVM_XCR_DTYPE, (KVM_MAX_XCRS,)),
+                           ("padding", "<u8", (16,))])
+KVM_XSAVE_SIZE = 4096  # struct kvm_xsave; larger with dynamic features (KVM_CAP_XSAVE2)
+
 KVM_GUEST_DEBUG_DTYPE = np.dtype([("control", "<u4"), ("pad", "<u4"), ("debugreg", "<u8", (8,))])
 KVM_MP_STATE_DTYPE = np.dtype([("mp_state", "<u4")])
 KVM_LAPIC_STATE_DTYPE = np.dtype([("regs", "u1", (1024,))])
@@ -153,6 +159,7 @@ C_STRUCTS = {
     "kvm_vcpu_events": KVM_VCPU_EVENTS_DTYPE,
     "kvm_guest_debug": KVM_GUEST_DEBUG_DTYPE,
     "kvm_mp_state": KVM_MP_STATE_DTYPE,
+    "kvm_xcrs": KVM_XCRS_DTYPE,
     "kvm_lapic_state": KVM_LAPIC_STATE_DTYPE,
     "hvt_loop_stats": HVT_LOOP_STATS_DTYPE,
     "kvm_irq_routing_entry": KVM_IRQ_ROUTING_ENTRY_DTYPE,

@@ -21,8 +21,8 @@ from . import _trampoline as _t
 from . import watchdog
 from .abi import (
     GPR_NAMES, KVM_CPUID_ENTRY2_DTYPE, KVM_FPU_DTYPE, KVM_MSR_ENTRY_DTYPE, KVM_REGS_DTYPE,
-    KVM_RUN_DTYPE, KVM_RUN_SIZE, KVM_SREGS_DTYPE, KVM_VCPU_EVENTS_DTYPE, SEGMENT_NAMES,
-    VM_EXIT_DTYPE, VmExitCode,
+    KVM_MAX_XCRS, KVM_RUN_DTYPE, KVM_RUN_SIZE, KVM_SREGS_DTYPE, KVM_VCPU_EVENTS_DTYPE,
+    KVM_XCRS_DTYPE, KVM_XSAVE_SIZE, SEGMENT_NAMES, VM_EXIT_DTYPE, VmExitCode,
 )
 from .errors import KvmError, ObjectDestroyedError, RegisterError
 from .exits import VmExit
@@ -200,6 +200,41 @@ class Vcpu:
         self._check()
         arr = np.array([events], KVM_VCPU_EVENTS_DTYPE)
         self._call(_t.lib.hvt_vcpu_set_events(self.fd, _t.ptr(arr)), "KVM_SET_VCPU_EVENTS")
+
+    def get_xsave(self) -> np.ndarray:
+        """The XSAVE area (x87, SSE, AVX, ... in the standard format) as bytes (a copy)."""
+        self._check()
+        size = max(KVM_XSAVE_SIZE, self.vm.xsave_size)
+        area = np.zeros(size, np.uint8)
+        self._call(_t.lib.hvt_vcpu_get_xsave(self.fd, _t.ptr(area), size), "KVM_GET_XSAVE")
+        return area
+
+    def set_xsave(self, area) -> None:
+        self._check()
+        size = max(KVM_XSAVE_SIZE, self.vm.xsave_size)
+        buf = np.zeros(size, np.uint8)
+        data = np.frombuffer(bytes(area), np.uint8) if not isinstance(area, np.ndarray) else area
+        buf[: min(size, data.size)] = data[:size]
+        self._call(_t.lib.hvt_vcpu_set_xsave(self.fd, _t.ptr(buf)), "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> dict[int, int]:
+        """Extended control registers (XCR0, ...) by index."""
+        self._check()
+        xcrs = np.zeros(1, KVM_XCRS_DTYPE)
+        self._call(_t.lib.hvt_vcpu_get_xcrs(self.fd, _t.ptr(xcrs)), "KVM_GET_XCRS")
+        n = min(int(xcrs[0]["nr_xcrs"]), KVM_MAX_XCRS)
+        return {int(x["xcr"]): int(x["value"]) for x in xcrs[0]["xcrs"][:n]}
+
+    def set_xcrs(self, values: dict[int, int]) -> None:
+        self._check()
+        if len(values) > KVM_MAX_XCRS:
+            raise RegisterError(f"at most {KVM_MAX_XCRS} XCRs")
+        xcrs = np.zeros(1, KVM_XCRS_DTYPE)
+        xcrs[0]["nr_xcrs"] = len(values)
+        for i, (index, value) in enumerate(values.items()):
+            xcrs[0]["xcrs"][i]["xcr"] = index
+            xcrs[0]["xcrs"][i]["value"] = value
+        self._call(_t.lib.hvt_vcpu_set_xcrs(self.fd, _t.ptr(xcrs)), "KVM_SET_XCRS")
 
     # ---- registers by name (bhyve's vm_get_register / vm_set_register) -------------------
 

@@ -133,6 +133,12 @@ class Vm:
         if self.irqchip:
             interrupts.create_irqchip(self)
 
+    @property
+    def xsave_size(self) -> int:
+        """Bytes of a vCPU's XSAVE area (KVM_CAP_XSAVE2 on the VM: more with dynamic features)."""
+        rc = _t.lib.hvt_sys_check_extension(self.fd, Cap.XSAVE2)
+        return rc if rc > 0 else 4096
+
     def _attach_default_devices(self, cpus: int) -> None:
         """What PC guests and conformance-suite kernels expect (see DESIGN.md)."""
         tsc_khz = self.kvm.tsc_khz

@@ -219,3 +219,19 @@ def test_each_vcpu_gets_kvm_cpuid_with_its_apic_id(session):
         entry.setup_long_mode(v, 0x1000, cpl=0)
         ex = v.run(timeout=20)
         assert ex.code == 0x100 | v.index
+
+
+def test_xsave_area_and_xcrs_round_trip(session):
+    vm = session.create_vm("xsave", memory=1 << 20)
+    v = vm.vcpu(0)
+    xcrs = v.get_xcrs()
+    assert xcrs[0] & 1  # XCR0.x87 is always set
+    area = v.get_xsave()
+    assert area.size >= 4096
+    area[160:176] = np.arange(16, dtype=np.uint8)  # XMM0 in the legacy region
+    area[512] |= 2  # XSTATE_BV: SSE state present (else it reads as the init state)
+    v.set_xsave(area)
+    assert bytes(v.get_xsave()[160:176]) == bytes(range(16))
+    assert bytes(v.get_fpu()["xmm"][0]) == bytes(range(16))
+    v.set_xcrs({0: xcrs[0]})
+    assert v.get_xcrs()[0] == xcrs[0]

@@ -78,6 +78,11 @@ HVT_EXPORT int hvt_vcpu_set_events(int vcpu_fd, const struct kvm_vcpu_events *ev
 HVT_EXPORT int hvt_vcpu_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *entries, int count);
 HVT_EXPORT int hvt_vcpu_get_tsc_khz(int vcpu_fd);
 HVT_EXPORT int hvt_vcpu_set_guest_debug(int vcpu_fd, const struct kvm_guest_debug *dbg);
+/* The XSAVE area (standard format; `size` from KVM_CAP_XSAVE2 on the VM fd, at least 4096). */
+HVT_EXPORT int hvt_vcpu_get_xsave(int vcpu_fd, void *area, int size);
+HVT_EXPORT int hvt_vcpu_set_xsave(int vcpu_fd, const void *area);
+HVT_EXPORT int hvt_vcpu_get_xcrs(int vcpu_fd, struct kvm_xcrs *xcrs);
+HVT_EXPORT int hvt_vcpu_set_xcrs(int vcpu_fd, const struct kvm_xcrs *xcrs);
 HVT_EXPORT int hvt_vcpu_get_lapic(int vcpu_fd, struct kvm_lapic_state *lapic);
 HVT_EXPORT int hvt_vcpu_get_mp_state(int vcpu_fd, struct kvm_mp_state *state);
 HVT_EXPORT int hvt_vcpu_set_mp_state(int vcpu_fd, const struct kvm_mp_state *state);

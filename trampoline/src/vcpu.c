@@ -132,6 +132,30 @@ int hvt_vcpu_set_guest_debug(int fd, const struct kvm_guest_debug *dbg)
     return ioctl_rc(ioctl(fd, KVM_SET_GUEST_DEBUG, dbg));
 }
 
+int hvt_vcpu_get_xsave(int fd, void *area, int size)
+{
+    if (size < (int)sizeof(struct kvm_xsave))
+        return -EINVAL;
+    /* KVM_GET_XSAVE2 fills as many bytes as KVM_CAP_XSAVE2 said; plain GET_XSAVE 4096. */
+    unsigned long req = size > (int)sizeof(struct kvm_xsave) ? KVM_GET_XSAVE2 : KVM_GET_XSAVE;
+    return ioctl_rc(ioctl(fd, req, area));
+}
+
+int hvt_vcpu_set_xsave(int fd, const void *area)
+{
+    return ioctl_rc(ioctl(fd, KVM_SET_XSAVE, area));
+}
+
+int hvt_vcpu_get_xcrs(int fd, struct kvm_xcrs *xcrs)
+{
+    return ioctl_rc(ioctl(fd, KVM_GET_XCRS, xcrs));
+}
+
+int hvt_vcpu_set_xcrs(int fd, const struct kvm_xcrs *xcrs)
+{
+    return ioctl_rc(ioctl(fd, KVM_SET_XCRS, xcrs));
+}
+
 int hvt_vcpu_get_lapic(int fd, struct kvm_lapic_state *lapic)
 {
     return ioctl_rc(ioctl(fd, KVM_GET_LAPIC, lapic));
