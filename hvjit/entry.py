@@ -142,12 +142,31 @@ def setup_real_mode(vcpu, entry: int, *, stack: Optional[int] = None) -> EntrySt
     return EntryState(Mode.REAL, 0, entry, sp, None)
 
 
-def _protected_common(vcpu, sysarea: int, cpl: int, sregs) -> None:
+def _enter_paged_mode(vcpu, mode: Mode, entry: int, cpl: int, stack: Optional[int],
+                      control: dict) -> EntryState:
+    """What protected and long mode share: system tables, flat segments, TR/GDT, registers."""
+    _check_cpl(cpl)
+    long_mode = mode == Mode.LONG
+    sysarea = build_system_tables(vcpu.vm, long_mode=long_mode)
+    sregs = vcpu.get_sregs()
+    if long_mode:
+        code, data = (SEL_CODE64, SEL_DATA) if cpl == 0 else (SEL_USER_CODE64, SEL_USER_DATA)
+    else:
+        code, data = (SEL_CODE32, SEL_DATA) if cpl == 0 else (SEL_USER_CODE32, SEL_USER_DATA)
+    _segment(sregs, "cs", code, 0, 0xFFFFFFFF, 0xB, dpl=cpl, db=0 if long_mode else 1,
+             l=1 if long_mode else 0, g=1)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        _segment(sregs, name, data, 0, 0xFFFFFFFF, 0x3, dpl=cpl, db=1, g=1)
     _segment(sregs, "tr", SEL_TSS, sysarea + TSS_OFF, TSS_LIMIT, 0xB, dpl=0, s=0)
-    sregs["ldt"]["unusable"] = 1
-    sregs["ldt"]["present"] = 0
+    sregs["ldt"]["unusable"], sregs["ldt"]["present"] = 1, 0
     sregs["gdt"]["base"], sregs["gdt"]["limit"] = sysarea + GDT_OFF, 0x47
     sregs["idt"]["base"], sregs["idt"]["limit"] = 0, 0
+    for name, value in control.items():
+        sregs[name] = value(sysarea) if callable(value) else value
+    vcpu.set_sregs(sregs)
+    sp = sysarea if stack is None else stack
+    vcpu.set_registers(rip=entry, rsp=sp, rflags=RFLAGS_FIXED | (RFLAGS_IOPL3 if cpl == 3 else 0))
+    return EntryState(mode, cpl, entry, sp, sysarea)
 
 
 def setup_protected_mode(vcpu, entry: int, *, cpl: int = 0, stack: Optional[int] = None,
@@ -156,42 +175,22 @@ def setup_protected_mode(vcpu, entry: int, *, cpl: int = 0, stack: Optional[int]
 
     ``paging`` turns on 32-bit paging (4 MiB user pages identity-mapping 4 GiB).
     """
-    _check_cpl(cpl)
-    sysarea = build_system_tables(vcpu.vm, long_mode=False)
-    sregs = vcpu.get_sregs()
-    code, data = (SEL_CODE32, SEL_DATA) if cpl == 0 else (SEL_USER_CODE32, SEL_USER_DATA)
-    _segment(sregs, "cs", code, 0, 0xFFFFFFFF, 0xB, dpl=cpl, db=1, g=1)
-    for name in ("ds", "es", "fs", "gs", "ss"):
-        _segment(sregs, name, data, 0, 0xFFFFFFFF, 0x3, dpl=cpl, db=1, g=1)
-    _protected_common(vcpu, sysarea, cpl, sregs)
-    sregs["cr0"] = CR0_PE | CR0_ET | CR0_NE | ((CR0_PG | CR0_WP) if paging else 0)
-    sregs["cr4"] = CR4_PSE if paging else 0
-    sregs["cr3"] = sysarea + PD32_OFF if paging else 0
-    sregs["efer"] = 0
-    vcpu.set_sregs(sregs)
-    sp = sysarea if stack is None else stack
-    vcpu.set_registers(rip=entry, rsp=sp, rflags=RFLAGS_FIXED | (RFLAGS_IOPL3 if cpl == 3 else 0))
-    return EntryState(Mode.PROTECTED, cpl, entry, sp, sysarea)
+    return _enter_paged_mode(vcpu, Mode.PROTECTED, entry, cpl, stack, {
+        "cr0": CR0_PE | CR0_ET | CR0_NE | ((CR0_PG | CR0_WP) if paging else 0),
+        "cr4": CR4_PSE if paging else 0,
+        "cr3": (lambda sysarea: sysarea + PD32_OFF) if paging else 0,
+        "efer": 0,
+    })
 
 
 def setup_long_mode(vcpu, entry: int, *, cpl: int = 0, stack: Optional[int] = None) -> EntryState:
     """64-bit long mode, identity-mapped low 4 GiB (2 MiB user pages), at CPL0 or CPL3."""
-    _check_cpl(cpl)
-    sysarea = build_system_tables(vcpu.vm, long_mode=True)
-    sregs = vcpu.get_sregs()
-    code, data = (SEL_CODE64, SEL_DATA) if cpl == 0 else (SEL_USER_CODE64, SEL_USER_DATA)
-    _segment(sregs, "cs", code, 0, 0xFFFFFFFF, 0xB, dpl=cpl, l=1, g=1)
-    for name in ("ds", "es", "fs", "gs", "ss"):
-        _segment(sregs, name, data, 0, 0xFFFFFFFF, 0x3, dpl=cpl, db=1, g=1)
-    _protected_common(vcpu, sysarea, cpl, sregs)
-    sregs["cr0"] = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
-    sregs["cr4"] = CR4_PAE
-    sregs["cr3"] = sysarea + PML4_OFF
-    sregs["efer"] = EFER_LME | EFER_LMA
-    vcpu.set_sregs(sregs)
-    sp = sysarea if stack is None else stack
-    vcpu.set_registers(rip=entry, rsp=sp, rflags=RFLAGS_FIXED | (RFLAGS_IOPL3 if cpl == 3 else 0))
-    return EntryState(Mode.LONG, cpl, entry, sp, sysarea)
+    return _enter_paged_mode(vcpu, Mode.LONG, entry, cpl, stack, {
+        "cr0": CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
+        "cr4": CR4_PAE,
+        "cr3": lambda sysarea: sysarea + PML4_OFF,
+        "efer": EFER_LME | EFER_LMA,
+    })
 
 
 def setup_mode(vcpu, mode, entry: int, *, cpl: int = 0, stack: Optional[int] = None) -> EntryState:
