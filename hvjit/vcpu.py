@@ -156,50 +156,44 @@ class Vcpu:
 
     # ---- whole register files ------------------------------------------------------------
 
+    def _get_record(self, dtype, fn, op: str):
+        self._check()
+        record = np.zeros(1, dtype)
+        self._call(fn(self.fd, _t.ptr(record)), op)
+        return record[0]
+
+    def _set_record(self, value, dtype, fn, op: str) -> None:
+        self._check()
+        record = np.array([value], dtype)
+        self._call(fn(self.fd, _t.ptr(record)), op)
+
     def get_regs(self) -> np.ndarray:
         """The general registers (a KVM_REGS_DTYPE record; a copy)."""
-        self._check()
-        regs = np.zeros(1, KVM_REGS_DTYPE)
-        self._call(_t.lib.hvt_vcpu_get_regs(self.fd, _t.ptr(regs)), "KVM_GET_REGS")
-        return regs[0]
+        return self._get_record(KVM_REGS_DTYPE, _t.lib.hvt_vcpu_get_regs, "KVM_GET_REGS")
 
     def set_regs(self, regs) -> None:
-        self._check()
-        arr = np.array([regs], KVM_REGS_DTYPE)
-        self._call(_t.lib.hvt_vcpu_set_regs(self.fd, _t.ptr(arr)), "KVM_SET_REGS")
+        self._set_record(regs, KVM_REGS_DTYPE, _t.lib.hvt_vcpu_set_regs, "KVM_SET_REGS")
 
     def get_sregs(self) -> np.ndarray:
-        self._check()
-        sregs = np.zeros(1, KVM_SREGS_DTYPE)
-        self._call(_t.lib.hvt_vcpu_get_sregs(self.fd, _t.ptr(sregs)), "KVM_GET_SREGS")
-        return sregs[0]
+        """Segments, descriptor tables, control registers, EFER (a KVM_SREGS_DTYPE record)."""
+        return self._get_record(KVM_SREGS_DTYPE, _t.lib.hvt_vcpu_get_sregs, "KVM_GET_SREGS")
 
     def set_sregs(self, sregs) -> None:
-        self._check()
-        arr = np.array([sregs], KVM_SREGS_DTYPE)
-        self._call(_t.lib.hvt_vcpu_set_sregs(self.fd, _t.ptr(arr)), "KVM_SET_SREGS")
+        self._set_record(sregs, KVM_SREGS_DTYPE, _t.lib.hvt_vcpu_set_sregs, "KVM_SET_SREGS")
 
     def get_fpu(self) -> np.ndarray:
-        self._check()
-        fpu = np.zeros(1, KVM_FPU_DTYPE)
-        self._call(_t.lib.hvt_vcpu_get_fpu(self.fd, _t.ptr(fpu)), "KVM_GET_FPU")
-        return fpu[0]
+        """x87 and SSE state (a KVM_FPU_DTYPE record)."""
+        return self._get_record(KVM_FPU_DTYPE, _t.lib.hvt_vcpu_get_fpu, "KVM_GET_FPU")
 
     def set_fpu(self, fpu) -> None:
-        self._check()
-        arr = np.array([fpu], KVM_FPU_DTYPE)
-        self._call(_t.lib.hvt_vcpu_set_fpu(self.fd, _t.ptr(arr)), "KVM_SET_FPU")
+        self._set_record(fpu, KVM_FPU_DTYPE, _t.lib.hvt_vcpu_set_fpu, "KVM_SET_FPU")
 
     def get_events(self) -> np.ndarray:
-        self._check()
-        ev = np.zeros(1, KVM_VCPU_EVENTS_DTYPE)
-        self._call(_t.lib.hvt_vcpu_get_events(self.fd, _t.ptr(ev)), "KVM_GET_VCPU_EVENTS")
-        return ev[0]
+        """Pending/injected exceptions, interrupts, NMI, SMI (a KVM_VCPU_EVENTS_DTYPE record)."""
+        return self._get_record(KVM_VCPU_EVENTS_DTYPE, _t.lib.hvt_vcpu_get_events, "KVM_GET_VCPU_EVENTS")
 
     def set_events(self, events) -> None:
-        self._check()
-        arr = np.array([events], KVM_VCPU_EVENTS_DTYPE)
-        self._call(_t.lib.hvt_vcpu_set_events(self.fd, _t.ptr(arr)), "KVM_SET_VCPU_EVENTS")
+        self._set_record(events, KVM_VCPU_EVENTS_DTYPE, _t.lib.hvt_vcpu_set_events, "KVM_SET_VCPU_EVENTS")
 
     def get_xsave(self) -> np.ndarray:
         """The XSAVE area (x87, SSE, AVX, ... in the standard format) as bytes (a copy)."""
