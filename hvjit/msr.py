@@ -41,12 +41,14 @@ import itertools
 import json
 import os
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional
 
+import numpy as np
+
+from .abi import KVM_CPUID_ENTRY2_DTYPE
 from .errors import AccessDeniedError, HostMsrUnavailableError, HvjitError, SessionClosedError
 
 # ---- names ----------------------------------------------------------------------------------
@@ -160,8 +162,6 @@ DEFAULT_EXTRA_MSRS: tuple[int, ...] = (
 RANGE_WRITABLE_LIMIT = 64
 
 MSR_INDEX_MAX = (1 << 32) - 1
-# KVM refuses KVM_GET/SET_MSRS of MAX_IO_MSRS (256) entries or more with E2BIG.
-KVM_GET_MSRS_MAX = 255
 
 
 def msr_name(index: int) -> Optional[str]:
@@ -487,37 +487,6 @@ class MsrReport:
 _vm_serial = itertools.count(1)
 
 
-class _RunWatchdog:
-    """One polling thread per prober that kicks a guest run lasting over ``timeout`` s.
-
-    (``Vcpu.run(timeout=)`` starts a timer thread per run, 0.3-1.5 ms here: more than the
-    probe itself.)
-    """
-
-    def __init__(self, vcpu, timeout: float):
-        self.vcpu = vcpu
-        self.timeout = timeout
-        self.started: Optional[float] = None
-        self.fired = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="hvjit-msr-watchdog", daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        period = min(0.1, self.timeout / 4)
-        while not self._stop.wait(period):
-            started = self.started
-            if started is not None and time.monotonic() - started > self.timeout:
-                self.fired += 1
-                try:
-                    self.vcpu.kick()
-                except HvjitError:
-                    return
-
-    def close(self) -> None:
-        self._stop.set()
-
-
 class GuestMsrProber:
     """MSRs as a guest sees them: a 2 MiB long-mode CPL0 guest in a VM of ``session``.
 
@@ -539,8 +508,8 @@ class GuestMsrProber:
         self.vm = session.create_vm(f"msr-probe-{next(_vm_serial)}", memory=GUEST_MEMORY, devices=False)
         try:
             self.vcpu = vcpu = self.vm.vcpu(0)
-            if cpuid == "supported":
-                vcpu.set_cpuid(self.vm.kvm.supported_cpuid())
+            if cpuid is None:  # vCPUs start with KVM's supported CPUID; None takes it away
+                vcpu.set_cpuid(np.zeros(0, KVM_CPUID_ENTRY2_DTYPE))
             mem = self.vm.memory
             mem.write(CODE_GPA, assemble(_GUEST_SOURCE, CODE_GPA))
             state = entry.setup_long_mode(vcpu, CODE_GPA)
@@ -563,13 +532,9 @@ class GuestMsrProber:
             self._saved_msrs = {i: v for i, v in saved.items() if v is not None}
             self._dirty = False
             self.runs = 0
-            # A first run without the watchdog: it compiles (or loads) the run loop, which
-            # can take seconds on a loaded host and must not count as guest time.
-            self._watchdog = None
             warm = self.read(0xC0000080)
             if not warm.ok:
                 raise HvjitError(f"the MSR probe guest does not work here: reading EFER gave {warm}")
-            self._watchdog = _RunWatchdog(vcpu, timeout)
         except BaseException:
             self.close()
             raise
@@ -577,9 +542,6 @@ class GuestMsrProber:
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        watchdog = getattr(self, "_watchdog", None)
-        if watchdog is not None:
-            watchdog.close()
         vm = getattr(self, "vm", None)
         if vm is not None and not vm.destroyed and not self.session.closed:
             self.session.destroy_vm(vm)
@@ -593,12 +555,8 @@ class GuestMsrProber:
     # -- KVM's view ----------------------------------------------------------------------------
 
     def kvm_values(self, indices: Iterable[int]) -> dict[int, Optional[int]]:
-        """KVM_GET_MSRS on the probe vCPU (None: refused), in chunks KVM accepts."""
-        indices = list(indices)
-        out: dict[int, Optional[int]] = {}
-        for at in range(0, len(indices), KVM_GET_MSRS_MAX):
-            out.update(self.vcpu.get_msrs(indices[at:at + KVM_GET_MSRS_MAX]))
-        return out
+        """KVM_GET_MSRS on the probe vCPU (None: refused)."""
+        return self.vcpu.get_msrs(indices)
 
     def feature_values(self) -> dict[int, int]:
         """The feature MSRs KVM reports on the system fd (empty without the capability)."""
@@ -632,15 +590,7 @@ class GuestMsrProber:
         vcpu = self.vcpu
         vcpu.set_regs(regs)
         self.runs += 1
-        watchdog = self._watchdog
-        if watchdog is None:
-            ex = vcpu.run()
-        else:
-            watchdog.started = time.monotonic()
-            try:
-                ex = vcpu.run()
-            finally:
-                watchdog.started = None
+        ex = vcpu.run(timeout=self.timeout)
         if ex.exitcode == VmExitCode.INOUT and not ex.is_in and ex.port in (PORT_DONE, PORT_FAULT):
             r = vcpu.get_regs()
             if ex.port == PORT_DONE:
