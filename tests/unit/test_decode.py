@@ -361,3 +361,42 @@ def test_bench_decode_reports_both_decoders():
     assert result["instructions"] > 8_000
     assert result["hvjit_mb_s"] > 0 and result["iced_mb_s"] > 0
     assert result["hvjit_over_iced"] == pytest.approx(result["hvjit_mb_s"] / result["iced_mb_s"])
+
+
+@pytest.mark.parametrize("bitness", [64, 32])
+def test_fast_path_matches_general_path(small_corpus, bitness):
+    """decode_buffer takes the table-driven fast path for plain instructions with bytes to
+    spare; decode() of the instruction alone (fewer than 24 bytes) takes the general path.
+    Both must give the same record, field for field."""
+    rng = np.random.default_rng(11 + bitness)
+    data = small_corpus + rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    records = decode_buffer(data, bitness, address=0x1000)
+    checked = 0
+    for k in rng.choice(len(records) - 8, 20_000, replace=False):
+        rec = records[k]
+        start = int(rec["address"]) - 0x1000
+        alone = decode(data[start : start + int(rec["length"])], bitness, address=int(rec["address"]))
+        if rec["status"] == DecodeStatus.INVALID:
+            assert alone["status"] in (DecodeStatus.INVALID, DecodeStatus.TRUNCATED)
+            continue
+        assert alone.tobytes() == rec.tobytes(), data[start : start + 15].hex()
+        checked += 1
+    assert checked > 10_000
+
+
+def test_strided_and_misaligned_outputs_get_the_same_records(small_corpus):
+    buf = np.frombuffer(small_corpus[:100_000], dtype=np.uint8)
+    expected = decode_buffer(buf, 64, address=0x4000)
+    strided = np.zeros(2 * len(expected) + 2, dtype=VIE_DTYPE)[::2]
+    assert decode_buffer_kernel(buf, 0, 64, np.uint64(0x4000), strided) == len(expected)
+    assert strided[: len(expected)].tobytes() == expected.tobytes()
+    raw = np.zeros(len(expected) * VIE_DTYPE.itemsize + 8, dtype=np.uint8)
+    misaligned = raw[3 : 3 + len(expected) * VIE_DTYPE.itemsize].view(VIE_DTYPE)
+    assert decode_buffer_kernel(buf, 0, 64, np.uint64(0x4000), misaligned) == len(expected)
+    assert misaligned.tobytes() == expected.tobytes()
+
+
+def test_addresses_wrap_at_the_top_of_the_address_space():
+    records = decode_buffer(b"\x90" * 40, 64, address=(1 << 64) - 16)
+    assert len(records) == 40
+    assert int(records[15]["address"]) == (1 << 64) - 1 and int(records[16]["address"]) == 0
