@@ -218,3 +218,27 @@ def test_unknown_msrs_exit_to_user_space_and_python_handlers(session):
     assert ex.exitcode == VmExitCode.RDMSR and ex.msr_index == 0x4B564D98
     assert writes == [0x22_0000_0011]
     assert vm.vcpu(0).get_register("rbx") == 0x1234_5678_9ABC
+
+
+def test_console_input_reaches_the_guest_receiver(session):
+    vm = session.create_vm("rx", memory=2 << 20)
+    assert vm.send_console_input(b"hey") == 3
+    load(vm, """
+.code64
+    mov $3, %ecx
+1:  mov $0x3fd, %dx          # LSR: wait for data ready
+2:  inb %dx, %al
+    test $1, %al
+    jz 2b
+    mov $0x3f8, %dx          # RBR -> THR: echo it in upper case
+    inb %dx, %al
+    sub $0x20, %al
+    outb %al, %dx
+    loop 1b
+    mov $0x3fd, %dx
+    inb %dx, %al
+    and $1, %eax             # no more data
+    outl %eax, $0xf4
+""", "long", 3)
+    ex = vm.run(timeout=10)
+    assert ex.code == 0 and vm.console == b"HEY"
