@@ -21,7 +21,7 @@ from hvjit.system import Kvm
 from .debian import debian_kernel
 
 CMDLINE = "console=ttyS0 earlyprintk=serial"
-TIMEOUT = float(os.environ.get("HVJIT_E2E_TIMEOUT", "240"))
+TIMEOUT = float(os.environ.get("HVJIT_E2E_TIMEOUT", "180"))
 
 E820_NAMES = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS"}
 
