@@ -4,7 +4,7 @@ trivial ioctl on /dev/kvm from both. Ratios go to ``extra_info``."""
 import time
 
 from hvjit import _trampoline as _t
-from hvjit.kernels.callpath import nop_calls, nop_ioctls
+from hvjit.benchmarks.callpath import nop_calls, nop_ioctls
 
 N = 1_000_000
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from hvjit import exitbench
+from hvjit.benchmarks import exits as exitbench
 
 EXITS = int(os.environ.get("HVJIT_BENCH_EXITS", "20000"))
 ROUNDS = int(os.environ.get("HVJIT_BENCH_ROUNDS", "7"))

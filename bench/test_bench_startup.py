@@ -7,7 +7,6 @@ import sys
 import tempfile
 import time
 
-
 from hvjit import entry
 from hvjit.asm import assemble
 

@@ -31,7 +31,7 @@ _LAZY = {
     "decode_buffer": ("hvjit.kernels.decode", "decode_buffer"),
     "decode": ("hvjit.kernels.decode", "decode"),
     "format_instruction": ("hvjit.kernels.format", "format_instruction"),
-    "RunResult": ("hvjit.runner", "RunResult"),
+    "RunResult": ("hvjit.vcpu_threads", "RunResult"),
     "entry": ("hvjit.entry", None),
     "loaders": ("hvjit.loaders", None),
     "errors": ("hvjit.errors", None),

@@ -1,9 +1,15 @@
-"""The only user of cffi/ctypes in hvjit: loads ``libhvt.so`` and declares its API.
+"""The only user of cffi/ctypes in hvjit: loads ``libhvt.so`` and declares its API, once.
+
+``_CDEF`` below is the one Python-side declaration of the C ABI. Both faces of the library
+are built from it: cffi's ``lib`` for Python callers, and :func:`external`, the Numba
+``ExternalFunction`` of a symbol for kernels (its signature is derived from the same
+prototype, so the two cannot drift apart). ``tests/unit/test_c_abi.py`` re-declares every
+prototype after ``#include "hvt.h"`` and lets the C compiler reject any disagreement.
 
 The library is loaded twice over the same handle: globally with ``RTLD_GLOBAL`` so Numba
-kernels can call it through ``ExternalFunction`` (an unloaded symbol would segfault, not
-raise), and through cffi for Python callers. Structures are opaque here; their layouts live
-in :mod:`hvjit.abi` as numpy dtypes and cross the boundary as ``ffi.from_buffer`` pointers.
+kernels can call it (an unloaded symbol would segfault, not raise), and through cffi.
+Structures are opaque here; their layouts live in :mod:`hvjit.abi` as numpy dtypes and cross
+the boundary as ``ffi.from_buffer`` pointers.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
 import cffi
+from numba import types
 
 from .errors import HvjitError, KvmError
 
@@ -119,6 +128,52 @@ def _load():
 
 
 ffi, lib, _global_handle, LIBRARY = _load()
+
+
+# C scalar types of the prototypes, as Numba sees them; every pointer is a void pointer.
+_NUMBA_SCALARS = {
+    "void": types.void,
+    "int": types.int32,
+    "unsigned int": types.uint32,
+    "long": types.int64,
+    "unsigned long": types.uint64,
+    "uint16_t": types.uint16,
+    "uint32_t": types.uint32,
+    "uint64_t": types.uint64,
+}
+_PROTOTYPE = re.compile(r"^\s*([\w ]+?)\s*(\*?)\s*(hvt_\w+)\((.*)\);\s*$")
+
+
+def prototypes() -> dict[str, tuple[str, list[str]]]:
+    """``{name: (return type, [parameter types])}`` of every function in ``_CDEF``."""
+    out = {}
+    for line in _CDEF.splitlines():
+        m = _PROTOTYPE.match(line)
+        if not m:
+            continue
+        ret, ret_ptr, name, params = m.groups()
+        args = [] if params.strip() in ("", "void") else [
+            re.sub(r"\s*\b\w+$", "", p.strip()) if not p.strip().endswith("*") else p.strip()
+            for p in params.split(",")
+        ]
+        out[name] = (ret.strip() + (" *" if ret_ptr else ""), args)
+    return out
+
+
+def _numba_type(ctype: str):
+    if "*" in ctype:
+        return types.voidptr
+    return _NUMBA_SCALARS[ctype.replace("const ", "").strip()]
+
+
+@cache
+def external(name: str) -> types.ExternalFunction:
+    """The Numba ``ExternalFunction`` for trampoline symbol ``name``, typed from ``_CDEF``."""
+    try:
+        ret, args = prototypes()[name]
+    except KeyError:
+        raise HvjitError(f"{name} is not declared in hvjit's C ABI") from None
+    return types.ExternalFunction(name, _numba_type(ret)(*(_numba_type(a) for a in args)))
 
 
 def check(rc: int, op: str, detail: str = "") -> int:

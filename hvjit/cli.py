@@ -238,7 +238,8 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.what == "exits":
-        from . import Session, exitbench
+        from . import Session
+        from .benchmarks import exits as exitbench
 
         kinds = tuple(k.strip() for k in args.kinds.split(","))
         with Session() as s:
@@ -258,7 +259,7 @@ def cmd_bench(args) -> int:
 
         result = bench_decode(None, args.seconds)
     else:
-        from .kernels.pagewalk import bench_pagewalk
+        from .benchmarks.pagewalk import bench_pagewalk
 
         result = bench_pagewalk(args.seconds)
     if args.json:

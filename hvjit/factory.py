@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from hvjit.errors import (  # noqa: F401  (the lookup errors are part of this module's API)
     AccessDeniedError,
@@ -24,10 +24,9 @@ from hvjit.errors import (  # noqa: F401  (the lookup errors are part of this mo
     InvalidHandleError,
     InvalidNameError,
 )
-from hvjit.session import HandleKind
+from hvjit.handles import HandleKind
 
-if TYPE_CHECKING:
-    from hvjit.session import Session
+Session = Any  # hvjit.session.Session: not imported, the session imports this module
 
 FACTORY_NAME_MAX = 32
 

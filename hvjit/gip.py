@@ -19,16 +19,15 @@ import mmap
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 
 from hvjit.errors import HvjitError, InvalidHandleError
+from hvjit.handles import HandleKind
 from hvjit.kernels.gipclock import GIP_MAGIC, GIP_MAX_CPUS
-from hvjit.session import HandleKind
 
-if TYPE_CHECKING:
-    from hvjit.session import Session
+Session = Any  # hvjit.session.Session: not imported, the session imports this module
 
 GIP_VERSION = 1
 PAGE_SIZE = mmap.PAGESIZE

@@ -18,6 +18,7 @@ after it has been freed 65,536 times.
 from __future__ import annotations
 
 import collections
+import enum
 import itertools
 import secrets
 import threading
@@ -25,6 +26,19 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 from hvjit.errors import InvalidHandleError, ObjectDestroyedError
+
+
+class HandleKind(str, enum.Enum):
+    """Kinds of handle the library registers; equal to their string values."""
+
+    VM = "vm"
+    VCPU = "vcpu"
+    MEMORY = "memory"
+    DEVICE = "device"
+    FACTORY = "factory"
+    OBJECT_USAGE = "object-usage"
+    GIP = "gip"
+
 
 NIL_HANDLE = 0
 SLOT_BITS = 20

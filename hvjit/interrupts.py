@@ -12,8 +12,12 @@ import numpy as np
 
 from . import _trampoline as _t
 from .abi import (
-    KVM_IRQ_ROUTING_ENTRY_DTYPE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Cap,
+    KVM_IRQ_ROUTING_ENTRY_DTYPE,
+    KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    Cap,
 )
 from .errors import CapabilityError, HvjitError
 

@@ -7,9 +7,8 @@ numpy views of each segment. Unmapped guest-physical ranges are MMIO.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mmap
+from dataclasses import dataclass
 
 import numpy as np
 

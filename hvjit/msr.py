@@ -49,7 +49,12 @@ from typing import Iterable, NamedTuple, Optional
 import numpy as np
 
 from .abi import KVM_CPUID_ENTRY2_DTYPE
-from .errors import AccessDeniedError, HostMsrUnavailableError, HvjitError, SessionClosedError
+from .errors import (
+    AccessDeniedError,
+    HostMsrUnavailableError,
+    HvjitError,
+    SessionClosedError,
+)
 
 # ---- names ----------------------------------------------------------------------------------
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Hashable
+from typing import Any, Callable, Hashable
 
 from hvjit.errors import (
     AccessDeniedError,
     InvalidHandleError,
     ObjectDestroyedError,
 )
-from hvjit.session import HandleKind
+from hvjit.handles import HandleKind
 
-if TYPE_CHECKING:
-    from hvjit.session import Session, _SessionState
+Session = Any  # hvjit.session.Session: not imported, the session imports this module
+_SessionState = Any  # hvjit.session._SessionState: not imported, the session imports this module
 
 ObjectDestructor = Callable[["RegisteredObject", Any, Any], Any]
 AccessPolicy = Callable[["RegisteredObject", "Session"], bool]

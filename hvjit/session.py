@@ -17,7 +17,6 @@ until they are released or the interpreter exits.
 from __future__ import annotations
 
 import atexit
-import enum
 import itertools
 import logging
 import os
@@ -35,7 +34,7 @@ from hvjit.errors import (
     SessionClosedError,
     VersionMismatchError,
 )
-from hvjit.handles import DEFAULT_MAX_HANDLES, HandleTable
+from hvjit.handles import DEFAULT_MAX_HANDLES, HandleKind, HandleTable
 
 if TYPE_CHECKING:
     import uuid
@@ -49,18 +48,6 @@ if TYPE_CHECKING:
 INTERFACE_VERSION = (1, 0)
 
 _log = logging.getLogger(__name__)
-
-
-class HandleKind(str, enum.Enum):
-    """Kinds of handle the library registers; equal to their string values."""
-
-    VM = "vm"
-    VCPU = "vcpu"
-    MEMORY = "memory"
-    DEVICE = "device"
-    FACTORY = "factory"
-    OBJECT_USAGE = "object-usage"
-    GIP = "gip"
 
 
 # Kinds only the session itself creates: register() refuses them so that, e.g., session.vms
@@ -474,6 +461,12 @@ class Session:
         from hvjit import factory as _factory
 
         return _factory.query_factory(self, name, interface_uuid)
+
+    def device_class(self, name: str) -> type:
+        """The device class the factory ``name`` provides (``Vm.add_device`` asks this first)."""
+        from hvjit import factory as _factory
+
+        return _factory.query_factory(self, name, _factory.DEVICE_INTERFACE_UUID)
 
     def map_gip(self) -> np.ndarray:
         """A read-only view of the global info page (shape ``(1,)``, ``GIP_DTYPE``).

@@ -61,6 +61,25 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def probe_tsc_khz(kvm: "Kvm") -> Optional[int]:
+    """The guest TSC frequency KVM reports, from a throwaway VM and vCPU (None if not offered)."""
+    if not kvm.has(Cap.GET_TSC_KHZ):
+        return None
+    vm_fd = _t.lib.hvt_vm_create(kvm.fd, 0)
+    if vm_fd < 0:
+        return None
+    try:
+        run = _t.ffi.new("struct kvm_run **")
+        fd = _t.lib.hvt_vcpu_create(vm_fd, 0, kvm.vcpu_mmap_size, run)
+        if fd < 0:
+            return None
+        khz = _t.lib.hvt_vcpu_get_tsc_khz(fd)
+        _t.lib.hvt_vcpu_destroy(fd, run[0], kvm.vcpu_mmap_size)
+        return khz if khz > 0 else None
+    finally:
+        _t.lib.hvt_sys_close(vm_fd)
+
+
 class Kvm:
     """An open ``/dev/kvm``."""
 
@@ -113,8 +132,6 @@ class Kvm:
     @cached_property
     def tsc_khz(self) -> Optional[int]:
         """The TSC frequency KVM gives guests (None where KVM does not say)."""
-        from .vm import probe_tsc_khz
-
         return probe_tsc_khz(self)
 
     @cached_property

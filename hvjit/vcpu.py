@@ -13,23 +13,34 @@ import errno
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from . import _trampoline as _t
-from . import watchdog
+from . import exit_handlers, run_loop, watchdog
 from .abi import (
-    GPR_NAMES, KVM_CPUID_ENTRY2_DTYPE, KVM_FPU_DTYPE, KVM_MSR_ENTRY_DTYPE, KVM_REGS_DTYPE,
-    KVM_MAX_XCRS, KVM_RUN_DTYPE, KVM_RUN_SIZE, KVM_SREGS_DTYPE, KVM_VCPU_EVENTS_DTYPE,
-    KVM_XCRS_DTYPE, KVM_XSAVE_SIZE, SEGMENT_NAMES, VM_EXIT_DTYPE, VmExitCode,
+    GPR_NAMES,
+    KVM_CPUID_ENTRY2_DTYPE,
+    KVM_FPU_DTYPE,
+    KVM_MAX_XCRS,
+    KVM_MSR_ENTRY_DTYPE,
+    KVM_REGS_DTYPE,
+    KVM_RUN_DTYPE,
+    KVM_RUN_SIZE,
+    KVM_SREGS_DTYPE,
+    KVM_VCPU_EVENTS_DTYPE,
+    KVM_XCRS_DTYPE,
+    KVM_XSAVE_SIZE,
+    SEGMENT_NAMES,
+    VM_EXIT_DTYPE,
+    VmExitCode,
 )
+from .emulation import guest
 from .errors import KvmError, ObjectDestroyedError, RegisterError
 from .exits import VmExit
-from .kernels import dispatch
 
-if TYPE_CHECKING:
-    from .vm import Vm
+Vm = Any  # hvjit.vm.Vm: not imported, the VM imports this module
 
 CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 DTABLE_NAMES = ("gdtr", "idtr")
@@ -127,7 +138,8 @@ class Vcpu:
         self._page = np.frombuffer(_t.ffi.buffer(self._run_ptr, self._mmap_size), np.uint8)
         self._run = self._page[:KVM_RUN_SIZE].view(KVM_RUN_DTYPE)
         self._exit = np.zeros(1, VM_EXIT_DTYPE)
-        self.counters = np.zeros(dispatch.N_COUNTERS + dispatch.N_REASONS, np.int64)
+        self.counters = np.zeros(run_loop.N_COUNTERS + run_loop.N_REASONS, np.int64)
+        self._native = None  # the generated run-loop module (see warm_up)
         self._running_thread: Optional[int] = None
         self._stop_requested = False
         self.emulation_counts: dict[str, int] = {}
@@ -405,7 +417,7 @@ class Vcpu:
         self._check()
         self.vm._check()
         _ensure_kick_signal()
-        flags = dispatch.FLAG_RESUME_HLT if resume_hlt else 0
+        flags = run_loop.FLAG_RESUME_HLT if resume_hlt else 0
         bus = self.vm.bus
         self._stop_requested = False
         self.warm_up()  # JIT time is not guest time: before the watchdog starts
@@ -418,12 +430,12 @@ class Vcpu:
                 self._run[0]["immediate_exit"] = 0
                 status = self._loop(bus, EXIT_BUDGET, flags)
                 self.vm._drain_devices()
-                if status == dispatch.LOOP_EXIT:
-                    result = self._slow_path()
+                if status == run_loop.LOOP_EXIT:
+                    result = exit_handlers.handle(self, self._exit[0])
                     if result is not None:
                         return result
-                elif status == dispatch.LOOP_ERRNO:
-                    err = int(self.counters[dispatch.C_ERRNO])
+                elif status == run_loop.LOOP_ERRNO:
+                    err = int(self.counters[run_loop.C_ERRNO])
                     # EINTR: kicked (watchdog, kick()) or a stray signal. EAGAIN: an AP that
                     # was waiting for INIT/SIPI changed state; KVM wants KVM_RUN again.
                     if err not in (errno.EINTR, errno.EAGAIN):
@@ -437,14 +449,14 @@ class Vcpu:
     def warm_up(self) -> float:
         """Compile (or load from the cache) the run loop now; returns the seconds it took."""
         self._check()
-        if dispatch.run_loop.signatures:
-            return 0.0
         t0 = time.perf_counter()
-        self._loop(self.vm.bus, 0, 0)  # a zero budget returns before entering the guest
+        self._native = run_loop.compiled()  # the loop for every native device class known now
+        if not self._native.run_loop.signatures:
+            self._loop(self.vm.bus, 0, 0)  # a zero budget returns before entering the guest
         return time.perf_counter() - t0
 
     def _loop(self, bus, budget: int, flags: int) -> int:
-        return dispatch.run_loop(
+        return self._native.run_loop(
             self.fd, self.vm.fd if self.vm.irqchip else -1, self._run, self._page, bus.port_map, bus.mmio_table(), bus.dev_kind,
             bus.dev_base, bus.dev_state, bus.dev_buf, self.counters, self._exit, budget, flags,
         )
@@ -452,103 +464,37 @@ class Vcpu:
     def _synthetic_exit(self, code: VmExitCode) -> VmExit:
         return VmExit(exitcode=code, rip=int(self.get_regs()["rip"]), kvm_reason=-1)
 
-    def _slow_path(self) -> Optional[VmExit]:
-        """An exit the native loop handed back: a Python handler, emulation, or the user."""
-        rec = self._exit[0]
-        code = int(rec["exitcode"])
-        bus = self.vm.bus
-        if code in (VmExitCode.INOUT, VmExitCode.INOUT_STR):
-            handler = bus.port_handler(int(rec["port"]))
-            if handler is not None:
-                self._complete_pio(handler)
-                return None
-        elif code == VmExitCode.INST_EMUL:
-            handler = bus.mmio_handler(int(rec["gpa"]), int(rec["mmio_len"]))
-            if handler is not None:
-                self._complete_mmio(handler)
-                return None
-        elif code in (VmExitCode.RDMSR, VmExitCode.WRMSR):
-            handler = self.vm.msr_handler(int(rec["msr_index"]))
-            if handler is not None:
-                self._complete_msr(handler, code == VmExitCode.WRMSR)
-                return None
-        exit_ = VmExit.from_record(rec, int(self.get_regs()["rip"]))
-        if code == VmExitCode.EMULATION_FAILURE:
-            return self.vm._emulation_failure(self, exit_)
-        return exit_
-
-    def _complete_pio(self, handler) -> None:
-        r = self._run[0]
-        size, count = int(r["io_size"]), int(r["io_count"])
-        port, at = int(r["io_port"]), int(r["io_data_offset"])
-        is_write = int(r["io_direction"]) == 1
-        if at < 0 or at + size * count > self._page.size:
-            raise KvmError("KVM_RUN", errno.EFAULT, f"port-IO data area {at:#x}+{size * count} outside the run page")
-        for i in range(count):
-            view = self._page[at + i * size : at + (i + 1) * size]
-            value = int.from_bytes(view.tobytes(), "little") if is_write else 0
-            result = handler(port, size, is_write, value)
-            if not is_write:
-                view[:] = np.frombuffer(int(result or 0).to_bytes(8, "little", signed=False)[:size], np.uint8)
-
-    def _complete_mmio(self, handler) -> None:
-        r = self._run[0]
-        size, gpa = int(r["mmio_len"]), int(r["mmio_phys_addr"])
-        is_write = bool(r["mmio_is_write"])
-        data = r["mmio_data"]
-        value = int.from_bytes(data[:size].tobytes(), "little") if is_write else 0
-        result = handler(gpa, size, is_write, value)
-        if not is_write:
-            data[:size] = np.frombuffer((int(result or 0) & ((1 << 64) - 1)).to_bytes(8, "little")[:size], np.uint8)
-
-    def _complete_msr(self, handler, is_write: bool) -> None:
-        """Answer a user-space MSR exit: the handler's value, or a #GP when it returns None
-        for a read (False for a write)."""
-        r = self._run[0]
-        index = int(r["msr_index"])
-        if is_write:
-            ok = handler(index, True, int(r["msr_data"]))
-            r["msr_error"] = 1 if ok is False else 0
-        else:
-            value = handler(index, False, 0)
-            r["msr_error"] = 1 if value is None else 0
-            r["msr_data"] = 0 if value is None else int(value) & (1 << 64) - 1
-
     # ---- looking at the guest ------------------------------------------------------------
 
     def disassemble(self, rip: Optional[int] = None, count: int = 1) -> list:
         """``count`` instructions from ``rip`` (default: the current one), fetched through
         the guest's page tables: a list of (address, bytes, Intel-syntax text)."""
-        from . import emulation
-
         self._check()
-        return emulation.disassemble(self, rip, count)
+        return guest.disassemble(self, rip, count)
 
     def translate(self, gla: int, access: str = "r"):
         """Walk this vCPU's page tables for ``gla`` (``access``: "r", "w" or "x")."""
-        from . import emulation
-
         self._check()
-        return emulation.translate(self, gla, access)
+        return guest.translate(self, gla, access)
 
     # ---- statistics ----------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         c = self.counters
         d = {
-            "exits": int(c[dispatch.C_EXITS]),
-            "native": int(c[dispatch.C_NATIVE]),
-            "escalated": int(c[dispatch.C_ESCALATED]),
-            "pio": int(c[dispatch.C_PIO]),
-            "pio_string": int(c[dispatch.C_PIO_STRING]),
-            "mmio": int(c[dispatch.C_MMIO]),
-            "hlt": int(c[dispatch.C_HLT]),
-            "eintr": int(c[dispatch.C_EINTR]),
+            "exits": int(c[run_loop.C_EXITS]),
+            "native": int(c[run_loop.C_NATIVE]),
+            "escalated": int(c[run_loop.C_ESCALATED]),
+            "pio": int(c[run_loop.C_PIO]),
+            "pio_string": int(c[run_loop.C_PIO_STRING]),
+            "mmio": int(c[run_loop.C_MMIO]),
+            "hlt": int(c[run_loop.C_HLT]),
+            "eintr": int(c[run_loop.C_EINTR]),
         }
         from .abi import KvmExit
 
         for reason in KvmExit:
-            n = int(c[dispatch.REASON_BASE + reason]) if reason < dispatch.N_REASONS else 0
+            n = int(c[run_loop.REASON_BASE + reason]) if reason < run_loop.N_REASONS else 0
             if n:
                 d[f"kvm_{reason.name.lower()}"] = n
         for kind, n in self.emulation_counts.items():

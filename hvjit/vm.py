@@ -10,24 +10,33 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
-from .abi import Cap
 from . import interrupts
+from .abi import Cap
+from .devices import catalog
 from .devices.bus import IoBus
 from .devices.debug_exit import DebugExit
-from .devices.registry import device_class
 from .devices.testdev import IRQ_LINES, IRQ_PORT, TestDev
 from .devices.uart16550 import Uart16550
-from .errors import CapabilityError, HvjitError, MemoryMapError, ObjectDestroyedError
-from .exits import VmExit
-from .memory import PAGE_SIZE, GuestMemory, MemorySegment, allocate_segment, validate_layout
+from .errors import (
+    CapabilityError,
+    FactoryNotFoundError,
+    HvjitError,
+    MemoryMapError,
+    ObjectDestroyedError,
+)
+from .memory import (
+    PAGE_SIZE,
+    GuestMemory,
+    MemorySegment,
+    allocate_segment,
+    validate_layout,
+)
 from .system import Kvm
 from .vcpu import Vcpu
-
-if TYPE_CHECKING:
-    from .runner import RunResult
+from .vcpu_threads import RunResult, run_vm
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 # Where KVM may put its real-mode TSS (3 pages) and identity map (1 page) on Intel hosts:
@@ -40,25 +49,6 @@ MAX_VCPUS = 64
 PM_BASE = 0x600  # ACPI PM1a blocks and the PM timer (the FADT written by the loaders agrees)
 
 MemorySpec = Union[int, Iterable[tuple[int, int]]]
-
-
-def probe_tsc_khz(kvm: Kvm) -> Optional[int]:
-    """The guest TSC frequency KVM reports, from a throwaway VM and vCPU (None if not offered)."""
-    if not kvm.has(Cap.GET_TSC_KHZ):
-        return None
-    vm_fd = _t.lib.hvt_vm_create(kvm.fd, 0)
-    if vm_fd < 0:
-        return None
-    try:
-        run = _t.ffi.new("struct kvm_run **")
-        fd = _t.lib.hvt_vcpu_create(vm_fd, 0, kvm.vcpu_mmap_size, run)
-        if fd < 0:
-            return None
-        khz = _t.lib.hvt_vcpu_get_tsc_khz(fd)
-        _t.lib.hvt_vcpu_destroy(fd, run[0], kvm.vcpu_mmap_size)
-        return khz if khz > 0 else None
-    finally:
-        _t.lib.hvt_sys_close(vm_fd)
 
 
 def _memory_layout(memory: MemorySpec) -> list[tuple[int, int]]:
@@ -161,13 +151,22 @@ class Vm:
         The device belongs to the VM's session: it is detached when the VM is destroyed.
         """
         self._check()
-        cls = device_class(self.session, name)
-        device = cls(**config)
+        device = self._device_class(name)(**config)
         device.attach(self.bus, self.memory)
         bus = self.bus
         device.handle = self._own(device, "device", lambda: device.detach(bus))
         self.devices.append(device)
         return device
+
+    def _device_class(self, name: str) -> type:
+        """A factory of the owning session first (a user's own device), else hvjit's catalog."""
+        session = self.session
+        if session is not None:
+            try:
+                return session.device_class(name)
+            except FactoryNotFoundError:
+                pass
+        return catalog.device_class(name)
 
     @property
     def session(self):
@@ -376,15 +375,13 @@ class Vm:
             raise IndexError(f"VM {self.name!r} has {len(self.vcpus)} vcpus; no vcpu {index}")
         return self.vcpus[index]
 
-    def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False) -> "RunResult":
+    def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False) -> RunResult:
         """Run every vCPU (one thread each) until the VM stops; see :class:`RunResult`.
 
         The VM stops at the first exit a vCPU returns (a suspend, an unhandled exit, an
         emulation failure) or at ``timeout`` seconds; the other vCPUs are kicked out.
         """
         self._check()
-        from .runner import run_vm
-
         return run_vm(self, timeout=timeout, resume_hlt=resume_hlt)
 
     def irq_line(self, irq: int, level: int) -> None:
@@ -396,13 +393,6 @@ class Vm:
         """An edge on an interrupt line: raise then lower it."""
         self.irq_line(irq, 1)
         self.irq_line(irq, 0)
-
-    def _emulation_failure(self, vcpu: Vcpu, exit_: VmExit) -> Optional[VmExit]:
-        """KVM could not run an instruction: emulate it (None: resume) or return the exit
-        with a typed report (rip, mode, bytes, decoded text, reason)."""
-        from .emulation import handle_emulation_failure
-
-        return handle_emulation_failure(vcpu, exit_)
 
     def translate(self, gla: int, *, vcpu: int = 0, access: str = "r"):
         """Guest-linear to guest-physical through vCPU ``vcpu``'s page tables (a page-walk

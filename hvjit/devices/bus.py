@@ -162,9 +162,21 @@ class IoBus:
 
 
 class PortDevice:
-    """A native device that claims ``port_count`` ports from ``port`` on one bus slot."""
+    """A native device that claims ``port_count`` ports from ``port`` on one bus slot.
 
-    kind = kinds.NONE
+    A subclass names its Numba handlers; the run loop calls them with the arguments their
+    parameter names ask for:
+
+    - ``port_io``: from ``state, buf, offset, size, is_write, value``, returns
+      ``(value read, action)`` (an ``ACT_*`` of :mod:`hvjit.devices.kinds`);
+    - ``mmio_io``: from ``state, buf, offset, size, is_write, data`` (``data`` is the 8-byte
+      ``kvm_run`` MMIO buffer, filled on reads), returns an action.
+
+    ``offset`` is counted from ``port`` (or from the start of a claimed MMIO range).
+    """
+
+    port_io = None
+    mmio_io = None
     port_count = 1
 
     def __init__(self, port: int, name: str):
@@ -174,7 +186,7 @@ class PortDevice:
         self.bus: Optional[IoBus] = None
 
     def attach(self, bus: IoBus, memory=None) -> None:
-        self.slot = bus.add_slot(self.kind, self.name, self, base=self.port)
+        self.slot = bus.add_slot(kinds.native_kind(type(self)), self.name, self, base=self.port)
         try:
             self._claim(bus, memory)
         except Exception:

@@ -2,8 +2,8 @@
 
 The 128 bytes of CMOS RAM live in the device's buffer row; the clock registers are computed
 inside the Numba handler at every read: the time is ``base_ns + elapsed host TSC`` (the base
-wall-clock time and TSC are taken at attach; ``hvt_sys_rdtsc`` is called through
-``ExternalFunction``), so Python never needs to refresh anything while the guest runs. A guest
+wall-clock time and TSC are taken at attach; the TSC is read with ``hvjit._jit.rdtsc``
+inside the handler), so Python never needs to refresh anything while the guest runs. A guest
 that writes the time registers moves the clock: the difference is kept as an offset.
 
 - index port 0x70: bit 7 is the NMI-disable bit (remembered, masked off the index), reads 0xff;
@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 
-from ..kernels._jit import kernel
+from .._jit import kernel, rdtsc
 from . import kinds
 from .bus import PortDevice
-from .pm_timer import host_tsc_hz, rdtsc, tsc_to_ticks
+from .pm_timer import host_tsc_hz, tsc_to_ticks
 
 DEFAULT_PORT = 0x70
 PORT_COUNT = 2
@@ -276,7 +276,7 @@ class Cmos(PortDevice):
     the clock starts at (default: now).
     """
 
-    kind = kinds.CMOS
+    port_io = cmos_io
     port_count = PORT_COUNT
 
     def __init__(self, *, ram_below_4g: int | None = None, ram_above_4g: int | None = None,

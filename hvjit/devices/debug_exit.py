@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels._jit import kernel
+from .._jit import kernel
 from . import kinds
 from .bus import PortDevice
 
@@ -28,7 +28,7 @@ def debug_exit_io(state, offset, size, is_write, value):
 class DebugExit(PortDevice):
     """isa-debug-exit: a guest write ends the run with that value as its exit code."""
 
-    kind = kinds.DEBUG_EXIT
+    port_io = debug_exit_io
     port_count = PORT_COUNT
 
     def __init__(self, port: int = DEFAULT_PORT, name: str = "debug-exit"):

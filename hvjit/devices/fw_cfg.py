@@ -20,8 +20,8 @@ import struct
 
 import numpy as np
 
+from .._jit import kernel
 from ..errors import HvjitError
-from ..kernels._jit import kernel
 from . import kinds
 from .bus import PortDevice
 
@@ -115,7 +115,7 @@ class FwCfg(PortDevice):
     to :meth:`attach`. ``max_cpus`` defaults to ``cpus``.
     """
 
-    kind = kinds.FW_CFG
+    port_io = fw_cfg_io
     port_count = PORT_COUNT
 
     def __init__(self, cpus: int = 1, ram_size: int | None = None, *, max_cpus: int | None = None,

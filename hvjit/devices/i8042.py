@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels._jit import kernel
+from .._jit import kernel
 from . import kinds
 from .bus import PortDevice
 
@@ -217,7 +217,7 @@ def i8042_io(state, offset, size, is_write, value):
 class I8042(PortDevice):
     """Keyboard controller at 0x60/0x64 (and system control port B at 0x61 when ``port_b``)."""
 
-    kind = kinds.I8042
+    port_io = i8042_io
 
     def __init__(self, *, port_b: bool = True, name: str = "i8042"):
         super().__init__(DATA_PORT, name)

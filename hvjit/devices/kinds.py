@@ -1,16 +1,21 @@
-"""Numbers shared by the native device handlers and the run loop's dispatch switch.
+"""Numbers shared by the native device handlers and the run loop, and the native-kind registry.
 
 Each native device owns one slot on the VM's bus: a row of ``STATE_WORDS`` int64 registers
 and a row of ``BUFFER_BYTES`` bytes (a UART's transmit ring, pc-testdev's MMIO scratch RAM).
+
+A native device class names its Numba handlers as class attributes ``port_io`` and/or
+``mmio_io``; :func:`native_kind` gives each such class a kind number the first time it is
+asked, and :mod:`hvjit.run_loop` builds its dispatch switch from :func:`native_classes`.
 """
 
-# Device kinds: the dispatch switch in hvjit.kernels.dispatch has one arm per native kind.
+from __future__ import annotations
+
+import threading
+
+# Device kinds below FIRST_NATIVE; native classes are numbered from it in registration order.
 NONE = 0
 PYTHON = 1  # a Python handler: the exit goes back to Python (slow path)
-UART16550 = 2
-DEBUG_EXIT = 3
-TESTDEV = 4
-PORT_SINK = 5  # port 0x80 and friends: writes dropped, reads all-ones
+FIRST_NATIVE = 2
 
 MAX_DEVICES = 32
 STATE_WORDS = 64
@@ -31,9 +36,21 @@ STATE_IRQ_REPORTED = STATE_WORDS - 3  # the level KVM was last told
 STATE_IRQ_LEVEL = STATE_WORDS - 2  # the level the device wants now (0/1)
 STATE_IRQ_GSI = STATE_WORDS - 1  # the GSI it is wired to, -1 for none
 
-# PC platform devices (hvjit.devices.i8042, cmos, fw_cfg, pci, pm_timer).
-I8042 = 6  # keyboard controller 0x60/0x64 (+ system control port B 0x61)
-CMOS = 7  # CMOS RAM / RTC 0x70/0x71
-FW_CFG = 8  # QEMU fw_cfg legacy ports 0x510/0x511
-PCI_HOST = 9  # PCI configuration mechanism #1 0xcf8/0xcfc with an i440FX host bridge
-PM_TIMER = 10  # ACPI PM1a event/control blocks and the PM timer
+_native: list[type] = []
+_native_lock = threading.Lock()
+
+
+def native_kind(cls: type) -> int:
+    """The kind number of native device class ``cls`` (registered on first use)."""
+    if getattr(cls, "port_io", None) is None and getattr(cls, "mmio_io", None) is None:
+        raise TypeError(f"{cls.__name__} has neither a port_io nor an mmio_io Numba handler")
+    with _native_lock:
+        if cls not in _native:
+            _native.append(cls)
+        return FIRST_NATIVE + _native.index(cls)
+
+
+def native_classes() -> tuple[type, ...]:
+    """Every registered native device class; kind ``FIRST_NATIVE + i`` is entry ``i``."""
+    with _native_lock:
+        return tuple(_native)

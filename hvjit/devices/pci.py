@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels._jit import kernel
+from .._jit import kernel
 from . import kinds
 from .bus import PortDevice
 
@@ -126,7 +126,7 @@ def host_bridge_config() -> tuple[bytes, bytes]:
 class PciHost(PortDevice):
     """CONFIG_ADDRESS/CONFIG_DATA at 0xcf8/0xcfc (+ reset control 0xcf9), one host bridge."""
 
-    kind = kinds.PCI_HOST
+    port_io = pci_io
     port_count = PORT_COUNT
 
     def __init__(self, name: str = "pci-host"):

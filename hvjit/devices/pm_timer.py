@@ -9,23 +9,21 @@ Ports (from ``base``, 0x600 by default, as QEMU's q35 and SeaBIOS place ICH9's P
   :mod:`hvjit.firmware.acpi` declares only ``\\_S5`` (SLP_TYP 0);
 - ``base+8`` PM_TMR: a 24-bit counter at 3.579545 MHz (FADT flag TMR_VAL_EXT clear).
 
-The timer is derived from the host TSC inside the Numba handler (``hvt_sys_rdtsc`` through
-``ExternalFunction``): ``ticks = (tsc - tsc_base) * 3579545 / tsc_hz``, never going backwards.
-The TSC frequency comes from the constructor or, by default, from the process GIP
-(:func:`host_tsc_hz`). Python touches nothing while the guest runs.
+The timer is derived from the host TSC inside the Numba handler (``rdtsc`` of
+:mod:`hvjit._jit`): ``ticks = (tsc - tsc_base) * 3579545 / tsc_hz``, never going backwards.
+The TSC frequency comes from the constructor (the VM passes KVM's figure) or, by default, a
+short measurement (:func:`host_tsc_hz`). Python touches nothing while the guest runs.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import types
+import time
 
-from .. import _trampoline  # noqa: F401  (loads libhvt.so globally before any kernel runs)
-from ..kernels._jit import kernel
+import numpy as np
+
+from .._jit import kernel, rdtsc
 from . import kinds
 from .bus import PortDevice
-
-hvt_sys_rdtsc = types.ExternalFunction("hvt_sys_rdtsc", types.uint64())
 
 DEFAULT_BASE = 0x600
 PORT_COUNT = 12
@@ -53,11 +51,6 @@ S_PM1_EN = 4
 S_PM1_CNT = 5
 S_LAST_TICKS = 6  # the largest (unwrapped) tick count handed out: the timer never goes back
 S_SLEEP_TYPE = 7  # SLP_TYP of the last SLP_EN write, for the curious
-
-
-@kernel
-def rdtsc():
-    return np.int64(hvt_sys_rdtsc())
 
 
 @kernel
@@ -131,12 +124,14 @@ _tsc_hz_cache = 0
 
 
 def host_tsc_hz() -> int:
-    """The host TSC frequency in Hz, from the process GIP (KVM's figure or a measurement)."""
+    """The host TSC frequency in Hz, measured once against the monotonic clock (~50 ms)."""
     global _tsc_hz_cache
     if not _tsc_hz_cache:
-        from ..gip import process_gip  # measured once, on first use
-
-        _tsc_hz_cache = int(process_gip().tsc_khz) * 1000
+        t0, c0 = time.perf_counter_ns(), rdtsc()
+        time.sleep(0.05)
+        t1, c1 = time.perf_counter_ns(), rdtsc()
+        # Rounded to kHz, as KVM reports it.
+        _tsc_hz_cache = round((c1 - c0) * 1e6 / (t1 - t0)) * 1000
     return _tsc_hz_cache
 
 
@@ -147,7 +142,7 @@ class PmTimer(PortDevice):
     the ``pm_base`` given to :func:`hvjit.firmware.acpi.write_acpi_tables`.
     """
 
-    kind = kinds.PM_TIMER
+    port_io = pm_timer_io
     port_count = PORT_COUNT
 
     def __init__(self, base: int = DEFAULT_BASE, *, tsc_khz: int | None = None, name: str = "acpi-pm"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels._jit import kernel
+from .._jit import kernel
 from . import kinds
 from .bus import PortDevice
 
@@ -22,7 +22,7 @@ def port_sink_io(state, offset, size, is_write, value):
 class PortSink(PortDevice):
     """Claims ports whose writes a guest only uses as delays or POST codes."""
 
-    kind = kinds.PORT_SINK
+    port_io = port_sink_io
 
     def __init__(self, port: int = POST_PORT, count: int = 1, name: str = "post"):
         super().__init__(port, name)

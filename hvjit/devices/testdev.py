@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels._jit import kernel
+from .._jit import kernel
 from . import kinds
 from .bus import PortDevice
 
@@ -54,7 +54,8 @@ def testdev_mmio(buf, offset, size, is_write, data):
 class TestDev(PortDevice):
     """pc-testdev: the scratch and flush ports natively, the MMIO scratch RAM natively."""
 
-    kind = kinds.TESTDEV
+    port_io = testdev_pio
+    mmio_io = testdev_mmio
     port_count = 8
     __test__ = False  # not a pytest class
 

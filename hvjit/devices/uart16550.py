@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..kernels._jit import kernel
+from .._jit import kernel
 from . import kinds
 from .bus import PortDevice
 
@@ -164,7 +164,7 @@ def _rx_pop(state):
 class Uart16550(PortDevice):
     """COM-port configuration; the registers live on the bus, handled natively."""
 
-    kind = kinds.UART16550
+    port_io = uart_io
     port_count = PORT_COUNT
 
     def __init__(self, port: int = 0x3F8, name: str = "com1", irq: int = 4):

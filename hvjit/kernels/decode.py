@@ -43,7 +43,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from hvjit.kernels._jit import kernel
+from hvjit._jit import kernel
 from hvjit.kernels.decode_tables import (
     F_BYTE,
     F_D64,
@@ -75,8 +75,8 @@ from hvjit.kernels.decode_tables import (
     IMM_W,
     IMM_Z,
     MAP_0F,
-    MAP_0F38,
     MAP_0F3A,
+    MAP_0F38,
     MAP_3DNOW,
     MAP_ONE_BYTE,
     OPCLASS,

@@ -39,7 +39,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from hvjit.kernels._jit import kernel
+from hvjit._jit import kernel
 from hvjit.kernels.decode import VIE_DTYPE, OpClass
 
 __all__ = [

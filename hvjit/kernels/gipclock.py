@@ -14,7 +14,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from hvjit.kernels._jit import kernel
+from hvjit._jit import kernel
 
 # "HGIP" little-endian; a page with any other magic (0 once unmapped) is not valid.
 GIP_MAGIC = 0x50494748

@@ -42,14 +42,12 @@ check it.
 from __future__ import annotations
 
 import enum
-import time
-import types
 from dataclasses import dataclass
 
 import numpy as np
 
+from hvjit._jit import kernel
 from hvjit.errors import GuestFault, GuestMemoryError  # noqa: F401  (GuestFault: re-exported)
-from hvjit.kernels._jit import kernel
 
 _U = np.uint64
 
@@ -755,65 +753,3 @@ def copy_out(mem: np.ndarray, gla: int, data: bytes, **registers) -> None:
     for offset, size in _chunk_offsets(mem, registers.get("mem_base_gpa", 0), setup):
         mem[offset:offset + size] = np.frombuffer(data, np.uint8, size, position)
         position += size
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark for the CLI (``hvjit bench pagewalk``).
-
-BENCH_TABLES = 512  # 2 MiB of random tables: larger than L2, so walks miss like real ones
-
-
-def _interpreted_walk():
-    """``walk`` run by the Python interpreter: the same algorithm without the JIT."""
-    namespace = dict(globals())
-    for name, value in globals().items():
-        if hasattr(value, "py_func"):
-            namespace[name] = types.FunctionType(value.py_func.__code__, namespace, name)
-    return namespace["walk"]
-
-
-def _bench_case(mode: PagingMode, count: int, seed: int = 0):
-    from hvjit.kernels.pagetables import random_page_tables
-
-    rng = np.random.default_rng(seed)
-    mem, cr3 = random_page_tables(rng, mode, tables=BENCH_TABLES, present=1.0, large=0.02,
-                                  no_execute=0.0, reserved=0.0, outside=0.0)
-    bits = 47 if mode == PagingMode.LEVEL4 else 56
-    glas = rng.integers(0, 1 << bits, count, dtype=np.uint64)
-    cr4 = CR4_PAE | (CR4_LA57 if mode == PagingMode.LEVEL5 else 0)
-    registers = dict(cr3=cr3, cr0=CR0_PG | CR0_WP, cr4=cr4, efer=EFER_LMA | EFER_NXE)
-    return mem, glas, registers
-
-
-def _rate(run, count: int, seconds: float) -> float:
-    """Best translations/s over repeated runs within ``seconds``."""
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    while True:
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-        if time.perf_counter() >= deadline:
-            return count / best
-
-
-def bench_pagewalk(seconds: float = 3.0) -> dict:
-    """Translations/s of the batch kernel (4- and 5-level) and of the interpreted walk."""
-    share = max(seconds, 0.3) / 3
-    result = {}
-    for key, mode in (("level4_per_s", PagingMode.LEVEL4), ("level5_per_s", PagingMode.LEVEL5)):
-        mem, glas, registers = _bench_case(mode, 1 << 20)
-        translate_batch(mem, glas[:16], **registers)  # compile or load from cache
-        result[key] = _rate(lambda: translate_batch(mem, glas, **registers), glas.size, share)
-    mem, glas, registers = _bench_case(PagingMode.LEVEL4, 2000)
-    walker = _walker(mem, **registers)
-    slow_walk = _interpreted_walk()
-    out = np.zeros(OUT_LEN, np.uint64)
-
-    def naive():
-        for gla in glas:
-            slow_walk(mem, walker.mem_base_gpa, walker.cr3, walker.mode, walker.cr0, walker.cr4,
-                      walker.efer, walker.rflags, gla, ACCESS_READ, 0, False, 52, out)
-
-    result["naive_per_s"] = _rate(naive, glas.size, share)
-    return result

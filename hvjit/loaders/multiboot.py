@@ -15,7 +15,16 @@ import struct
 from typing import Optional
 
 from ..errors import HvjitError, LoaderError
-from . import E820_RAM, PAGE, BootInfo, MemoryRegion, Placer, encode_cmdline, read_image, source_name
+from . import (
+    E820_RAM,
+    PAGE,
+    BootInfo,
+    MemoryRegion,
+    Placer,
+    encode_cmdline,
+    read_image,
+    source_name,
+)
 
 HEADER_MAGIC = 0x1BADB002
 BOOTLOADER_MAGIC = 0x2BADB002

@@ -15,9 +15,15 @@ import numpy as np
 
 from hvjit import entry
 from hvjit.abi import VmExitCode
-
-from tests.unit.test_emulate import (CODE, FORMS_64, WINDOW, WINDOW_SIZE, compare,
-                                     random_state, run_hvjit)
+from tests.unit.test_emulate import (
+    CODE,
+    FORMS_64,
+    WINDOW,
+    WINDOW_SIZE,
+    compare,
+    random_state,
+    run_hvjit,
+)
 
 CASES = int(os.environ.get("HVJIT_EMULATE_CPU_CASES", "300"))
 KVM_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",

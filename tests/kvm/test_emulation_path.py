@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import struct
 
-
 from hvjit import entry
 from hvjit.abi import SuspendHow, VmExitCode
 from hvjit.asm import assemble

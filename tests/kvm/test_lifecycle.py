@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from hvjit.errors import (
-    GuestMemoryError, KvmError, MemoryMapError, ObjectDestroyedError, RegisterError,
+    GuestMemoryError,
+    KvmError,
+    MemoryMapError,
+    ObjectDestroyedError,
+    RegisterError,
 )
 
 from .guests import hello_source, load

@@ -14,8 +14,14 @@ from hvjit import _trampoline as _t
 from hvjit.entry import EFER_LMA, EFER_LME
 from hvjit.errors import AccessDeniedError, SessionClosedError
 from hvjit.msr import (
-    READ_OFF, STAGE_READ, STAGE_WRITE, GuestMsrProber, HostMsrProber, HostMsrUnavailableError,
-    default_indices, host_msr_availability,
+    READ_OFF,
+    STAGE_READ,
+    STAGE_WRITE,
+    GuestMsrProber,
+    HostMsrProber,
+    HostMsrUnavailableError,
+    default_indices,
+    host_msr_availability,
 )
 from hvjit.system import Kvm
 

@@ -25,9 +25,17 @@ import pytest
 from hvjit import entry
 from hvjit.abi import SuspendHow, VmExitCode
 from hvjit.asm import assemble
+from hvjit.benchmarks.pagetables import (
+    PTE_A,
+    PTE_D,
+    PTE_P,
+    PTE_PS,
+    PTE_RW,
+    PTE_US,
+    PTE_XD,
+    PageTableBuilder,
+)
 from hvjit.kernels import pagewalk as pw
-from hvjit.kernels.pagetables import (PTE_A, PTE_D, PTE_P, PTE_PS, PTE_RW, PTE_US, PTE_XD,
-                                      PageTableBuilder)
 from hvjit.kernels.pagewalk import Access, WalkStatus
 
 MEMORY = 8 << 20

@@ -482,7 +482,8 @@ def test_x87_control_and_fwait(session):
 def _exit_path(vcpu, vm, code_bytes: bytes, regs: dict):
     """Put ``code_bytes`` at CODE and hand the exit path a synthetic emulation failure for it
     (for the instructions KVM's emulator runs itself on this host)."""
-    from hvjit.abi import KvmInternalError, VmExitCode as C
+    from hvjit.abi import KvmInternalError
+    from hvjit.abi import VmExitCode as C
     from hvjit.emulation import handle_emulation_failure
     from hvjit.exits import VmExit
 

@@ -3,15 +3,24 @@
 import numpy as np
 import pytest
 
-from hvjit.abi import KVM_RUN_DTYPE, KVM_RUN_SIZE, VM_EXIT_DTYPE, KvmExit, SuspendHow, VmExitCode
-from hvjit.devices import kinds, uart16550 as u
+from hvjit import run_loop
+from hvjit.abi import (
+    KVM_RUN_DTYPE,
+    KVM_RUN_SIZE,
+    VM_EXIT_DTYPE,
+    KvmExit,
+    SuspendHow,
+    VmExitCode,
+)
+from hvjit.devices import kinds, testdev
+from hvjit.devices import uart16550 as u
 from hvjit.devices.bus import BusConflictError, IoBus
 from hvjit.devices.debug_exit import DebugExit, debug_exit_io
-from hvjit.devices import testdev
 from hvjit.devices.testdev import TestDev
 from hvjit.devices.uart16550 import Uart16550, uart_io
 from hvjit.errors import MemoryMapError
-from hvjit.kernels import dispatch
+
+dispatch = run_loop.compiled()  # the generated loop, with the native device switch
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hvjit.kernels.decode import decode
 from hvjit.kernels import emulate as E
+from hvjit.kernels.decode import decode
 from hvjit.kernels.emulate import EmulateStatus
 
 CODE = 0x1000

@@ -4,7 +4,12 @@ import pytest
 
 from hvjit.errors import HvjitError
 from hvjit.msr import (
-    DEFAULT_EXTRA_MSRS, MSR_NAMES, _idt_gate, format_table, msr_name, parse_range,
+    DEFAULT_EXTRA_MSRS,
+    MSR_NAMES,
+    _idt_gate,
+    format_table,
+    msr_name,
+    parse_range,
 )
 
 

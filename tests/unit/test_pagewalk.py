@@ -15,10 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hvjit.benchmarks.pagetables import (
+    PTE_A,
+    PTE_D,
+    PTE_P,
+    PTE_PS,
+    PTE_RW,
+    PTE_US,
+    PageTableBuilder,
+    random_page_tables,
+)
 from hvjit.errors import GuestMemoryError
 from hvjit.kernels import pagewalk as pw
-from hvjit.kernels.pagetables import (PTE_A, PTE_D, PTE_P, PTE_PS, PTE_RW, PTE_US,
-                                      PageTableBuilder, random_page_tables)
 from hvjit.kernels.pagewalk import Access, PagingMode, WalkStatus
 
 PG, WP = 1 << 31, 1 << 16

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from hvjit import run_loop
 from hvjit.devices import cmos as c
 from hvjit.devices import fw_cfg as f
 from hvjit.devices import i8042 as k
@@ -16,7 +17,8 @@ from hvjit.devices import kinds
 from hvjit.devices import pci as p
 from hvjit.devices import pm_timer as pm
 from hvjit.devices.bus import IoBus
-from hvjit.kernels import dispatch
+
+dispatch = run_loop.compiled()  # the generated loop, with the native device switch
 
 CONT, RESET, POWEROFF = kinds.ACT_CONTINUE, kinds.ACT_RESET, kinds.ACT_POWEROFF
 

@@ -27,7 +27,6 @@ from hvjit.factory import SimpleFactory, factory_names
 from hvjit.session import INTERFACE_VERSION, HandleKind, Session, negotiate_version
 
 
-
 def wait_until(predicate, timeout=5.0):
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -1,10 +1,18 @@
 """The VM-exit run loop: ``KVM_RUN`` in a loop, exits dispatched to native device handlers.
 
-One kernel per vCPU thread (``nogil``): it calls the trampoline's ``hvt_vcpu_run`` through
-``ExternalFunction`` (cacheable, ~2 ns a call), decodes ``kvm_run``, and hands port-IO and
-MMIO to the device handlers compiled into the switch below. It returns to Python only for an
-exit no native handler claims, a buffer to drain, the exit budget, or a KVM error; the exit
-is normalised into one ``VM_EXIT_DTYPE`` record (bhyve's ``struct vm_exit``).
+One kernel per vCPU thread (``nogil``): it calls the trampoline's ``hvt_vcpu_run`` (a Numba
+``ExternalFunction``, ~2 ns a call), decodes ``kvm_run``, and hands port-IO and MMIO to the
+native device handlers. It returns to Python only for an exit no native handler claims, a
+buffer to drain, the exit budget, or a KVM error; the exit is normalised into one
+``VM_EXIT_DTYPE`` record (bhyve's ``struct vm_exit``), which :mod:`hvjit.exit_handlers`
+dispatches by exit code.
+
+The device switch is not written by hand: :func:`compiled` generates it from the registered
+native device classes (:func:`hvjit.devices.kinds.native_classes`). This module's source is
+the template: the generated module is this text plus a ``_pio_device``/``_mmio_device`` pair
+with one arm per native kind, written once under the kernel cache directory (named by a hash
+of its text) so Numba caches it like any other kernel. Adding a native device therefore
+needs no edit here.
 
 Every index the guest influences (ports, MMIO offsets, the IO data area) is range-checked
 here: Numba does no bounds checking.
@@ -12,25 +20,23 @@ here: Numba does no bounds checking.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+import threading
+from pathlib import Path
+
 import numpy as np
-from numba import types
 
-from .. import _trampoline  # noqa: F401  (loads libhvt.so globally before any kernel runs)
-from ..abi import KvmExit, KvmSystemEvent, SuspendHow, VmExitCode
-from ..devices import kinds
-from ..devices.cmos import cmos_io
-from ..devices.debug_exit import debug_exit_io
-from ..devices.fw_cfg import fw_cfg_io
-from ..devices.i8042 import i8042_io
-from ..devices.pci import pci_io
-from ..devices.pm_timer import pm_timer_io
-from ..devices.port_sink import port_sink_io
-from ..devices.testdev import testdev_mmio, testdev_pio
-from ..devices.uart16550 import uart_io
-from ._jit import kernel
+from hvjit import _trampoline
+from hvjit._jit import CACHE_DIR, kernel
+from hvjit.abi import KvmExit, KvmSystemEvent, SuspendHow, VmExitCode
+from hvjit.devices import catalog, kinds  # noqa: F401  (catalog numbers the built-in native devices)
 
-hvt_vcpu_run = types.ExternalFunction("hvt_vcpu_run", types.int32(types.int32))
-hvt_vm_irq_line = types.ExternalFunction("hvt_vm_irq_line", types.int32(types.int32, types.uint32, types.uint32))
+hvt_vcpu_run = _trampoline.external("hvt_vcpu_run")
+hvt_vm_irq_line = _trampoline.external("hvt_vm_irq_line")
 MAX_GSI = 24
 
 # What the loop returns.
@@ -60,34 +66,16 @@ REASON_BASE = N_COUNTERS
 U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
+# The template's switch knows no device; generated modules redefine both (see compiled()).
 @kernel
 def _pio_device(kind, state, buf, offset, size, is_write, value):
     """The native port-IO switch (kvmtool's single run-loop switch): (value, action)."""
-    if kind == kinds.UART16550:
-        return uart_io(state, buf, offset, is_write, value)
-    if kind == kinds.DEBUG_EXIT:
-        return debug_exit_io(state, offset, size, is_write, value)
-    if kind == kinds.TESTDEV:
-        return testdev_pio(state, offset, size, is_write, value)
-    if kind == kinds.PORT_SINK:
-        return port_sink_io(state, offset, size, is_write, value)
-    if kind == kinds.I8042:
-        return i8042_io(state, offset, size, is_write, value)
-    if kind == kinds.CMOS:
-        return cmos_io(state, buf, offset, size, is_write, value)
-    if kind == kinds.FW_CFG:
-        return fw_cfg_io(state, buf, offset, size, is_write, value)
-    if kind == kinds.PCI_HOST:
-        return pci_io(state, buf, offset, size, is_write, value)
-    if kind == kinds.PM_TIMER:
-        return pm_timer_io(state, offset, size, is_write, value)
     return np.int64(0), kinds.ACT_PYTHON
 
 
 @kernel
-def _mmio_device(kind, buf, offset, size, is_write, data):
-    if kind == kinds.TESTDEV:
-        return testdev_mmio(buf, offset, size, is_write, data)
+def _mmio_device(kind, state, buf, offset, size, is_write, data):
+    """The native MMIO switch: an action (``data`` is kvm_run's 8-byte MMIO buffer)."""
     return kinds.ACT_PYTHON
 
 
@@ -160,7 +148,7 @@ def _handle_pio(vm_fd, run, page, port_map, dev_kind, dev_base, dev_state, dev_b
 
 
 @kernel
-def _handle_mmio(run, mmio_ranges, dev_kind, dev_buf, counters):
+def _handle_mmio(run, mmio_ranges, dev_kind, dev_state, dev_buf, counters):
     r = run[0]
     gpa = np.int64(r["mmio_phys_addr"])
     size = np.int64(r["mmio_len"])
@@ -173,7 +161,7 @@ def _handle_mmio(run, mmio_ranges, dev_kind, dev_buf, counters):
         if start <= gpa and gpa + size <= end:
             if slot <= 0 or slot >= dev_kind.size:
                 return kinds.ACT_PYTHON
-            act = _mmio_device(dev_kind[slot], dev_buf[slot], gpa - start, size,
+            act = _mmio_device(dev_kind[slot], dev_state[slot], dev_buf[slot], gpa - start, size,
                                r["mmio_is_write"] != 0, r["mmio_data"])
             if act != kinds.ACT_PYTHON:
                 counters[C_MMIO] += 1
@@ -308,7 +296,7 @@ def run_loop(vcpu_fd, vm_fd, run, page, port_map, mmio_ranges, dev_kind, dev_bas
         if reason == KvmExit.IO:
             act = _handle_pio(vm_fd, run, page, port_map, dev_kind, dev_base, dev_state, dev_buf, counters)
         elif reason == KvmExit.MMIO:
-            act = _handle_mmio(run, mmio_ranges, dev_kind, dev_buf, counters)
+            act = _handle_mmio(run, mmio_ranges, dev_kind, dev_state, dev_buf, counters)
         elif reason == KvmExit.HLT:
             counters[C_HLT] += 1
             if flags & FLAG_RESUME_HLT:
@@ -331,3 +319,87 @@ def run_loop(vcpu_fd, vm_fd, run, page, port_map, mmio_ranges, dev_kind, dev_bas
         counters[C_ESCALATED] += 1
         return LOOP_EXIT
     return LOOP_BUDGET
+
+
+# ---- generating the device switch ---------------------------------------------------------
+
+_PIO_ARGS = ("state", "buf", "offset", "size", "is_write", "value")
+_MMIO_ARGS = ("state", "buf", "offset", "size", "is_write", "data")
+_GENERATED_MARK = "# ---- generated: the native device switch "
+_compiled: dict[tuple[type, ...], object] = {}
+_compiled_lock = threading.Lock()
+
+
+def _handler_call(handler, allowed: tuple[str, ...], alias: str, owner: type) -> tuple[str, str]:
+    """(import line, call expression) for one device handler, by its parameter names."""
+    func = getattr(handler, "py_func", None)
+    if func is None:
+        raise TypeError(f"{owner.__name__}: native handlers must be Numba kernels (hvjit._jit.kernel)")
+    if "<locals>" in func.__qualname__:
+        raise TypeError(f"{owner.__name__}.{func.__name__}: native handlers must be module-level "
+                        "functions (the generated run loop imports them)")
+    params = list(inspect.signature(func).parameters)
+    unknown = [p for p in params if p not in allowed]
+    if unknown:
+        raise TypeError(f"{owner.__name__}.{func.__name__}: parameters {unknown} are not among {allowed}")
+    return (f"from {func.__module__} import {func.__qualname__} as {alias}",
+            f"{alias}({', '.join(params)})")
+
+
+def _module_digest(module_name: str) -> str:
+    """A hash of a handler module's source, so an edited handler gets a new generated loop."""
+    module = sys.modules[module_name]
+    path = getattr(module, "__file__", None)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else module_name
+
+
+def generate_source(classes: tuple[type, ...]) -> str:
+    """This module's text with a switch over ``classes`` (kind FIRST_NATIVE + i for entry i)."""
+    template = Path(__file__).read_text()
+    imports, pio_arms, mmio_arms, digests = [], [], [], []
+    for i, cls in enumerate(classes):
+        kind = kinds.FIRST_NATIVE + i
+        for attr, allowed, arms in (("port_io", _PIO_ARGS, pio_arms), ("mmio_io", _MMIO_ARGS, mmio_arms)):
+            handler = getattr(cls, attr, None)
+            if handler is None:
+                continue
+            line, call = _handler_call(handler, allowed, f"_{attr}_{kind}", cls)
+            imports.append(line)
+            digests.append(_module_digest(handler.py_func.__module__))
+            arms.append(f"    if kind == {kind}:  # {cls.__module__}.{cls.__qualname__}\n        return {call}\n")
+    return (template + "\n\n" + _GENERATED_MARK + f"({len(classes)} classes) ----\n"
+            + f"# handler sources: {' '.join(digests)}\n"
+            + "\n".join(imports) + "\n\n\n@kernel\n"
+            + "def _pio_device(kind, state, buf, offset, size, is_write, value):  # noqa: F811\n"
+            + "".join(pio_arms) + "    return np.int64(0), kinds.ACT_PYTHON\n\n\n@kernel\n"
+            + "def _mmio_device(kind, state, buf, offset, size, is_write, data):  # noqa: F811\n"
+            + "".join(mmio_arms) + "    return kinds.ACT_PYTHON\n")
+
+
+def compiled(classes: tuple[type, ...] | None = None):
+    """The generated run-loop module for ``classes`` (default: every registered native class).
+
+    Its ``run_loop`` is the kernel a vCPU runs; compiled once per process, and loaded from
+    Numba's cache when the same device set ran before.
+    """
+    classes = kinds.native_classes() if classes is None else tuple(classes)
+    with _compiled_lock:
+        module = _compiled.get(classes)
+        if module is not None:
+            return module
+        source = generate_source(classes)
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        directory = CACHE_DIR / "run_loops"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"run_loop_{digest}.py"
+        if not path.exists():  # written once: Numba's cache keys on the file's stamp
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(source)
+            os.replace(tmp, path)
+        name = f"hvjit_run_loop_{digest}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        _compiled[classes] = module
+        return module

@@ -3,13 +3,12 @@ Numba, next to the same call from Python through cffi (see bench/test_bench_call
 
 from __future__ import annotations
 
-from numba import types
+from hvjit._jit import kernel
 
-from .. import _trampoline  # noqa: F401  (loads libhvt.so globally before any kernel runs)
-from ._jit import kernel
+from .. import _trampoline
 
-hvt_sys_nop = types.ExternalFunction("hvt_sys_nop", types.int32())
-hvt_sys_nop_ioctl = types.ExternalFunction("hvt_sys_nop_ioctl", types.int32(types.int32))
+hvt_sys_nop = _trampoline.external("hvt_sys_nop")
+hvt_sys_nop_ioctl = _trampoline.external("hvt_sys_nop_ioctl")
 
 
 @kernel

@@ -6,8 +6,12 @@ vCPU runs truly in parallel).
 
 Numba keys its cache on the caller's source file only, so a changed helper in another
 module could leave a stale cached caller. hvjit therefore keeps its kernels' cache in a
-directory named after a hash of *all* kernel and device sources: any edit anywhere gives a
-fresh directory, and stale code can never run.
+directory named after a hash of *all* of the package's sources: any edit anywhere gives a
+fresh directory, and stale code can never run. That needs one of Numba's private hooks (the
+cache locator list), so ``pyproject.toml`` pins the Numba versions it was checked with and
+``tests/unit/test_jit_cache.py`` checks the keying.
+
+This module is the bottom layer: it imports nothing of hvjit's.
 """
 
 from __future__ import annotations
@@ -17,19 +21,20 @@ import os
 from pathlib import Path
 
 import numba
-from numba.core import caching
+import numpy as np
+from llvmlite import ir
+from numba.core import caching, cgutils, types
+from numba.extending import intrinsic
 
-_PACKAGE_DIR = Path(__file__).resolve().parent.parent
-# Directories whose modules hold jitted code; their sources together key the cache.
-_KERNEL_DIRS = ("kernels", "devices")
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def _sources_digest() -> str:
+def sources_digest(root: Path = _PACKAGE_DIR) -> str:
+    """A hash of every Python source below ``root`` (and of Numba's version)."""
     h = hashlib.sha256()
-    for sub in _KERNEL_DIRS:
-        for path in sorted((_PACKAGE_DIR / sub).rglob("*.py")):
-            h.update(str(path.relative_to(_PACKAGE_DIR)).encode())
-            h.update(path.read_bytes())
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
     h.update(numba.__version__.encode())
     return h.hexdigest()[:16]
 
@@ -38,7 +43,7 @@ def _cache_root() -> Path:
     base = os.environ.get("HVJIT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hvjit"
     )
-    return Path(base) / f"numba-{_sources_digest()}"
+    return Path(base) / f"numba-{sources_digest()}"
 
 
 CACHE_DIR = _cache_root()
@@ -77,3 +82,19 @@ def kernel(*args, **options):
     if args and callable(args[0]) and len(args) == 1 and not options.keys() - {"cache", "nogil"}:
         return numba.njit(**options)(args[0])
     return numba.njit(*args, **options)
+
+
+@intrinsic
+def _read_cycle_counter(typingctx):
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter")
+        return builder.call(fn, [])
+
+    return types.uint64(), codegen
+
+
+@kernel
+def rdtsc():
+    """The CPU's time-stamp counter (``rdtsc`` on x86), callable from any kernel."""
+    return np.int64(_read_cycle_counter())

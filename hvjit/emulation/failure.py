@@ -1,0 +1,286 @@
+"""What happens when KVM cannot run an instruction (KVM_EXIT_INTERNAL_ERROR).
+
+``handle_emulation_failure(vcpu, exit_)`` fetches the instruction at RIP through the guest's
+page tables (KVM's bytes from the exit info are the fall-back), decodes it and either
+emulates it in user space — returning None, so the run loop resumes the guest — or returns
+the exit with a typed :class:`~hvjit.exits.EmulationReport` (rip, mode, bytes, decoded text,
+reason). Emulated, each counted in ``vcpu.emulation_counts`` under the OpClass name:
+
+- ``int3`` and ``int n``: injected through KVM_SET_VCPU_EVENTS with RIP advanced to the next
+  instruction (DESIGN.md's measured recipe: vectors 0-31 as an exception without error
+  code, ``int n`` with n > 31 as a soft interrupt; ``flags`` kept as KVM returned them);
+- data instructions run by ``hvjit.kernels.emulate`` against guest memory (page walk, RAM or
+  a Python MMIO handler): CMPXCHG8B/16B, MOVBE, POPCNT and the MMIO set (MOV, MOVZX,
+  MOVSX, MOVS, STOS, ADD, OR, ADC, SBB, AND, SUB, XOR, CMP, TEST, BT, PUSH, POP, group 1);
+- the x87/SSE/XSAVE state instructions, with architectural checks and faults injected
+  (#UD, #NM, #GP(0), #MF; RIP left on the instruction): ``xsetbv`` (XCR0 validated against
+  CPUID 0xD.0, set with KVM_SET_XCRS), ``xgetbv`` (the real XCR0; ECX=1 gives XCR0 & XINUSE
+  where XGETBV1 exists), ``xsave``/``xsaveopt`` (standard format), ``xsavec``/``xsaves``
+  (compacted, :func:`compacted_offsets`), ``xrstor`` (both forms)/``xrstors``, ``fxsave``/
+  ``fxrstor``, ``ldmxcsr``/``stmxcsr`` and their VEX forms, ``fwait``, and ``fninit``,
+  ``fnclex``, ``fldcw``, ``fnstcw``, ``fnstsw``; the vCPU's state moves through
+  KVM_GET/SET_XSAVE (standard format; XINUSE is approximated by its XSTATE_BV). XSAVEOPT,
+  XSAVEC, XGETBV1 and XSAVES exist where the vCPU's CPUID or the host CPU has them (a PVM
+  guest's CPL0 ``cpuid`` shows the host's);
+- ``rdtscp`` (guest TSC from MSR 0x10 through KVM, TSC_AUX from MSR 0xc0000103) and
+  ``rdpid``;
+- ``clwb``, ``clflush``, ``clflushopt``: no-ops (guest memory is coherent host memory).
+
+Anything else, a guest page fault while emulating, an exception the instruction would
+raise, or MMIO without a Python handler: the report, e.g. text ``xsave [rax]`` and reason
+``not emulated``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..abi import KvmInternalError
+from ..exits import EmulationReport, VmExit
+from ..kernels import emulate as E
+from ..kernels.decode import OpClass, decode
+from ..kernels.format import format_instruction
+from .guest import (
+    Fault,
+    GuestAccessError,
+    NotEmulated,
+    chunks,
+    cpu_mode,
+    disassemble_text,
+    fetch_code,
+    inject_fault,
+    inject_vector,
+    instruction_bytes,
+    paging_registers,
+    read_phys,
+    write_phys,
+)
+from .xstate import fpu_handler
+
+MAX_REP_ITERATIONS = 4096  # per exit; a longer REP string resumes the guest mid-way
+RFLAGS_AC = 1 << 18
+MSR_IA32_TSC = 0x10
+MSR_TSC_AUX = 0xC0000103
+
+
+def report(vcpu, exit_: VmExit, rip: int, mode: str, code: bytes, text: str, reason: str,
+           **extra) -> VmExit:
+    """The exit with a typed report of why the instruction was not emulated."""
+    report = EmulationReport(rip=rip, mode=mode, instruction=code, text=text, reason=reason,
+                             suberror=exit_.suberror, extra=extra)
+    return replace(exit_, report=report)
+
+
+def count_emulated(vcpu, kind: str) -> None:
+    counts = vcpu.emulation_counts
+    counts[kind] = counts.get(kind, 0) + 1
+
+
+@dataclass
+class Failure:
+    """One emulation failure, decoded: what every instruction-class handler works from."""
+
+    vcpu: object
+    exit: VmExit
+    rec: np.void  # the VIE_DTYPE record
+    regs: np.void
+    sregs: np.void
+    mode: str
+    bitness: int
+    rip: int
+    code: bytes
+    text: str
+    kind: str  # the OpClass name, the key of vcpu.emulation_counts
+
+    def report(self, reason: str) -> VmExit:
+        return report(self.vcpu, self.exit, self.rip, self.mode, self.code, self.text, reason)
+
+    def complete(self, name: Optional[str] = None) -> None:
+        """The instruction ran: RIP past it, registers written back, counted."""
+        wrap = {16: 0xFFFF, 32: 0xFFFFFFFF}.get(self.bitness, (1 << 64) - 1)
+        self.regs["rip"] = (self.rip + int(self.rec["length"])) & wrap
+        self.vcpu.set_regs(self.regs)
+        count_emulated(self.vcpu, name or self.kind)
+
+    def fault(self, vector: int, error_code: Optional[int] = None, name: Optional[str] = None) -> None:
+        """The instruction raises an exception: delivered to the guest, RIP stays on it."""
+        inject_fault(self.vcpu, vector, error_code)
+        count_emulated(self.vcpu, name or self.kind)
+
+
+# Each handler returns None (the guest resumes) or the exit with its report.
+ClassHandler = Callable[[Failure], Optional[VmExit]]
+
+
+def _software_interrupt(f: Failure) -> Optional[VmExit]:
+    vector = 3 if int(f.rec["op_class"]) == OpClass.INT3 else int(f.rec["imm"]) & 0xFF
+    inject_vector(f.vcpu, vector)
+    f.complete()
+    return None
+
+
+def _cache_line_op(f: Failure) -> Optional[VmExit]:
+    # Guest memory is coherent host memory: flushing and write-back have nothing to do.
+    f.complete()
+    return None
+
+
+def _smap_ac(f: Failure) -> Optional[VmExit]:
+    """CLAC/STAC toggle EFLAGS.AC; ring 0 only (#UD elsewhere)."""
+    if int(f.sregs["cs"]["dpl"]) != 0:
+        f.fault(6)
+        return None
+    if int(f.rec["op_class"]) == OpClass.CLAC:
+        f.regs["rflags"] = int(f.regs["rflags"]) & ~RFLAGS_AC
+    else:
+        f.regs["rflags"] = int(f.regs["rflags"]) | RFLAGS_AC
+    f.complete()
+    return None
+
+
+def _tsc_aux(f: Failure) -> Optional[VmExit]:
+    """RDTSCP (guest TSC and TSC_AUX through KVM) and RDPID (TSC_AUX)."""
+    try:
+        aux = f.vcpu.get_msr(MSR_TSC_AUX) & 0xFFFFFFFF
+    except Exception:  # noqa: BLE001 - KVM without TSC_AUX: 0, as a fresh vCPU has
+        aux = 0
+    if int(f.rec["op_class"]) == OpClass.RDTSCP:
+        tsc = f.vcpu.get_msr(MSR_IA32_TSC)
+        f.regs["rax"], f.regs["rdx"], f.regs["rcx"] = tsc & 0xFFFFFFFF, (tsc >> 32) & 0xFFFFFFFF, aux
+    else:
+        reg = int(f.rec["rm"])
+        f.regs[E.REG_NAMES[reg] if reg < 16 else "rax"] = aux
+    f.complete()
+    return None
+
+
+def _state_instruction(f: Failure) -> Optional[VmExit]:
+    """x87/SSE/XSAVE state instructions (see :mod:`.xstate`)."""
+    handler = fpu_handler(f.vcpu, f.rec, f.regs, f.sregs, f.bitness, int(f.rec["op_class"]))
+    if handler is None:
+        return f.report("not emulated")
+    name, emulate = handler
+    try:
+        emulate()
+    except Fault as fault:
+        f.fault(fault.vector, fault.error_code, name)
+        return None
+    except (NotEmulated, GuestAccessError) as e:
+        return f.report(f"not emulated: {e}")
+    f.complete(name)
+    return None
+
+
+def _data_instruction(f: Failure) -> Optional[VmExit]:
+    """Data instructions: the kernel's plan / read / execute / write protocol on guest memory."""
+    vcpu, rec, regs, sregs, bitness = f.vcpu, f.rec, f.regs, f.sregs, f.bitness
+    file = E.regs_from_kvm(regs)
+    seg_bases = np.array([int(sregs[s]["base"]) for s in ("es", "cs", "ss", "ds", "fs", "gs")], np.uint64)
+    stack_asz = 8 if bitness == 64 else (4 if sregs["ss"]["db"] else 2)
+    mops, mdata, info = E.new_buffers()
+    kw, mem = paging_registers(vcpu, sregs, regs)
+    kw["set_ad"] = True
+    status = E.EmulateStatus.REPEAT
+    iterations = 0
+    try:
+        while status == E.EmulateStatus.REPEAT and iterations < MAX_REP_ITERATIONS:
+            n = int(E.step(rec, file, bitness, seg_bases, stack_asz, mops, mdata, info, E.PHASE_PLAN))
+            if n < 0:
+                status = E.EmulateStatus(-n)
+                break
+            pieces = []
+            for i in range(n):
+                gla, size, mkind = (int(x) for x in mops[i])
+                access = 1 if mkind & E.MemKind.WRITE else 0
+                pieces.append(chunks(vcpu, kw, mem, gla, size, access))  # faults before any effect
+                if mkind & E.MemKind.READ:
+                    data = b"".join(read_phys(vcpu, gpa, sz) for gpa, sz in pieces[i])
+                    mdata[i, :size] = np.frombuffer(data, np.uint8)
+            status = E.EmulateStatus(int(E.step(rec, file, bitness, seg_bases, stack_asz, mops, mdata, info,
+                                                E.PHASE_EXECUTE)))
+            if status not in (E.EmulateStatus.OK, E.EmulateStatus.REPEAT):
+                break
+            for i in range(n):
+                if int(mops[i, 2]) & E.MemKind.WRITE:
+                    data = mdata[i, :int(mops[i, 1])].tobytes()
+                    at = 0
+                    for gpa, sz in pieces[i]:
+                        write_phys(vcpu, gpa, data[at:at + sz])
+                        at += sz
+            iterations += 1
+    except GuestAccessError as e:
+        return f.report(f"not emulated: {e}")
+    if status == E.EmulateStatus.EXCEPTION:
+        return f.report(f"raises exception {int(info[0])} (error code {int(info[1]):#x}); not injected")
+    if status not in (E.EmulateStatus.OK, E.EmulateStatus.REPEAT):
+        return f.report(f"not emulated ({status.name.lower()})")
+    E.regs_to_kvm(file, regs)
+    vcpu.set_regs(regs)
+    count_emulated(vcpu, f.kind)
+    return None
+
+
+def _not_emulated(f: Failure) -> Optional[VmExit]:
+    return f.report("not emulated")
+
+
+# bhyve's table, by instruction class: what to do with each instruction KVM could not run.
+BY_CLASS: dict[int, ClassHandler] = {
+    OpClass.INT3: _software_interrupt,
+    OpClass.INTN: _software_interrupt,
+    OpClass.CLWB: _cache_line_op,
+    OpClass.CLFLUSH: _cache_line_op,
+    OpClass.CLFLUSHOPT: _cache_line_op,
+    OpClass.CLAC: _smap_ac,
+    OpClass.STAC: _smap_ac,
+    OpClass.RDTSCP: _tsc_aux,
+    OpClass.RDPID: _tsc_aux,
+    OpClass.XSETBV: _state_instruction,
+    OpClass.XGETBV: _state_instruction,
+    OpClass.XSAVE_FAMILY: _state_instruction,
+    OpClass.FXSAVE: _state_instruction,
+    OpClass.FXRSTOR: _state_instruction,
+    OpClass.LDMXCSR: _state_instruction,
+    OpClass.STMXCSR: _state_instruction,
+    OpClass.SSE_AVX: _state_instruction,  # VEX-encoded vldmxcsr/vstmxcsr
+    OpClass.FWAIT: _state_instruction,
+    OpClass.X87: _state_instruction,
+    **{int(c): _data_instruction for c in E.EMULATED_CLASSES},
+}
+
+
+def handle_emulation_failure(vcpu, exit_: VmExit) -> Optional[VmExit]:
+    """Emulate the instruction KVM failed on (None: resume the guest) or report why not."""
+    regs = vcpu.get_regs()
+    sregs = vcpu.get_sregs()
+    mode, bitness = cpu_mode(sregs)
+    rip = int(regs["rip"])
+    kvm_code = instruction_bytes(exit_)
+    if exit_.suberror != KvmInternalError.EMULATION:
+        try:
+            name = KvmInternalError(exit_.suberror).name.lower().replace("_", " ")
+        except ValueError:
+            name = f"internal error {exit_.suberror}"
+        return report(vcpu, exit_, rip, mode, kvm_code, disassemble_text(kvm_code, bitness, rip),
+                      f"KVM: {name}")
+    cs_base = int(sregs["cs"]["base"]) if bitness != 64 else 0
+    wrap = (1 << 64) - 1 if bitness == 64 else 0xFFFFFFFF
+    code = fetch_code(vcpu, (cs_base + rip) & wrap, 15, sregs, regs) or kvm_code
+    if not code:
+        return report(vcpu, exit_, rip, mode, b"", "(no instruction bytes)",
+                      "instruction unreadable (no guest mapping, no bytes from KVM)")
+    rec = decode(code, bitness, rip)
+    if rec["status"] != 0:
+        return report(vcpu, exit_, rip, mode, code, format_instruction(rec, code), "undecodable instruction")
+    code = code[:int(rec["length"])]
+    oc = int(rec["op_class"])
+    try:
+        kind = OpClass(oc).name.lower()
+    except ValueError:
+        kind = str(oc)
+    failure = Failure(vcpu, exit_, rec, regs, sregs, mode, bitness, rip, code,
+                      format_instruction(rec, code), kind)
+    return BY_CLASS.get(oc, _not_emulated)(failure)

@@ -1,0 +1,101 @@
+"""What Python does with an exit the native run loop handed back: bhyve's handler table.
+
+The run loop normalises every exit into one ``VM_EXIT_DTYPE`` record; :data:`HANDLERS` maps
+its exit code to one handler. A handler either completes the exit (a Python device, an MSR
+handler, an emulated instruction) and returns None, so the vCPU resumes, or returns the
+:class:`~hvjit.exits.VmExit` that ``Vcpu.run`` gives its caller. Exit codes without an entry
+go to the caller as they are.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Callable, Optional
+
+import numpy as np
+
+from .abi import VmExitCode
+from .emulation import handle_emulation_failure
+from .errors import KvmError
+from .exits import VmExit
+
+ExitHandler = Callable[[object, np.void], Optional[VmExit]]
+
+
+def to_caller(vcpu, rec) -> VmExit:
+    """The exit as the caller sees it (with the vCPU's RIP now)."""
+    return VmExit.from_record(rec, int(vcpu.get_regs()["rip"]))
+
+
+def _port_io(vcpu, rec) -> Optional[VmExit]:
+    """A port claimed by a Python handler: call it for each element of the access."""
+    handler = vcpu.vm.bus.port_handler(int(rec["port"]))
+    if handler is None:
+        return to_caller(vcpu, rec)
+    r, page = vcpu._run[0], vcpu._page
+    size, count = int(r["io_size"]), int(r["io_count"])
+    port, at = int(r["io_port"]), int(r["io_data_offset"])
+    is_write = int(r["io_direction"]) == 1
+    if at < 0 or at + size * count > page.size:
+        raise KvmError("KVM_RUN", errno.EFAULT, f"port-IO data area {at:#x}+{size * count} outside the run page")
+    for i in range(count):
+        view = page[at + i * size : at + (i + 1) * size]
+        value = int.from_bytes(view.tobytes(), "little") if is_write else 0
+        result = handler(port, size, is_write, value)
+        if not is_write:
+            view[:] = np.frombuffer(int(result or 0).to_bytes(8, "little", signed=False)[:size], np.uint8)
+    return None
+
+
+def _mmio(vcpu, rec) -> Optional[VmExit]:
+    """An MMIO access to a range a Python handler claimed."""
+    handler = vcpu.vm.bus.mmio_handler(int(rec["gpa"]), int(rec["mmio_len"]))
+    if handler is None:
+        return to_caller(vcpu, rec)
+    r = vcpu._run[0]
+    size, gpa = int(r["mmio_len"]), int(r["mmio_phys_addr"])
+    is_write = bool(r["mmio_is_write"])
+    data = r["mmio_data"]
+    value = int.from_bytes(data[:size].tobytes(), "little") if is_write else 0
+    result = handler(gpa, size, is_write, value)
+    if not is_write:
+        data[:size] = np.frombuffer((int(result or 0) & ((1 << 64) - 1)).to_bytes(8, "little")[:size], np.uint8)
+    return None
+
+
+def _msr(vcpu, rec) -> Optional[VmExit]:
+    """A user-space MSR exit: the handler's value, or a #GP when it returns None for a read
+    (False for a write)."""
+    handler = vcpu.vm.msr_handler(int(rec["msr_index"]))
+    if handler is None:
+        return to_caller(vcpu, rec)
+    r = vcpu._run[0]
+    index = int(r["msr_index"])
+    if int(rec["exitcode"]) == VmExitCode.WRMSR:
+        ok = handler(index, True, int(r["msr_data"]))
+        r["msr_error"] = 1 if ok is False else 0
+    else:
+        value = handler(index, False, 0)
+        r["msr_error"] = 1 if value is None else 0
+        r["msr_data"] = 0 if value is None else int(value) & (1 << 64) - 1
+    return None
+
+
+def _emulation_failure(vcpu, rec) -> Optional[VmExit]:
+    """KVM could not run an instruction: emulate it, or return the exit with a typed report."""
+    return handle_emulation_failure(vcpu, to_caller(vcpu, rec))
+
+
+HANDLERS: dict[int, ExitHandler] = {
+    VmExitCode.INOUT: _port_io,
+    VmExitCode.INOUT_STR: _port_io,
+    VmExitCode.INST_EMUL: _mmio,
+    VmExitCode.RDMSR: _msr,
+    VmExitCode.WRMSR: _msr,
+    VmExitCode.EMULATION_FAILURE: _emulation_failure,
+}
+
+
+def handle(vcpu, rec) -> Optional[VmExit]:
+    """Dispatch one exit record: None to resume the guest, else the exit for the caller."""
+    return HANDLERS.get(int(rec["exitcode"]), to_caller)(vcpu, rec)
