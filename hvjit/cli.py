@@ -125,7 +125,7 @@ def run_image(args, out=sys.stdout) -> int:
         vm = s.create_vm(args.name, memory=args.memory, vcpus=args.cpus, irqchip=irqchip)
         info = loaders.load(
             vm, data, format=fmt, cmdline=args.append or "", initrd=args.initrd,
-            modules=args.module or (),
+            modules=args.module or (), name=args.kernel or args.image,  # argv[0], as QEMU's -kernel
             gpa=args.gpa if fmt == "flat" else None, entry=args.entry,
             mode=None if real_guest else (args.mode if fmt == "flat" or args.mode_given else None),
             cpl=0 if real_guest else args.cpl,
@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", help="kernel image (same as IMAGE)")
     run.add_argument("--format", choices=["auto", "flat", "elf", "multiboot", "linux"], default="auto")
     run.add_argument("--append", default="", help="kernel command line (multiboot, Linux)")
-    run.add_argument("--initrd", help="initial ramdisk (Linux)")
+    run.add_argument("--initrd", help="initial ramdisk (Linux); for a multiboot kernel, modules as QEMU "
+                     "takes them: 'FILE [ARGS][,FILE [ARGS]...]' (kvm-unit-tests: the environment file)")
     run.add_argument("--module", action="append", help="multiboot module (repeatable)")
     run.add_argument("--gpa", type=parse_int, default=0x1000, help="load address of a flat binary (default 0x1000)")
     run.add_argument("--entry", type=parse_int, default=None, help="entry point (default: the image's)")

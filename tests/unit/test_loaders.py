@@ -440,7 +440,9 @@ def test_multiboot_elf_mbi(vm, tmp_path):
     assert flags & (1 | 4 | 8 | 64 | 512) == (1 | 4 | 8 | 64 | 512)
     sa = hentry.sysarea_gpa(vm)
     assert m.read_u32(mbi + 4) == 639 and m.read_u32(mbi + 8) == (sa - 0x100000) // 1024
-    assert _read_cstr(vm, m.read_u32(mbi + 16)) == "console=ttyS0 x=1"
+    # argv[0] first, as QEMU and GRUB pass it; bytes have no file name
+    assert _read_cstr(vm, m.read_u32(mbi + 16)) == "kernel console=ttyS0 x=1"
+    assert info.cmdline == "kernel console=ttyS0 x=1" and info.image_name == "kernel"
     assert _read_cstr(vm, m.read_u32(mbi + 64)) == "hvjit"
     assert m.read_u32(mbi + 20) == 2
     mods = m.read_u32(mbi + 24)
@@ -520,8 +522,77 @@ def test_multiboot_module_errors(vm):
         loaders.load(vm, good, modules=[b"x" * (80 << 20)])
     with pytest.raises(LoaderError, match="module 0 string contains a NUL"):
         loaders.load(vm, good, modules=[(b"x", "a\0b")])
-    with pytest.raises(LoaderError, match="initrd needs the Linux boot protocol"):
-        loaders.load(vm, good, initrd=b"x")
+    with pytest.raises(LoaderError, match="initrd needs the Linux or multiboot protocol"):
+        loaders.load(vm, b"\x90", initrd=b"x")
+    with pytest.raises(LoaderError, match="cannot read module 0 .*'/nonexistent/env'"):
+        loaders.load(vm, good, initrd="/nonexistent/env arg")
+    with pytest.raises(LoaderError, match="module 1 has no file name"):
+        loaders.load(vm, good, initrd="env,")
+    with pytest.raises(LoaderError, match="image name contains a NUL"):
+        loaders.load(vm, good, name="a\0b", cmdline=b"x")
+    with pytest.raises(LoaderError, match="command line must be str or bytes, not int"):
+        loaders.load(vm, good, cmdline=5)
+
+
+def _mbi_cmdline_and_modules(vm, info):
+    m, mbi = vm.memory, info.boot_info_gpa
+    mods = m.read_u32(mbi + 24)
+    modules = []
+    for i in range(m.read_u32(mbi + 20)):
+        start, end, string = (m.read_u32(mods + 16 * i + k) for k in (0, 4, 8))
+        modules.append((m.read(start, end - start), _read_cstr(vm, string)))
+    return _read_cstr(vm, m.read_u32(mbi + 16)), modules
+
+
+@pytest.mark.parametrize("name, cmdline, expected", [
+    (None, "console=ttyS0 x=1", "{path} console=ttyS0 x=1"),  # the path as given, as QEMU's -kernel
+    (None, "", "{path}"),  # no arguments: the name alone, as GRUB passes it
+    ("x86/apic.flat", "-smp 2", "x86/apic.flat -smp 2"),
+    ("x86/apic.flat", b"raw bytes", "x86/apic.flat raw bytes"),
+    ("", "only args", "only args"),  # an empty name: the arguments alone
+])
+def test_multiboot_cmdline_starts_with_the_image_name(vm, tmp_path, name, cmdline, expected):
+    path = tmp_path / "apic.elf"
+    path.write_bytes(_mb_image(0x10000, (0x100000, 0x100000, 0, 0, 0x10000C)))
+    info = loaders.load(vm, str(path), cmdline=cmdline, name=name)
+    want = expected.format(path=path)
+    assert _mbi_cmdline_and_modules(vm, info)[0] == want == info.cmdline
+    assert info.image_name == (str(path) if name is None else name)
+    assert f"command line at {info.cmdline_gpa:#x}: {want!r}" in str(info)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("env", [("env", "env")]),
+    ("env arg=1 b", [("env", "env arg=1 b")]),
+    ("a arg,b", [("a", "a arg"), ("b", "b")]),
+    ("a,,b c,d", [("a,b", "a,b c"), ("d", "d")]),  # ",," is a comma in the name, as QEMU has it
+])
+def test_parse_initrd_spec_as_qemu(spec, expected):
+    assert lmb.parse_initrd_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", ",a", "a,", " arg"])
+def test_parse_initrd_spec_refuses_a_module_without_a_file(spec):
+    with pytest.raises(LoaderError, match="has no file name"):
+        lmb.parse_initrd_spec(spec)
+
+
+def test_multiboot_initrd_becomes_the_first_modules(vm, tmp_path, monkeypatch):
+    """QEMU's -initrd for a multiboot kernel: kvm-unit-tests read KEY=VALUE lines from module 0."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "env").write_bytes(b"QEMU_ACCEL=kvm\nBOOTLOADER=1\n")
+    (tmp_path / "b,c").write_bytes(b"second")
+    good = _mb_image(0x10000, (0x100000, 0x100000, 0, 0, 0x10000C))
+    info = loaders.load(vm, good, initrd="env x=1,b,,c", modules=[(b"extra", "extra")])
+    assert _mbi_cmdline_and_modules(vm, info)[1] == [
+        (b"QEMU_ACCEL=kvm\nBOOTLOADER=1\n", "env x=1"), (b"second", "b,c"), (b"extra", "extra")]
+    assert [s for _, _, s in info.modules] == ["env x=1", "b,c", "extra"]
+    from pathlib import Path
+
+    info = loaders.load(vm, good, initrd=Path("b,c"))  # a path object is one file, never a list
+    assert _mbi_cmdline_and_modules(vm, info)[1] == [(b"second", "b,c")]
+    info = loaders.load(vm, good, initrd=b"A=1\n")
+    assert _mbi_cmdline_and_modules(vm, info)[1] == [(b"A=1\n", "initrd")]
 
 
 # ---- Linux: bzImage -----------------------------------------------------------------------------
