@@ -110,7 +110,7 @@ def _image_and_format(args) -> tuple[bytes, str, list[str]]:
     notes = []
     if fmt == "linux" and data[:4] != b"\x7fELF" and Kvm.instance().flavour == "pvm" and not args.no_extract:
         # Ring 0 is emulated here: decompressing in the guest would take many minutes.
-        data = extract_vmlinux(data)
+        data = extract_vmlinux(data, max_size=args.memory)  # a kernel bigger than RAM cannot boot
         notes.append("PVM host: booting the bzImage's vmlinux through its PVH entry (--no-extract to keep it)")
     return data, fmt, notes
 

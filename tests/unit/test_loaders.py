@@ -6,9 +6,11 @@ in LoaderError with a message naming the problem.
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import struct
 import subprocess
+import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from hvjit import entry as hentry
 from hvjit import loaders
 from hvjit.abi import GPR_NAMES, KVM_SREGS_DTYPE
 from hvjit.errors import LoaderError
+from hvjit.loaders import bzimage as lbz
 from hvjit.loaders import elf as lelf
 from hvjit.loaders import linux as llinux
 from hvjit.loaders import multiboot as lmb
@@ -760,12 +763,19 @@ def test_vmlinux_errors(vm, tmp_path):
 # ---- fuzzing: every corruption either loads or raises LoaderError ------------------------------------
 
 
-def _fuzz(vm, base: bytes, seed: int, rounds: int, hot: int, **kw):
+def _corruptions(base: bytes, seed: int, rounds: int, hot):
+    """``rounds`` randomly corrupted copies of ``base``; 80% of the writes land in ``hot``
+    (an end offset, or a list of (start, end) ranges)."""
+    ranges = [(0, hot)] if isinstance(hot, int) else hot
     rng = np.random.default_rng(seed)
     for _ in range(rounds):
         data = bytearray(base)
         for _ in range(int(rng.integers(1, 6))):
-            pos = int(rng.integers(0, min(len(data), hot) if rng.random() < 0.8 else len(data)))
+            if rng.random() < 0.8:
+                lo, hi = ranges[int(rng.integers(0, len(ranges)))] if len(ranges) > 1 else ranges[0]
+                pos = int(rng.integers(lo, min(len(data), hi)))
+            else:
+                pos = int(rng.integers(0, len(data)))
             if rng.random() < 0.5:
                 data[pos] = int(rng.integers(0, 256))
             else:  # a plausible-looking big or small 32-bit value
@@ -773,8 +783,13 @@ def _fuzz(vm, base: bytes, seed: int, rounds: int, hot: int, **kw):
                 data[pos:pos + 4] = val.to_bytes(4, "little")[: len(data) - pos]
         if rng.random() < 0.1:
             data = data[: int(rng.integers(0, len(data)))]
+        yield bytes(data)
+
+
+def _fuzz(vm, base: bytes, seed: int, rounds: int, hot: int, **kw):
+    for data in _corruptions(base, seed, rounds, hot):
         try:
-            loaders.load(vm, bytes(data), **kw)
+            loaders.load(vm, data, **kw)
         except LoaderError:
             pass
 
@@ -803,3 +818,174 @@ def test_fuzz_bzimage():
 def test_fuzz_pvh(vm, tmp_path):
     base = build_elf(tmp_path, PVH64, bits=64, base=0x1000000)
     _fuzz(vm, base, 5, 300, 0x1200, format="linux", initrd=b"i")
+
+
+# ---- a bzImage's compressed vmlinux: bounded extraction -----------------------------------------------
+
+
+def tiny_vmlinux(padding: int = 0) -> bytes:
+    """An ELF64 kernel with one PT_LOAD (hlt at 16 MiB), bootable through the 64-bit protocol;
+    ``padding`` zero bytes after it (a large, very compressible image)."""
+    code = b"\xf4"
+    ehdr = struct.pack("<4sBBBBB7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, 0x1000000,
+                       64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 120, 0x1000000, 0x1000000, len(code), 0x1000, 0x1000)
+    return ehdr + phdr + code + bytes(padding)
+
+
+def compress(kind: str, data: bytes, zeros: int = 0) -> bytes:
+    """``data`` plus ``zeros`` zero bytes compressed as the kernel's build does (xz and lzma get
+    the 4-byte size appended), without holding the zeros in memory."""
+    if kind == "gzip":
+        c = zlib.compressobj(9, wbits=16 + zlib.MAX_WBITS)
+    else:
+        c = lzma.LZMACompressor(format=lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE,
+                                **({"check": lzma.CHECK_CRC32} if kind == "xz" else {}), preset=0)
+    chunk = bytes(1 << 20)
+    parts = [c.compress(data)]
+    for at in range(0, zeros, len(chunk)):
+        parts.append(c.compress(chunk[:zeros - at]))
+    parts.append(c.flush())
+    out = b"".join(parts)
+    return out if kind == "gzip" else out + struct.pack("<I", (len(data) + zeros) & 0xFFFFFFFF)
+
+
+def bzimage_with_payload(payload: bytes) -> bytes:
+    """A bzImage (boot protocol 2.15) whose protected-mode part is a stub then ``payload``."""
+    stub = b"\x90" * 0x100 + b"\xf4"
+    img = bytearray(make_bzimage(kernel=stub + payload + b"\0" * 7))
+    struct.pack_into("<II", img, 0x248, len(stub), len(payload))
+    return bytes(img)
+
+
+PAYLOAD_KINDS = ("gzip", "xz", "lzma")
+
+
+@pytest.mark.parametrize("kind", PAYLOAD_KINDS)
+def test_extract_vmlinux_and_boot_it(vm, kind):
+    vmlinux = tiny_vmlinux(padding=5000)
+    image = bzimage_with_payload(compress(kind, vmlinux))
+    assert lbz.payload(image)[0] == kind
+    assert lbz.extract_vmlinux(image, max_size=len(vmlinux)) == vmlinux  # a cap of exactly its size
+    with pytest.raises(LoaderError, match=f"decompresses to more than {len(vmlinux) - 1:#x} bytes"):
+        lbz.extract_vmlinux(image, max_size=len(vmlinux) - 1)
+    info = loaders.load(vm, lbz.extract_vmlinux(image), format="linux")
+    assert info.mode == "long" and vm.memory.read(0x1000000, 1) == b"\xf4"
+
+
+def _payload_errors():
+    elf = tiny_vmlinux(3000)
+    gz = compress("gzip", elf)
+    yield "gzip-crc", gz[:-8] + bytes(4) + gz[-4:], "payload \\(gzip\\) does not decompress: .*check"
+    yield "gzip-header", gz[:3] + b"\xff" + gz[4:], "payload \\(gzip\\) does not decompress"
+    for kind in PAYLOAD_KINDS:
+        full = compress(kind, elf)
+        yield f"{kind}-truncated", full[:len(full) // 2], f"payload \\({kind}\\) is truncated"
+        yield f"{kind}-not-elf", compress(kind, b"MZ" + bytes(100)), "not an ELF kernel \\(it starts 4d5a0000\\)"
+        yield f"{kind}-empty", compress(kind, b""), "not an ELF kernel \\(it decompresses to 0 bytes\\)"
+    xz = bytearray(compress("xz", elf))
+    xz[len(xz) // 2] ^= 0xFF
+    yield "xz-corrupt", bytes(xz), "payload \\(xz\\) does not decompress"
+    huge_dict = bytearray(compress("lzma", elf))
+    struct.pack_into("<I", huge_dict, 1, 0xFFFF0000)  # liblzma would allocate a 4 GiB dictionary
+    yield "lzma-4g-dictionary", bytes(huge_dict), "payload \\(lzma\\) does not decompress: Memory usage limit"
+    yield "unknown", b"\x42\x5a\x68" + bytes(50), "unknown compression \\(starts 425a68"
+
+
+@pytest.mark.parametrize("payload, message", [p[1:] for p in _payload_errors()],
+                         ids=[p[0] for p in _payload_errors()])
+def test_extract_vmlinux_errors_are_loader_errors(payload, message):
+    with pytest.raises(LoaderError, match=message):
+        lbz.extract_vmlinux(bzimage_with_payload(payload), max_size=1 << 20)
+
+
+def test_extract_vmlinux_header_errors():
+    image = bytearray(bzimage_with_payload(compress("gzip", tiny_vmlinux())))
+    with pytest.raises(LoaderError, match="max_size must be positive"):
+        lbz.extract_vmlinux(bytes(image), max_size=0)
+    struct.pack_into("<I", image, 0x24C, 0x7FFFFFFF)
+    with pytest.raises(LoaderError, match="lies outside the"):
+        lbz.extract_vmlinux(bytes(image))
+    with pytest.raises(LoaderError, match="no 'HdrS'"):
+        lbz.extract_vmlinux(b"\x90" * 0x300)
+    with pytest.raises(LoaderError, match="boot protocol 2.7 has no payload fields"):
+        lbz.extract_vmlinux(make_bzimage(version=0x207))
+
+
+def test_extract_vmlinux_zstd():
+    try:
+        import zstandard
+    except ImportError:
+        with pytest.raises(LoaderError, match="zstd-compressed: install the 'zstandard' package"):
+            lbz.extract_vmlinux(bzimage_with_payload(b"\x28\xb5\x2f\xfd" + bytes(20)))
+        pytest.skip("zstd payloads need the zstandard package")
+    vmlinux = tiny_vmlinux(5000)
+    payload = zstandard.ZstdCompressor().compress(vmlinux) + struct.pack("<I", len(vmlinux))
+    assert lbz.extract_vmlinux(bzimage_with_payload(payload)) == vmlinux
+    with pytest.raises(LoaderError, match="decompresses to more than"):
+        lbz.extract_vmlinux(bzimage_with_payload(payload), max_size=4096)
+
+
+BOMB_SIZE = 64 << 20
+BOMB_CAP = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def bombs():
+    """An ELF header then 64 MiB of zeros, compressed (gzip ~65 KB, xz and lzma ~10 KB)."""
+    return {kind: bzimage_with_payload(compress(kind, tiny_vmlinux(), zeros=BOMB_SIZE)) for kind in PAYLOAD_KINDS}
+
+
+@pytest.mark.parametrize("kind", PAYLOAD_KINDS)
+def test_decompression_bomb_stops_at_the_cap(bombs, kind):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(LoaderError, match=f"\\({kind}, .*\\) decompresses to more than {BOMB_CAP:#x} bytes"):
+            lbz.extract_vmlinux(bombs[kind], max_size=BOMB_CAP)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The cap, a step or two of output, the decoder's state and the compressed input (measured:
+    # 1.7-1.8 MiB): never the 64 MiB.
+    assert peak < BOMB_CAP + (1 << 20) + 2 * len(bombs[kind]), peak
+
+
+def test_extraction_peak_memory_stays_near_the_output(bombs):
+    """A large image that fits: built in place, handed over without a second copy."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = lbz.extract_vmlinux(bombs["xz"], max_size=BOMB_SIZE + 4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(out) == len(tiny_vmlinux()) + BOMB_SIZE
+    assert peak < len(out) * 1.2 + lbz.OUTPUT_STEP, peak
+
+
+@pytest.mark.parametrize("kind, seed", [("gzip", 11), ("xz", 12), ("lzma", 13)])
+def test_fuzz_bzimage_extraction(kind, seed):
+    """Random corruptions of a bzImage's header fields and compressed payload: the extraction and
+    the boot of what it gives either work or raise LoaderError, and nothing outgrows the cap."""
+    vm = FakeVm(((0, 32 << 20),))
+    image = bzimage_with_payload(compress(kind, tiny_vmlinux(2000), zeros=200 << 10))
+    start = (image[0x1F1] + 1) * 512 + struct.unpack_from("<I", image, 0x248)[0]
+    hot = [(0x1F0, 0x250), (start, start + 64), (start, len(image))]
+    cap = 1 << 20
+    outcomes = {"extracted": 0, "refused": 0}
+    for data in _corruptions(image, seed, 600, hot):
+        try:
+            vmlinux = lbz.extract_vmlinux(data, max_size=cap)
+        except LoaderError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["extracted"] += 1
+        assert len(vmlinux) <= cap
+        try:
+            loaders.load(vm, vmlinux, format="linux")
+        except LoaderError:
+            pass
+    assert outcomes["extracted"] > 10 and outcomes["refused"] > 100, outcomes
