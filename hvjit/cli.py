@@ -110,7 +110,7 @@ def _image_and_format(args) -> tuple[bytes, str, list[str]]:
     notes = []
     if fmt == "linux" and data[:4] != b"\x7fELF" and Kvm.instance().flavour == "pvm" and not args.no_extract:
         # Ring 0 is emulated here: decompressing in the guest would take many minutes.
-        data = extract_vmlinux(data)
+        data = extract_vmlinux(data, max_size=args.memory)  # a kernel bigger than RAM cannot boot
         notes.append("PVM host: booting the bzImage's vmlinux through its PVH entry (--no-extract to keep it)")
     return data, fmt, notes
 
@@ -125,7 +125,7 @@ def run_image(args, out=sys.stdout) -> int:
         vm = s.create_vm(args.name, memory=args.memory, vcpus=args.cpus, irqchip=irqchip)
         info = loaders.load(
             vm, data, format=fmt, cmdline=args.append or "", initrd=args.initrd,
-            modules=args.module or (),
+            modules=args.module or (), name=args.kernel or args.image,  # argv[0], as QEMU's -kernel
             gpa=args.gpa if fmt == "flat" else None, entry=args.entry,
             mode=None if real_guest else (args.mode if fmt == "flat" or args.mode_given else None),
             cpl=0 if real_guest else args.cpl,
@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", help="kernel image (same as IMAGE)")
     run.add_argument("--format", choices=["auto", "flat", "elf", "multiboot", "linux"], default="auto")
     run.add_argument("--append", default="", help="kernel command line (multiboot, Linux)")
-    run.add_argument("--initrd", help="initial ramdisk (Linux)")
+    run.add_argument("--initrd", help="initial ramdisk (Linux); for a multiboot kernel, modules as QEMU "
+                     "takes them: 'FILE [ARGS][,FILE [ARGS]...]' (kvm-unit-tests: the environment file)")
     run.add_argument("--module", action="append", help="multiboot module (repeatable)")
     run.add_argument("--gpa", type=parse_int, default=0x1000, help="load address of a flat binary (default 0x1000)")
     run.add_argument("--entry", type=parse_int, default=None, help="entry point (default: the image's)")

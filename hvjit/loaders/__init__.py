@@ -77,8 +77,9 @@ class BootInfo:
     boot_info_kind: str = ""
     memory_map: list = field(default_factory=list)  # [MemoryRegion] as handed to the guest
     loaded: list = field(default_factory=list)  # [(what, gpa, size)] in guest memory
-    cmdline: str = ""
+    cmdline: str = ""  # as the guest receives it (multiboot: "<image name> <arguments>")
     cmdline_gpa: Optional[int] = None
+    image_name: str = ""  # argv[0] of a multiboot command line
     modules: list = field(default_factory=list)  # [(gpa, size, string)]
     initrd: Optional[tuple] = None  # (gpa, size)
     image: Any = None  # an ElfImage (symbols) for ELF-based formats
@@ -321,11 +322,15 @@ def write_firmware(vm, cmdline: str = "") -> Optional[int]:
 
 def load(vm, image: ImageSource, *, format: str = "auto", cmdline="", initrd=None, modules=(),
          gpa: Optional[int] = None, entry: Optional[int] = None, mode: Optional[str] = None,
-         cpl: int = 0, vcpu: int = 0, rsdp: Optional[int] = None) -> BootInfo:
+         cpl: int = 0, vcpu: int = 0, rsdp: Optional[int] = None, name: Optional[str] = None) -> BootInfo:
     """Load ``image`` into ``vm`` and put vCPU ``vcpu`` into its entry state.
 
     ``format``: ``"auto"`` (see :func:`detect_format`) or one of :data:`FORMATS`.
-    ``cmdline``: the kernel command line (multiboot, Linux). ``initrd``: bytes or path (Linux).
+    ``cmdline``: the kernel's arguments (multiboot, Linux). A multiboot kernel receives
+    "<name> <cmdline>", ``name`` defaulting to the image's path as given, or "kernel" for bytes
+    (``name=""`` passes the arguments alone).
+    ``initrd``: bytes or path (Linux); for multiboot, the first module(s), as QEMU's ``-initrd``:
+    a str "FILE [ARGS][,FILE [ARGS]...]", a path object or bytes.
     ``modules``: multiboot modules, each bytes, a path, or ``(bytes_or_path, string)``.
     ``gpa``/``mode``/``cpl``: where and how a flat binary (or a plain ELF) starts; ``entry``
     overrides any format's entry point. ``rsdp``: the ACPI RSDP for a PVH vmlinux.
@@ -336,9 +341,8 @@ def load(vm, image: ImageSource, *, format: str = "auto", cmdline="", initrd=Non
         raise LoaderError(f"unknown image format {format!r}; known: auto, {', '.join(FORMATS)}")
     if fmt != "multiboot" and modules:
         raise LoaderError(f"modules are a multiboot feature; this is a {fmt} image")
-    if fmt != "linux" and initrd is not None:
-        raise LoaderError(f"an initrd needs the Linux boot protocol; this is a {fmt} image"
-                          + (" (pass it as a multiboot module)" if fmt == "multiboot" else ""))
+    if fmt not in ("linux", "multiboot") and initrd is not None:
+        raise LoaderError(f"an initrd needs the Linux or multiboot protocol; this is a {fmt} image")
     if fmt != "linux" and rsdp is not None:
         raise LoaderError(f"an RSDP address is passed only to a PVH Linux kernel, not a {fmt} image")
     if fmt in ("multiboot", "linux") and (mode is not None or cpl != 0):
@@ -364,7 +368,10 @@ def load(vm, image: ImageSource, *, format: str = "auto", cmdline="", initrd=Non
     if fmt == "multiboot":
         from . import multiboot
 
-        return multiboot.load(vm, v, data, cmdline=cmdline, modules=modules, entry=entry)
+        if name is None:
+            name = source_name(image, multiboot.DEFAULT_IMAGE_NAME)
+        return multiboot.load(vm, v, data, cmdline=cmdline, modules=modules, initrd=initrd, entry=entry,
+                              image_name=name)
     from . import linux
 
     return linux.load(vm, v, data, cmdline=cmdline, initrd=initrd, entry=entry, rsdp=rsdp)

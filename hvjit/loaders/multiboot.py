@@ -6,6 +6,10 @@ conformance-suite kernels use, with flags 0); with bit 16 set the a.out-kludge a
 header say where the bytes go. Modules are loaded page-aligned above the kernel, then the MBI
 with its command line, module list, memory map and boot loader name, all below 4 GiB. Entry:
 32-bit protected mode, paging off, CPL0, EAX=0x2BADB002, EBX=MBI.
+
+The command line is "<image> <arguments>", as QEMU and GRUB pass it: conformance-suite kernels
+parse it into argv with argv[0] = the image. An initrd becomes modules the way QEMU's
+``-initrd`` does for a multiboot kernel (kvm-unit-tests read their environment from the first).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ LOADER_NAME = "hvjit"
 MAX_MODULES = 256
 MAX_CMDLINE = 0x10000
 LIMIT_4G = 1 << 32
+DEFAULT_IMAGE_NAME = "kernel"  # argv[0] for an image given as bytes, which has no file name
 
 
 def find_header(data: bytes) -> Optional[tuple[int, int, int]]:
@@ -124,9 +129,55 @@ def _load_elf(vm, data: bytes, placer: Placer) -> _Kernel:
     return _Kernel(loaded, entry, img.physical_range[1], img)
 
 
+def parse_initrd_spec(spec: str) -> list[tuple[str, str]]:
+    """QEMU's ``-initrd`` for a multiboot kernel: comma-separated modules ("``,,``" is a comma
+    in a name), each "FILE [ARGS]". Returns [(file, string)]: the module's string is the whole
+    "FILE ARGS", as QEMU passes it."""
+    entries, current, i = [], [], 0
+    while i < len(spec):
+        if spec[i] == ",":
+            if spec[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            entries.append("".join(current))
+            current = []
+        else:
+            current.append(spec[i])
+        i += 1
+    entries.append("".join(current))
+    out = []
+    for n, entry in enumerate(entries):
+        path = entry.split(" ", 1)[0]
+        if not path:
+            raise LoaderError(f"initrd {spec!r}: module {n} has no file name "
+                              "(modules are 'FILE [ARGS]', separated by commas)")
+        out.append((path, entry))
+    return out
+
+
+def initrd_modules(initrd) -> list:
+    """The multiboot modules an initrd stands for: a str is a QEMU ``-initrd`` list (see
+    :func:`parse_initrd_spec`), a path object one file, bytes one module named "initrd"."""
+    if initrd is None:
+        return []
+    if isinstance(initrd, str):
+        return parse_initrd_spec(initrd)
+    if isinstance(initrd, (bytes, bytearray, memoryview)):
+        return [(initrd, "initrd")]
+    return [initrd]
+
+
+def multiboot_cmdline(image_name: str, args) -> bytes:
+    """The NUL-terminated command line "<image> <args>" (the image alone without arguments, as
+    GRUB passes it); the arguments alone when ``image_name`` is empty."""
+    raw = encode_cmdline(args)[:-1]
+    if not image_name:
+        return raw + b"\0"
+    return encode_cmdline(image_name, "image name")[:-1] + (b" " + raw if raw else b"") + b"\0"
+
+
 def _module_specs(modules) -> list[tuple[bytes, str]]:
-    if isinstance(modules, (bytes, bytearray, str, os.PathLike)):
-        modules = [modules]
     out = []
     for i, m in enumerate(modules):
         if len(out) >= MAX_MODULES:
@@ -151,7 +202,10 @@ def mem_lower_upper(memory_map: list[MemoryRegion]) -> tuple[int, int]:
     return lower, min(upper, 0xFFFFFFFF)
 
 
-def load(vm, vcpu, data: bytes, *, cmdline="", modules=(), entry: Optional[int] = None) -> BootInfo:
+def load(vm, vcpu, data: bytes, *, cmdline="", modules=(), initrd=None, entry: Optional[int] = None,
+         image_name: str = DEFAULT_IMAGE_NAME) -> BootInfo:
+    """``image_name`` becomes argv[0] of the command line (empty: pass ``cmdline`` alone);
+    ``initrd`` becomes the first module(s) (see :func:`initrd_modules`), before ``modules``."""
     from .. import entry as _entry
 
     hdr = find_header(data)
@@ -167,10 +221,12 @@ def load(vm, vcpu, data: bytes, *, cmdline="", modules=(), entry: Optional[int] 
         what = "video mode information (bit 2)" if unsupported & F_VIDEO_MODE else f"bits {unsupported:#x}"
         raise LoaderError(f"multiboot header flags {flags:#x} require {what}, which hvjit's loader "
                           "does not provide")
-    cmd = encode_cmdline(cmdline)
+    cmd = multiboot_cmdline(image_name, cmdline)
     if len(cmd) > MAX_CMDLINE:
         raise LoaderError(f"command line of {len(cmd) - 1} bytes is too long (at most {MAX_CMDLINE - 1})")
-    mods = _module_specs(modules)
+    if isinstance(modules, (bytes, bytearray, str, os.PathLike)):
+        modules = [modules]
+    mods = _module_specs([*initrd_modules(initrd), *modules])
     mod_strings = [encode_cmdline(s, f"module {i} string") for i, (_, s) in enumerate(mods)]
 
     placer = Placer(vm, limit=LIMIT_4G)
@@ -225,5 +281,5 @@ def load(vm, vcpu, data: bytes, *, cmdline="", modules=(), entry: Optional[int] 
                     registers={"eax": BOOTLOADER_MAGIC, "ebx": mbi}, boot_info_gpa=mbi,
                     boot_info_kind="multiboot information", memory_map=memory_map,
                     loaded=kernel.loaded, cmdline=cmd[:-1].decode("utf-8", "replace"),
-                    cmdline_gpa=cmd_gpa, modules=mod_records, image=kernel.image,
+                    cmdline_gpa=cmd_gpa, image_name=image_name, modules=mod_records, image=kernel.image,
                     notes=[f"header at file offset {off:#x}, flags {flags:#x}"])

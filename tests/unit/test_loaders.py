@@ -6,9 +6,11 @@ in LoaderError with a message naming the problem.
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import struct
 import subprocess
+import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from hvjit import entry as hentry
 from hvjit import loaders
 from hvjit.abi import GPR_NAMES, KVM_SREGS_DTYPE
 from hvjit.errors import LoaderError
+from hvjit.loaders import bzimage as lbz
 from hvjit.loaders import elf as lelf
 from hvjit.loaders import linux as llinux
 from hvjit.loaders import multiboot as lmb
@@ -440,7 +443,9 @@ def test_multiboot_elf_mbi(vm, tmp_path):
     assert flags & (1 | 4 | 8 | 64 | 512) == (1 | 4 | 8 | 64 | 512)
     sa = hentry.sysarea_gpa(vm)
     assert m.read_u32(mbi + 4) == 639 and m.read_u32(mbi + 8) == (sa - 0x100000) // 1024
-    assert _read_cstr(vm, m.read_u32(mbi + 16)) == "console=ttyS0 x=1"
+    # argv[0] first, as QEMU and GRUB pass it; bytes have no file name
+    assert _read_cstr(vm, m.read_u32(mbi + 16)) == "kernel console=ttyS0 x=1"
+    assert info.cmdline == "kernel console=ttyS0 x=1" and info.image_name == "kernel"
     assert _read_cstr(vm, m.read_u32(mbi + 64)) == "hvjit"
     assert m.read_u32(mbi + 20) == 2
     mods = m.read_u32(mbi + 24)
@@ -520,8 +525,77 @@ def test_multiboot_module_errors(vm):
         loaders.load(vm, good, modules=[b"x" * (80 << 20)])
     with pytest.raises(LoaderError, match="module 0 string contains a NUL"):
         loaders.load(vm, good, modules=[(b"x", "a\0b")])
-    with pytest.raises(LoaderError, match="initrd needs the Linux boot protocol"):
-        loaders.load(vm, good, initrd=b"x")
+    with pytest.raises(LoaderError, match="initrd needs the Linux or multiboot protocol"):
+        loaders.load(vm, b"\x90", initrd=b"x")
+    with pytest.raises(LoaderError, match="cannot read module 0 .*'/nonexistent/env'"):
+        loaders.load(vm, good, initrd="/nonexistent/env arg")
+    with pytest.raises(LoaderError, match="module 1 has no file name"):
+        loaders.load(vm, good, initrd="env,")
+    with pytest.raises(LoaderError, match="image name contains a NUL"):
+        loaders.load(vm, good, name="a\0b", cmdline=b"x")
+    with pytest.raises(LoaderError, match="command line must be str or bytes, not int"):
+        loaders.load(vm, good, cmdline=5)
+
+
+def _mbi_cmdline_and_modules(vm, info):
+    m, mbi = vm.memory, info.boot_info_gpa
+    mods = m.read_u32(mbi + 24)
+    modules = []
+    for i in range(m.read_u32(mbi + 20)):
+        start, end, string = (m.read_u32(mods + 16 * i + k) for k in (0, 4, 8))
+        modules.append((m.read(start, end - start), _read_cstr(vm, string)))
+    return _read_cstr(vm, m.read_u32(mbi + 16)), modules
+
+
+@pytest.mark.parametrize("name, cmdline, expected", [
+    (None, "console=ttyS0 x=1", "{path} console=ttyS0 x=1"),  # the path as given, as QEMU's -kernel
+    (None, "", "{path}"),  # no arguments: the name alone, as GRUB passes it
+    ("x86/apic.flat", "-smp 2", "x86/apic.flat -smp 2"),
+    ("x86/apic.flat", b"raw bytes", "x86/apic.flat raw bytes"),
+    ("", "only args", "only args"),  # an empty name: the arguments alone
+])
+def test_multiboot_cmdline_starts_with_the_image_name(vm, tmp_path, name, cmdline, expected):
+    path = tmp_path / "apic.elf"
+    path.write_bytes(_mb_image(0x10000, (0x100000, 0x100000, 0, 0, 0x10000C)))
+    info = loaders.load(vm, str(path), cmdline=cmdline, name=name)
+    want = expected.format(path=path)
+    assert _mbi_cmdline_and_modules(vm, info)[0] == want == info.cmdline
+    assert info.image_name == (str(path) if name is None else name)
+    assert f"command line at {info.cmdline_gpa:#x}: {want!r}" in str(info)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("env", [("env", "env")]),
+    ("env arg=1 b", [("env", "env arg=1 b")]),
+    ("a arg,b", [("a", "a arg"), ("b", "b")]),
+    ("a,,b c,d", [("a,b", "a,b c"), ("d", "d")]),  # ",," is a comma in the name, as QEMU has it
+])
+def test_parse_initrd_spec_as_qemu(spec, expected):
+    assert lmb.parse_initrd_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", ",a", "a,", " arg"])
+def test_parse_initrd_spec_refuses_a_module_without_a_file(spec):
+    with pytest.raises(LoaderError, match="has no file name"):
+        lmb.parse_initrd_spec(spec)
+
+
+def test_multiboot_initrd_becomes_the_first_modules(vm, tmp_path, monkeypatch):
+    """QEMU's -initrd for a multiboot kernel: kvm-unit-tests read KEY=VALUE lines from module 0."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "env").write_bytes(b"QEMU_ACCEL=kvm\nBOOTLOADER=1\n")
+    (tmp_path / "b,c").write_bytes(b"second")
+    good = _mb_image(0x10000, (0x100000, 0x100000, 0, 0, 0x10000C))
+    info = loaders.load(vm, good, initrd="env x=1,b,,c", modules=[(b"extra", "extra")])
+    assert _mbi_cmdline_and_modules(vm, info)[1] == [
+        (b"QEMU_ACCEL=kvm\nBOOTLOADER=1\n", "env x=1"), (b"second", "b,c"), (b"extra", "extra")]
+    assert [s for _, _, s in info.modules] == ["env x=1", "b,c", "extra"]
+    from pathlib import Path
+
+    info = loaders.load(vm, good, initrd=Path("b,c"))  # a path object is one file, never a list
+    assert _mbi_cmdline_and_modules(vm, info)[1] == [(b"second", "b,c")]
+    info = loaders.load(vm, good, initrd=b"A=1\n")
+    assert _mbi_cmdline_and_modules(vm, info)[1] == [(b"A=1\n", "initrd")]
 
 
 # ---- Linux: bzImage -----------------------------------------------------------------------------
@@ -689,12 +763,19 @@ def test_vmlinux_errors(vm, tmp_path):
 # ---- fuzzing: every corruption either loads or raises LoaderError ------------------------------------
 
 
-def _fuzz(vm, base: bytes, seed: int, rounds: int, hot: int, **kw):
+def _corruptions(base: bytes, seed: int, rounds: int, hot):
+    """``rounds`` randomly corrupted copies of ``base``; 80% of the writes land in ``hot``
+    (an end offset, or a list of (start, end) ranges)."""
+    ranges = [(0, hot)] if isinstance(hot, int) else hot
     rng = np.random.default_rng(seed)
     for _ in range(rounds):
         data = bytearray(base)
         for _ in range(int(rng.integers(1, 6))):
-            pos = int(rng.integers(0, min(len(data), hot) if rng.random() < 0.8 else len(data)))
+            if rng.random() < 0.8:
+                lo, hi = ranges[int(rng.integers(0, len(ranges)))] if len(ranges) > 1 else ranges[0]
+                pos = int(rng.integers(lo, min(len(data), hi)))
+            else:
+                pos = int(rng.integers(0, len(data)))
             if rng.random() < 0.5:
                 data[pos] = int(rng.integers(0, 256))
             else:  # a plausible-looking big or small 32-bit value
@@ -702,8 +783,13 @@ def _fuzz(vm, base: bytes, seed: int, rounds: int, hot: int, **kw):
                 data[pos:pos + 4] = val.to_bytes(4, "little")[: len(data) - pos]
         if rng.random() < 0.1:
             data = data[: int(rng.integers(0, len(data)))]
+        yield bytes(data)
+
+
+def _fuzz(vm, base: bytes, seed: int, rounds: int, hot: int, **kw):
+    for data in _corruptions(base, seed, rounds, hot):
         try:
-            loaders.load(vm, bytes(data), **kw)
+            loaders.load(vm, data, **kw)
         except LoaderError:
             pass
 
@@ -732,3 +818,174 @@ def test_fuzz_bzimage():
 def test_fuzz_pvh(vm, tmp_path):
     base = build_elf(tmp_path, PVH64, bits=64, base=0x1000000)
     _fuzz(vm, base, 5, 300, 0x1200, format="linux", initrd=b"i")
+
+
+# ---- a bzImage's compressed vmlinux: bounded extraction -----------------------------------------------
+
+
+def tiny_vmlinux(padding: int = 0) -> bytes:
+    """An ELF64 kernel with one PT_LOAD (hlt at 16 MiB), bootable through the 64-bit protocol;
+    ``padding`` zero bytes after it (a large, very compressible image)."""
+    code = b"\xf4"
+    ehdr = struct.pack("<4sBBBBB7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, 0x1000000,
+                       64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 120, 0x1000000, 0x1000000, len(code), 0x1000, 0x1000)
+    return ehdr + phdr + code + bytes(padding)
+
+
+def compress(kind: str, data: bytes, zeros: int = 0) -> bytes:
+    """``data`` plus ``zeros`` zero bytes compressed as the kernel's build does (xz and lzma get
+    the 4-byte size appended), without holding the zeros in memory."""
+    if kind == "gzip":
+        c = zlib.compressobj(9, wbits=16 + zlib.MAX_WBITS)
+    else:
+        c = lzma.LZMACompressor(format=lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE,
+                                **({"check": lzma.CHECK_CRC32} if kind == "xz" else {}), preset=0)
+    chunk = bytes(1 << 20)
+    parts = [c.compress(data)]
+    for at in range(0, zeros, len(chunk)):
+        parts.append(c.compress(chunk[:zeros - at]))
+    parts.append(c.flush())
+    out = b"".join(parts)
+    return out if kind == "gzip" else out + struct.pack("<I", (len(data) + zeros) & 0xFFFFFFFF)
+
+
+def bzimage_with_payload(payload: bytes) -> bytes:
+    """A bzImage (boot protocol 2.15) whose protected-mode part is a stub then ``payload``."""
+    stub = b"\x90" * 0x100 + b"\xf4"
+    img = bytearray(make_bzimage(kernel=stub + payload + b"\0" * 7))
+    struct.pack_into("<II", img, 0x248, len(stub), len(payload))
+    return bytes(img)
+
+
+PAYLOAD_KINDS = ("gzip", "xz", "lzma")
+
+
+@pytest.mark.parametrize("kind", PAYLOAD_KINDS)
+def test_extract_vmlinux_and_boot_it(vm, kind):
+    vmlinux = tiny_vmlinux(padding=5000)
+    image = bzimage_with_payload(compress(kind, vmlinux))
+    assert lbz.payload(image)[0] == kind
+    assert lbz.extract_vmlinux(image, max_size=len(vmlinux)) == vmlinux  # a cap of exactly its size
+    with pytest.raises(LoaderError, match=f"decompresses to more than {len(vmlinux) - 1:#x} bytes"):
+        lbz.extract_vmlinux(image, max_size=len(vmlinux) - 1)
+    info = loaders.load(vm, lbz.extract_vmlinux(image), format="linux")
+    assert info.mode == "long" and vm.memory.read(0x1000000, 1) == b"\xf4"
+
+
+def _payload_errors():
+    elf = tiny_vmlinux(3000)
+    gz = compress("gzip", elf)
+    yield "gzip-crc", gz[:-8] + bytes(4) + gz[-4:], "payload \\(gzip\\) does not decompress: .*check"
+    yield "gzip-header", gz[:3] + b"\xff" + gz[4:], "payload \\(gzip\\) does not decompress"
+    for kind in PAYLOAD_KINDS:
+        full = compress(kind, elf)
+        yield f"{kind}-truncated", full[:len(full) // 2], f"payload \\({kind}\\) is truncated"
+        yield f"{kind}-not-elf", compress(kind, b"MZ" + bytes(100)), "not an ELF kernel \\(it starts 4d5a0000\\)"
+        yield f"{kind}-empty", compress(kind, b""), "not an ELF kernel \\(it decompresses to 0 bytes\\)"
+    xz = bytearray(compress("xz", elf))
+    xz[len(xz) // 2] ^= 0xFF
+    yield "xz-corrupt", bytes(xz), "payload \\(xz\\) does not decompress"
+    huge_dict = bytearray(compress("lzma", elf))
+    struct.pack_into("<I", huge_dict, 1, 0xFFFF0000)  # liblzma would allocate a 4 GiB dictionary
+    yield "lzma-4g-dictionary", bytes(huge_dict), "payload \\(lzma\\) does not decompress: Memory usage limit"
+    yield "unknown", b"\x42\x5a\x68" + bytes(50), "unknown compression \\(starts 425a68"
+
+
+@pytest.mark.parametrize("payload, message", [p[1:] for p in _payload_errors()],
+                         ids=[p[0] for p in _payload_errors()])
+def test_extract_vmlinux_errors_are_loader_errors(payload, message):
+    with pytest.raises(LoaderError, match=message):
+        lbz.extract_vmlinux(bzimage_with_payload(payload), max_size=1 << 20)
+
+
+def test_extract_vmlinux_header_errors():
+    image = bytearray(bzimage_with_payload(compress("gzip", tiny_vmlinux())))
+    with pytest.raises(LoaderError, match="max_size must be positive"):
+        lbz.extract_vmlinux(bytes(image), max_size=0)
+    struct.pack_into("<I", image, 0x24C, 0x7FFFFFFF)
+    with pytest.raises(LoaderError, match="lies outside the"):
+        lbz.extract_vmlinux(bytes(image))
+    with pytest.raises(LoaderError, match="no 'HdrS'"):
+        lbz.extract_vmlinux(b"\x90" * 0x300)
+    with pytest.raises(LoaderError, match="boot protocol 2.7 has no payload fields"):
+        lbz.extract_vmlinux(make_bzimage(version=0x207))
+
+
+def test_extract_vmlinux_zstd():
+    try:
+        import zstandard
+    except ImportError:
+        with pytest.raises(LoaderError, match="zstd-compressed: install the 'zstandard' package"):
+            lbz.extract_vmlinux(bzimage_with_payload(b"\x28\xb5\x2f\xfd" + bytes(20)))
+        pytest.skip("zstd payloads need the zstandard package")
+    vmlinux = tiny_vmlinux(5000)
+    payload = zstandard.ZstdCompressor().compress(vmlinux) + struct.pack("<I", len(vmlinux))
+    assert lbz.extract_vmlinux(bzimage_with_payload(payload)) == vmlinux
+    with pytest.raises(LoaderError, match="decompresses to more than"):
+        lbz.extract_vmlinux(bzimage_with_payload(payload), max_size=4096)
+
+
+BOMB_SIZE = 64 << 20
+BOMB_CAP = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def bombs():
+    """An ELF header then 64 MiB of zeros, compressed (gzip ~65 KB, xz and lzma ~10 KB)."""
+    return {kind: bzimage_with_payload(compress(kind, tiny_vmlinux(), zeros=BOMB_SIZE)) for kind in PAYLOAD_KINDS}
+
+
+@pytest.mark.parametrize("kind", PAYLOAD_KINDS)
+def test_decompression_bomb_stops_at_the_cap(bombs, kind):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(LoaderError, match=f"\\({kind}, .*\\) decompresses to more than {BOMB_CAP:#x} bytes"):
+            lbz.extract_vmlinux(bombs[kind], max_size=BOMB_CAP)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The cap, a step or two of output, the decoder's state and the compressed input (measured:
+    # 1.7-1.8 MiB): never the 64 MiB.
+    assert peak < BOMB_CAP + (1 << 20) + 2 * len(bombs[kind]), peak
+
+
+def test_extraction_peak_memory_stays_near_the_output(bombs):
+    """A large image that fits: built in place, handed over without a second copy."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = lbz.extract_vmlinux(bombs["xz"], max_size=BOMB_SIZE + 4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(out) == len(tiny_vmlinux()) + BOMB_SIZE
+    assert peak < len(out) * 1.2 + lbz.OUTPUT_STEP, peak
+
+
+@pytest.mark.parametrize("kind, seed", [("gzip", 11), ("xz", 12), ("lzma", 13)])
+def test_fuzz_bzimage_extraction(kind, seed):
+    """Random corruptions of a bzImage's header fields and compressed payload: the extraction and
+    the boot of what it gives either work or raise LoaderError, and nothing outgrows the cap."""
+    vm = FakeVm(((0, 32 << 20),))
+    image = bzimage_with_payload(compress(kind, tiny_vmlinux(2000), zeros=200 << 10))
+    start = (image[0x1F1] + 1) * 512 + struct.unpack_from("<I", image, 0x248)[0]
+    hot = [(0x1F0, 0x250), (start, start + 64), (start, len(image))]
+    cap = 1 << 20
+    outcomes = {"extracted": 0, "refused": 0}
+    for data in _corruptions(image, seed, 600, hot):
+        try:
+            vmlinux = lbz.extract_vmlinux(data, max_size=cap)
+        except LoaderError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["extracted"] += 1
+        assert len(vmlinux) <= cap
+        try:
+            loaders.load(vm, vmlinux, format="linux")
+        except LoaderError:
+            pass
+    assert outcomes["extracted"] > 10 and outcomes["refused"] > 100, outcomes
