@@ -29,7 +29,7 @@ class KvmError(HvjitError, OSError):
         OSError.__init__(self, err, msg)
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 class CapabilityError(HvjitError):

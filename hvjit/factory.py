@@ -121,6 +121,7 @@ def register_factory(session: Session, factory: Any) -> int:
         raise AccessDeniedError("a restricted session cannot register factories")
     name = getattr(factory, "name", None)
     validate_factory_name(name)
+    assert isinstance(name, str)  # validate_factory_name raised otherwise
     if not callable(getattr(factory, "query_interface", None)):
         raise TypeError(f"{factory!r} has no query_interface(session, uuid) method")
     with _registry_lock:
@@ -146,8 +147,10 @@ def deregister_factory(session: Session, factory: Any) -> None:
     state = session._state
     state.check_open()
     name = getattr(factory, "name", None)
+    if not isinstance(name, str):
+        raise FactoryNotFoundError(f"{factory!r} is not registered")
     with _registry_lock:
-        registration = _registry.get(name) if isinstance(name, str) else None
+        registration = _registry.get(name)
         if registration is None or registration.factory is not factory:
             raise FactoryNotFoundError(f"{factory!r} is not registered")
         if registration.owner_session_id != state.serial:

@@ -146,6 +146,7 @@ def sample_tsc_and_clock(read_tsc: Callable[[], int]) -> tuple[int, int, int]:
         after = _monotonic_raw_ns()
         if best is None or after - before < best[0]:
             best = (after - before, tsc, (before + after) // 2)
+    assert best is not None  # the loop above ran at least once
     width, tsc, ns = best
     return tsc, ns, (width + 1) // 2
 
@@ -399,7 +400,7 @@ class GipMapping:
             readonly = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)
-        self.page = np.frombuffer(self._writable, GIP_DTYPE, count=1)
+        self.page: Any = np.frombuffer(self._writable, GIP_DTYPE, count=1)  # None once unmapped
         # The view keeps the read-only mapping alive for as long as anyone holds it.
         self.view = np.frombuffer(readonly, GIP_DTYPE, count=1)
 

@@ -161,7 +161,7 @@ def validate_layout(layout) -> None:
     placed: list[MemorySegment] = []
     for gpa, size in layout:
         check_segment(gpa, size, placed)
-        placed.append(MemorySegment(gpa, size, -1, False, f"mem@{gpa:#x}", 0, None))
+        placed.append(MemorySegment(gpa, size, -1, False, f"mem@{gpa:#x}", 0, np.empty(0, np.uint8)))
 
 
 def allocate_segment(size: int) -> tuple[int, np.ndarray]:

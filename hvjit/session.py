@@ -413,9 +413,10 @@ class Session:
         if isinstance(vm_or_handle, int):
             handle = vm_or_handle
         else:
-            handle = getattr(vm_or_handle, "handle", None)
-            if type(handle) is not int:
+            found = getattr(vm_or_handle, "handle", None)
+            if type(found) is not int:
                 raise InvalidHandleError(f"{vm_or_handle!r} is not a VM of this session")
+            handle = found
         try:
             vm = state.table.lookup(handle, HandleKind.VM)
             if vm is None:

@@ -135,11 +135,11 @@ class Vcpu:
         self.fd = fd
         self._run_ptr = run_out[0]
         self._mmap_size = vm.kvm.vcpu_mmap_size
-        self._page = np.frombuffer(_t.ffi.buffer(self._run_ptr, self._mmap_size), np.uint8)
-        self._run = self._page[:KVM_RUN_SIZE].view(KVM_RUN_DTYPE)
+        self._page: Any = np.frombuffer(_t.ffi.buffer(self._run_ptr, self._mmap_size), np.uint8)
+        self._run: Any = self._page[:KVM_RUN_SIZE].view(KVM_RUN_DTYPE)
         self._exit = np.zeros(1, VM_EXIT_DTYPE)
         self.counters = np.zeros(run_loop.N_COUNTERS + run_loop.N_REASONS, np.int64)
-        self._native = None  # the generated run-loop module (see warm_up)
+        self._native: Any = None  # the generated run-loop module (see warm_up)
         self._running_thread: Optional[int] = None
         self._stop_requested = False
         self.emulation_counts: dict[str, int] = {}

@@ -22,7 +22,14 @@ def pytest_collection_modifyitems(config, items):
     reason = None
     checked = False
     for item in items:
-        if "kvm" in item.keywords or "/tests/kvm/" in str(item.fspath) or "/tests/e2e/" in str(item.fspath):
+        path = str(item.fspath)
+        # The directories carry the markers, so `-m "not kvm"` or `-m "not slow"` selects by them.
+        if "/tests/kvm/" in path or "/tests/e2e/" in path:
+            item.add_marker(pytest.mark.kvm)
+        if "/tests/e2e/" in path:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
+        if "kvm" in item.keywords:
             if not checked:
                 reason, checked = kvm_unusable_reason(), True
             if reason:

@@ -56,7 +56,7 @@ def bench_pagewalk(seconds: float = 3.0) -> dict:
     for key, mode in (("level4_per_s", PagingMode.LEVEL4), ("level5_per_s", PagingMode.LEVEL5)):
         mem, glas, registers = _bench_case(mode, 1 << 20)
         pw.translate_batch(mem, glas[:16], **registers)  # compile or load from cache
-        result[key] = _rate(lambda: pw.translate_batch(mem, glas, **registers), glas.size, share)
+        result[key] = _rate(lambda m=mem, g=glas, r=registers: pw.translate_batch(m, g, **r), glas.size, share)
     mem, glas, registers = _bench_case(PagingMode.LEVEL4, 2000)
     walker = pw._walker(mem, **registers)
     slow_walk = _interpreted_walk()

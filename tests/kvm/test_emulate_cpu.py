@@ -39,7 +39,7 @@ def test_kernel_matches_the_cpu_at_cpl3(session):
     forms = FORMS_64
     agree = ran = 0
     failures = []
-    for case in range(CASES):
+    for _case in range(CASES):
         form = rng.choice(forms)
         regs, window = random_state(form, rng)
         if not WINDOW + 16 <= int(regs[4]) <= WINDOW + WINDOW_SIZE - 16:

@@ -1,8 +1,11 @@
 """10,000 sessions with a VM inside: no growth in fds, mappings or RSS."""
-
 import os
 
+import pytest
+
 import hvjit
+
+pytestmark = pytest.mark.slow
 
 
 def _fds():
