@@ -115,6 +115,9 @@ def _image_and_format(args) -> tuple[bytes, str, list[str]]:
     return data, fmt, notes
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
 def run_image(args, out=sys.stdout) -> int:
     from . import Session, loaders
 
@@ -141,6 +144,16 @@ def run_image(args, out=sys.stdout) -> int:
         stdin_feeder = _feed_stdin(vm) if args.interactive else None
         try:
             result = vm.run(timeout=args.timeout)
+        except KeyboardInterrupt:
+            # vm.run stopped and joined every vCPU before letting Ctrl-C through.
+            counters = [v.stats() for v in vm.vcpus]
+            if args.json:
+                _print_json({"reason": "interrupted", "status": EXIT_INTERRUPTED, "format": fmt,
+                             "counters": counters[0] if args.cpus == 1 else counters,
+                             "console": vm.console.decode("latin-1")})
+            else:
+                print(f"\nhvjit: interrupted; counters: {counters}", file=sys.stderr)
+            return EXIT_INTERRUPTED
         finally:
             if stdin_feeder is not None:
                 stdin_feeder.set()

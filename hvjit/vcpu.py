@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -34,11 +34,13 @@ from .abi import (
     KVM_XSAVE_SIZE,
     SEGMENT_NAMES,
     VM_EXIT_DTYPE,
+    SuspendHow,
     VmExitCode,
 )
 from .emulation import guest
 from .errors import KvmError, ObjectDestroyedError, RegisterError
 from .exits import VmExit
+from .vcpu_lifecycle import Request, RunControl, VcpuBusyError, VcpuState, ensure_kick_signal
 
 Vm = Any  # hvjit.vm.Vm: not imported, the VM imports this module
 
@@ -49,18 +51,9 @@ REGISTER_NAMES = GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES
 MSRS_PER_IOCTL = 255
 # Exits the loop handles per call before checking in with Python (watchdog, stop requests).
 EXIT_BUDGET = 1 << 20
-
-_kick_signal_ready = False
-_kick_lock = threading.Lock()
-
-
-def _ensure_kick_signal():
-    global _kick_signal_ready
-    with _kick_lock:
-        if not _kick_signal_ready:
-            _t.check(_t.lib.hvt_sys_init_kick_signal(), "sigaction(kick signal)")
-            _kick_signal_ready = True
-
+# How long destroy waits for a run to stop before leaving the release to that run.
+DESTROY_WAIT = 5.0
+PAUSE_WAIT = 5.0
 
 @dataclass(frozen=True)
 class SegmentDescriptor:
@@ -108,12 +101,12 @@ class _Watchdog:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self._token = None
         if timeout is not None:
-            thread = threading.get_ident()
-            self._token = watchdog.arm(timeout, lambda: self._fire(vcpu, thread))
+            self._token = watchdog.arm(timeout, lambda: self._fire(vcpu))
 
-    def _fire(self, vcpu: "Vcpu", thread: int) -> None:
+    def _fire(self, vcpu: "Vcpu") -> None:
         self.fired = True
-        vcpu._kick_thread(thread)
+        with vcpu._control.lock:  # kicks only a run that is still registered
+            vcpu._control.kick_locked()
 
     def expired(self) -> bool:
         return self.fired or (self.deadline is not None and time.monotonic() >= self.deadline)
@@ -140,8 +133,8 @@ class Vcpu:
         self._exit = np.zeros(1, VM_EXIT_DTYPE)
         self.counters = np.zeros(run_loop.N_COUNTERS + run_loop.N_REASONS, np.int64)
         self._native: Any = None  # the generated run-loop module (see warm_up)
-        self._running_thread: Optional[int] = None
-        self._stop_requested = False
+        self._control = RunControl(lambda: self._run_ptr)
+        self._released = False
         self.emulation_counts: dict[str, int] = {}
         self.destroyed = False
         self.handle = 0  # the session's handle for it
@@ -154,14 +147,28 @@ class Vcpu:
         if self.destroyed:
             raise ObjectDestroyedError(f"vcpu {self.index} of VM {self.vm.name!r} was destroyed")
 
-    def _destroy(self) -> None:
+    def _check_access(self) -> None:
+        """Before a state ioctl: alive, and not running in another thread (it would block)."""
+        self._check()
+        self._control.check_state_access()
+
+    def _destroy(self, wait: float = DESTROY_WAIT) -> bool:
+        """Stop any run, then close the fd and unmap ``kvm_run``: at once (True) or, when a
+        run cannot be stopped within ``wait`` seconds or is the caller, as that run leaves."""
         if self.destroyed:
-            return
+            return self._released
         self.destroyed = True
+        self._control.request(Request.TEARDOWN)
+        return self._control.release_when_idle(self._release, wait)
+
+    def _release(self) -> None:
         # Drop every numpy view of the run page before unmapping it.
         self._page = self._run = None
         _t.lib.hvt_vcpu_destroy(self.fd, self._run_ptr, self._mmap_size)
-        self._run_ptr = _t.ffi.NULL
+        with self._control.lock:  # kicks read the pointer under this lock
+            self._run_ptr = _t.ffi.NULL
+        self._released = True
+        self.vm._vcpu_released(self)
 
     def _call(self, rc: int, op: str) -> int:
         return _t.check(rc, op, f"vcpu {self.index} of VM {self.vm.name!r}")
@@ -169,13 +176,13 @@ class Vcpu:
     # ---- whole register files ------------------------------------------------------------
 
     def _get_record(self, dtype, fn, op: str):
-        self._check()
+        self._check_access()
         record = np.zeros(1, dtype)
         self._call(fn(self.fd, _t.ptr(record)), op)
         return record[0]
 
     def _set_record(self, value, dtype, fn, op: str) -> None:
-        self._check()
+        self._check_access()
         record = np.array([value], dtype)
         self._call(fn(self.fd, _t.ptr(record)), op)
 
@@ -209,14 +216,14 @@ class Vcpu:
 
     def get_xsave(self) -> np.ndarray:
         """The XSAVE area (x87, SSE, AVX, ... in the standard format) as bytes (a copy)."""
-        self._check()
+        self._check_access()
         size = max(KVM_XSAVE_SIZE, self.vm.xsave_size)
         area = np.zeros(size, np.uint8)
         self._call(_t.lib.hvt_vcpu_get_xsave(self.fd, _t.ptr(area), size), "KVM_GET_XSAVE")
         return area
 
     def set_xsave(self, area) -> None:
-        self._check()
+        self._check_access()
         size = max(KVM_XSAVE_SIZE, self.vm.xsave_size)
         buf = np.zeros(size, np.uint8)
         data = np.frombuffer(bytes(area), np.uint8) if not isinstance(area, np.ndarray) else area
@@ -225,14 +232,14 @@ class Vcpu:
 
     def get_xcrs(self) -> dict[int, int]:
         """Extended control registers (XCR0, ...) by index."""
-        self._check()
+        self._check_access()
         xcrs = np.zeros(1, KVM_XCRS_DTYPE)
         self._call(_t.lib.hvt_vcpu_get_xcrs(self.fd, _t.ptr(xcrs)), "KVM_GET_XCRS")
         n = min(int(xcrs[0]["nr_xcrs"]), KVM_MAX_XCRS)
         return {int(x["xcr"]): int(x["value"]) for x in xcrs[0]["xcrs"][:n]}
 
     def set_xcrs(self, values: dict[int, int]) -> None:
-        self._check()
+        self._check_access()
         if len(values) > KVM_MAX_XCRS:
             raise RegisterError(f"at most {KVM_MAX_XCRS} XCRs")
         xcrs = np.zeros(1, KVM_XCRS_DTYPE)
@@ -342,7 +349,7 @@ class Vcpu:
 
     def get_msrs(self, indices) -> dict[int, Optional[int]]:
         """Read MSRs through KVM; an MSR KVM refuses maps to None."""
-        self._check()
+        self._check_access()
         indices = [int(i) for i in indices]
         out: dict[int, Optional[int]] = {}
         pos = 0
@@ -366,7 +373,7 @@ class Vcpu:
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """Write MSRs through KVM; returns how many KVM accepted (it stops at the first refusal)."""
-        self._check()
+        self._check_access()
         items = list(values.items())
         done = 0
         for start in range(0, len(items), MSRS_PER_IOCTL):
@@ -385,66 +392,103 @@ class Vcpu:
             raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {index:#x} refused value {value:#x}")
 
     def set_cpuid(self, entries: np.ndarray) -> None:
-        self._check()
+        self._check_access()
         entries = np.ascontiguousarray(entries, KVM_CPUID_ENTRY2_DTYPE)
         self._call(_t.lib.hvt_vcpu_set_cpuid(self.fd, _t.ptr(entries), len(entries)), "KVM_SET_CPUID2")
 
     def tsc_khz(self) -> int:
-        self._check()
+        self._check_access()
         return self._call(_t.lib.hvt_vcpu_get_tsc_khz(self.fd), "KVM_GET_TSC_KHZ")
 
     # ---- running -------------------------------------------------------------------------
 
-    def kick(self) -> None:
-        """Make a run in another thread return (with a BOGUS exit) as soon as possible."""
+    @property
+    def state(self) -> VcpuState:
+        """stopped (no run active), running, or paused."""
+        return self._control.state()
+
+    def stop(self) -> bool:
+        """Make the current run (in another thread) return a BOGUS exit as soon as possible;
+        False when no run is active (a later run is not affected)."""
         self._check()
-        self._stop_requested = True
-        thread = self._running_thread
-        if thread is not None:
-            self._kick_thread(thread)
+        return self._control.request(Request.STOP)
 
-    def _kick_thread(self, thread: int) -> None:
-        if not self.destroyed and self._run_ptr != _t.ffi.NULL:
-            _t.lib.hvt_vcpu_kick(thread, self._run_ptr)
+    kick = stop  # bhyve's word for it
 
-    def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False) -> VmExit:
+    def pause(self, timeout: float = PAUSE_WAIT) -> None:
+        """Park the vCPU (bhyve's suspend_cpu): a run stops entering the guest until
+        :meth:`resume`; a run started while paused waits. Returns once a running vCPU has
+        parked (VcpuBusyError if it does not within ``timeout``: a Python handler that
+        does not return)."""
+        self._check()
+        self._control.request(Request.PAUSE)
+        if not self._control.wait_parked_or_idle(timeout):
+            raise VcpuBusyError(f"vcpu {self.index} did not pause within {timeout} s")
+
+    def resume(self) -> None:
+        """Let a paused vCPU run again."""
+        self._check()
+        self._control.resume()
+
+    def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False,
+            _group_stop: Optional[threading.Event] = None) -> VmExit:
         """Run until an exit that no native device and no Python handler handles.
 
         ``timeout`` (seconds) arms a watchdog that kicks a runaway guest out: the run then
-        returns a TIMEOUT exit. ``resume_hlt`` counts HLT exits and resumes instead of
-        returning them (a guest with no interrupt source would otherwise halt for good).
+        returns a TIMEOUT exit (time spent paused counts). ``resume_hlt`` counts HLT exits
+        and resumes instead of returning them (a guest with no interrupt source would
+        otherwise halt for good). A :meth:`stop` from another thread returns a BOGUS exit;
+        ``vm.suspend(how)`` a SUSPENDED one.
         """
         self._check()
         self.vm._check()
-        _ensure_kick_signal()
-        flags = run_loop.FLAG_RESUME_HLT if resume_hlt else 0
-        bus = self.vm.bus
-        self._stop_requested = False
-        self.warm_up()  # JIT time is not guest time: before the watchdog starts
-        self._running_thread = threading.get_ident()
-        watchdog = _Watchdog(self, timeout)
+        ensure_kick_signal()
+        control = self._control
+        control.enter()  # before the compile: a stop during it ends this run too
         try:
-            while True:
-                if self._stop_requested:
-                    return self._synthetic_exit(VmExitCode.BOGUS)
-                self._run[0]["immediate_exit"] = 0
-                status = self._loop(bus, EXIT_BUDGET, flags)
-                self.vm._drain_devices()
-                if status == run_loop.LOOP_EXIT:
-                    result = exit_handlers.handle(self, self._exit[0])
-                    if result is not None:
-                        return result
-                elif status == run_loop.LOOP_ERRNO:
-                    err = int(self.counters[run_loop.C_ERRNO])
-                    # EINTR: kicked (watchdog, kick()) or a stray signal. EAGAIN: an AP that
-                    # was waiting for INIT/SIPI changed state; KVM wants KVM_RUN again.
-                    if err not in (errno.EINTR, errno.EAGAIN):
-                        self._call(-err, "KVM_RUN")
+            self.warm_up()  # JIT time is not guest time: before the watchdog starts
+            watchdog = _Watchdog(self, timeout)
+            try:
+                return self._run_until_exit(watchdog, resume_hlt, _group_stop)
+            finally:
+                watchdog.cancel()
+        finally:
+            control.leave()
+
+    def _run_until_exit(self, watchdog: "_Watchdog", resume_hlt: bool,
+                        group_stop: Optional[threading.Event]) -> VmExit:
+        flags = run_loop.FLAG_RESUME_HLT if resume_hlt else 0
+        control, bus, vm = self._control, self.vm.bus, self.vm
+        while True:
+            # Clear, then read the requests: a kick after this line makes KVM_RUN return at once.
+            self._run[0]["immediate_exit"] = 0
+            request = control.pending(vm._request())
+            if group_stop is not None and group_stop.is_set():
+                request = max(request, Request.STOP)
+            if request in (Request.STOP, Request.TEARDOWN):
+                return self._synthetic_exit(VmExitCode.BOGUS)
+            if request == Request.SUSPEND:
+                return replace(self._synthetic_exit(VmExitCode.SUSPENDED),
+                               how=control.suspend_how or vm._suspend_how or SuspendHow.NONE)
+            if request == Request.PAUSE:
+                control.park(lambda: control.pause_requested or vm._paused, watchdog.deadline)
                 if watchdog.expired():
                     return self._synthetic_exit(VmExitCode.TIMEOUT)
-        finally:
-            watchdog.cancel()
-            self._running_thread = None
+                continue
+            status = self._loop(bus, EXIT_BUDGET, flags)
+            vm._drain_devices()
+            if status == run_loop.LOOP_EXIT:
+                result = exit_handlers.handle(self, self._exit[0])
+                if result is not None:
+                    return result
+            elif status == run_loop.LOOP_ERRNO:
+                err = int(self.counters[run_loop.C_ERRNO])
+                # EINTR: kicked (watchdog, stop, pause) or a stray signal. EAGAIN: an AP that
+                # was waiting for INIT/SIPI changed state; KVM wants KVM_RUN again.
+                if err not in (errno.EINTR, errno.EAGAIN):
+                    self._call(-err, "KVM_RUN")
+            if watchdog.expired():
+                return self._synthetic_exit(VmExitCode.TIMEOUT)
 
     def warm_up(self) -> float:
         """Compile (or load from the cache) the run loop now; returns the seconds it took."""
@@ -462,7 +506,8 @@ class Vcpu:
         )
 
     def _synthetic_exit(self, code: VmExitCode) -> VmExit:
-        return VmExit(exitcode=code, rip=int(self.get_regs()["rip"]), kvm_reason=-1)
+        rip = int(self.get_regs()["rip"]) if not self.destroyed else 0
+        return VmExit(exitcode=code, rip=rip, kvm_reason=-1)
 
     # ---- looking at the guest ------------------------------------------------------------
 

@@ -7,6 +7,7 @@ of KVM_RUN and stop too.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,42 +67,62 @@ class RunResult:
 
 
 def run_vm(vm, *, timeout: Optional[float], resume_hlt: bool) -> RunResult:
+    """Run every vCPU, one thread each (the caller's thread for a single vCPU).
+
+    The first exit a vCPU returns decides; the others are stopped through a shared event
+    (which also covers a vCPU whose thread has not entered its run yet). A KeyboardInterrupt
+    (Ctrl-C) or any other exception in the caller stops every vCPU and waits for all of them
+    before it propagates: no run outlives this call.
+    """
     t0 = time.perf_counter()
     vcpus = vm.vcpus
     if len(vcpus) == 1:
         ex = vcpus[0].run(timeout=timeout, resume_hlt=resume_hlt)
         return _result(vm, ex, 0, t0)
 
+    group_stop = threading.Event()
     decided: list[tuple[int, VmExit]] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
 
-    def stop_others(me: int) -> None:
-        for other in vcpus:
-            if other.index != me:
-                other.kick()
+    def stop_all() -> None:
+        group_stop.set()  # before the requests: a run that registers later still sees it
+        for v in vcpus:
+            if not v.destroyed:
+                v.stop()
 
     def worker(v) -> None:
+        # Ctrl-C must reach the caller's thread (which then stops everyone), not a vCPU
+        # thread where it would only interrupt one KVM_RUN.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            ex = v.run(timeout=timeout, resume_hlt=resume_hlt)
+            ex = v.run(timeout=timeout, resume_hlt=resume_hlt, _group_stop=group_stop)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             with lock:
                 errors.append(e)
-            stop_others(v.index)
+            stop_all()
             return
         with lock:
-            first = not decided and not (ex.exitcode == VmExitCode.BOGUS and v._stop_requested)
+            # A BOGUS exit after the group was stopped is the echo of that stop, not a decision.
+            first = not decided and not (ex.exitcode == VmExitCode.BOGUS and group_stop.is_set())
             if first:
                 decided.append((v.index, ex))
         if first:
-            stop_others(v.index)
+            stop_all()
 
     threads = [threading.Thread(target=worker, args=(v,), name=f"{vm.name}-vcpu{v.index}", daemon=True)
                for v in vcpus]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except BaseException:
+        stop_all()
+        for t in threads:
+            if t.ident is not None:
+                t.join()
+        raise
     if errors and not decided:
         raise errors[0]
     index, ex = decided[0] if decided else (0, vcpus[0]._synthetic_exit(VmExitCode.BOGUS))

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import re
 import threading
-import weakref
 from typing import Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
 from . import interrupts
-from .abi import Cap
+from .abi import Cap, SuspendHow
 from .devices import catalog
 from .devices.bus import IoBus
 from .devices.debug_exit import DebugExit
@@ -36,6 +35,7 @@ from .memory import (
 )
 from .system import Kvm
 from .vcpu import Vcpu
+from .vcpu_lifecycle import Request, VcpuBusyError
 from .vcpu_threads import RunResult, run_vm
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
@@ -74,8 +74,10 @@ class Vm:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, got {vcpus!r}")
         layout = _memory_layout(memory)
         validate_layout(layout)  # before anything is created
-        # Weak: the session owns the VM (through its handle table), not the other way round.
-        self._session = weakref.ref(session) if session is not None else None
+        # Strong: a VM keeps its session alive (the session owns the VM through its handle
+        # table; the cycle is collected when neither is reachable, and the session's
+        # finalizer then tears both down).
+        self._session = session
         self._handles: list[tuple[int, str]] = []  # what this VM registered with its session
         self.name = name
         self.kvm = kvm or Kvm.instance()
@@ -94,6 +96,11 @@ class Vm:
         self.fd = -1
         self.vcpus: list[Vcpu] = []
         self.destroyed = False
+        self._teardown_lock = threading.Lock()
+        self._unreleased = 0  # vCPUs whose fd and run page are not released yet
+        self._vm_released = False
+        self._suspend_how: Optional[SuspendHow] = None
+        self._paused = False
         self.handle = 0
         self._next_slot = 0
         self.irqchip = irqchip
@@ -171,7 +178,8 @@ class Vm:
     @property
     def session(self):
         """The session that owns this VM (None once that session is gone)."""
-        return self._session() if self._session is not None else None
+        session = self._session
+        return None if session is None or getattr(session, "closed", False) else session
 
     def _own(self, obj, kind: str, destructor) -> int:
         """Register a part of this VM with the session, so it is torn down with it."""
@@ -214,39 +222,67 @@ class Vm:
         return _t.check(rc, op, f"VM {self.name!r}" + (f", {detail}" if detail else ""))
 
     def destroy(self) -> None:
-        """Close every vCPU and the VM fd, unmap the run pages; idempotent."""
+        """Stop every vCPU, then close the vCPUs and the VM fd and release memory; idempotent.
+
+        Safe from any thread, also while vCPUs run (they are stopped and waited for first) and
+        from a Python handler on a vCPU thread (what that run still uses is released when it
+        returns). Nothing a running loop uses is closed or unmapped under it.
+        """
         if self.destroyed:
             return
         self.destroyed = True
+        for v in self.vcpus:  # stop them all at once, then wait for each
+            v._control.request(Request.TEARDOWN)
+        with self._teardown_lock:
+            self._unreleased = sum(1 for v in self.vcpus if not v._released)
         for v in self.vcpus:
             v._destroy()
+        self._release_handles()
+        session = self.session
+        if session is not None and hasattr(session, "_forget_vm"):
+            session._forget_vm(self)
+        self._maybe_release_vm()
+
+    def _vcpu_released(self, vcpu: Vcpu) -> None:
+        """A vCPU's fd and run page are gone; the last one releases the VM (when destroyed)."""
+        with self._teardown_lock:
+            self._unreleased -= 1
+        self._maybe_release_vm()
+
+    def _maybe_release_vm(self) -> None:
+        with self._teardown_lock:
+            if not self.destroyed or self._unreleased > 0 or self._vm_released:
+                return
+            self._vm_released = True
         if self.fd >= 0:
             _t.lib.hvt_sys_close(self.fd)
             self.fd = -1
         # The RAM goes when the last numpy view of it goes (see memory.allocate_segment).
         self.memory._close()
-        self._release_handles()
         # Drop the bus tables now rather than when the garbage collector finds the
         # VM <-> vCPU cycles: they are most of a VM's host memory.
         self.bus.release()
-        session = self.session
-        if session is not None and hasattr(session, "_forget_vm"):
-            session._forget_vm(self)
 
     def reinit(self) -> None:
         """Reset to power-on: a fresh KVM VM and vCPUs over the same memory; devices reset.
 
         Guest memory keeps its contents (as bhyve's vm_reinit does): a reboot's firmware or
-        loader rewrites what it needs.
+        loader rewrites what it needs. Every vCPU must be stopped (no run active).
         """
         self._check()
+        if any(v._control.thread is not None for v in self.vcpus):
+            raise VcpuBusyError(f"VM {self.name!r}: stop every vCPU before reinit")
         n = len(self.vcpus)
+        with self._teardown_lock:
+            self._unreleased = n
         for v in self.vcpus:
             v._destroy()
         self._release_handles_of_kind("vcpu")
         self.vcpus = []
         _t.lib.hvt_sys_close(self.fd)
         self.fd = -1
+        self._suspend_how = None
+        self._paused = False
         self._create_kvm_vm()
         for seg in self.memory.segments:
             self._map_segment(seg)
@@ -256,6 +292,47 @@ class Vm:
             vcpu = Vcpu(self, i)
             self.vcpus.append(vcpu)
             vcpu.handle = self._own(vcpu, "vcpu", vcpu._destroy)
+
+    # ---- the whole VM's lifecycle (bhyve's vm_suspend, suspend/resume of every vCPU) ------
+
+    def _request(self) -> Request:
+        """What every vCPU's run must do next, from the VM's side."""
+        if self._suspend_how is not None:
+            return Request.SUSPEND
+        if self._paused:
+            return Request.PAUSE
+        return Request.NONE
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Park every vCPU; returns once each running one has parked. Runs stay active
+        (``vm.run`` does not return) until :meth:`resume`."""
+        self._check()
+        self._paused = True
+        for v in self.vcpus:
+            v._control.request(Request.PAUSE)
+        for v in self.vcpus:
+            if not v._control.wait_parked_or_idle(timeout):
+                raise VcpuBusyError(f"vcpu {v.index} of VM {self.name!r} did not pause within {timeout} s")
+
+    def resume(self) -> None:
+        """Let every vCPU run again after :meth:`pause` (or per-vCPU pauses)."""
+        self._check()
+        self._paused = False
+        for v in self.vcpus:
+            v._control.resume()
+
+    def suspend(self, how: SuspendHow = SuspendHow.POWEROFF) -> None:
+        """Host-side suspend (bhyve's vm_suspend): every vCPU's run returns a SUSPENDED exit
+        with ``how``, now and at every later run, until :meth:`reinit`."""
+        self._check()
+        self._suspend_how = SuspendHow(how)
+        for v in self.vcpus:
+            v._control.request(Request.SUSPEND, self._suspend_how)
+
+    @property
+    def state(self) -> dict[int, str]:
+        """Each vCPU's state by index: 'stopped', 'running' or 'paused'."""
+        return {v.index: v.state.value for v in self.vcpus}
 
     def __enter__(self) -> "Vm":
         return self
