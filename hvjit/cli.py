@@ -4,6 +4,7 @@
     hvjit run IMAGE [options]           run a flat binary; serial output to stdout
     hvjit demo                          a greeting guest, its output and exit figures
     hvjit bench exits|decode|pagewalk   benchmarks with ratios against references (--json)
+    hvjit bench vmexit                  exit micro-benchmark guests under hvjit and QEMU
     hvjit msr-probe [--range A-B]       guest-visible (and host, where possible) MSRs
 """
 
@@ -250,6 +251,10 @@ def cmd_demo(args) -> int:
 # ---- bench ------------------------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
+    if args.what == "vmexit":
+        from .benchmarks.vmexit import cli_main
+
+        return cli_main(args)
     if args.what == "exits":
         from . import Session
         from .benchmarks import exits as exitbench
@@ -328,10 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks, each against a reference in the same run")
-    bench.add_argument("what", choices=["exits", "decode", "pagewalk"])
+    bench.add_argument("what", choices=["exits", "decode", "pagewalk", "vmexit"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--exits", type=int, default=20000, help="exits per sample (bench exits)")
-    bench.add_argument("--rounds", type=int, default=5, help="alternating rounds (bench exits)")
+    bench.add_argument("--rounds", type=int, default=5, help="alternating rounds (bench exits, vmexit)")
+    bench.add_argument("--iterations", type=int, default=None, help="timed iterations per test (vmexit: 1000)")
     bench.add_argument("--kinds", default="pio,mmio,hlt", help="exit kinds (bench exits)")
     bench.add_argument("--seconds", type=float, default=2.0, help="time per measurement (decode, pagewalk)")
     bench.set_defaults(func=cmd_bench)
