@@ -66,6 +66,8 @@ KVM_XCRS_DTYPE = np.dtype([("nr_xcrs", "<u4"), ("flags", "<u4"), ("xcrs", KVM_XC
 KVM_XSAVE_SIZE = 4096  # struct kvm_xsave; larger with dynamic features (KVM_CAP_XSAVE2)
 
 KVM_GUEST_DEBUG_DTYPE = np.dtype([("control", "<u4"), ("pad", "<u4"), ("debugreg", "<u8", (8,))])
+KVM_DEBUGREGS_DTYPE = np.dtype([("db", "<u8", (4,)), ("dr6", "<u8"), ("dr7", "<u8"), ("flags", "<u8"),
+                                ("reserved", "<u8", (9,))])
 KVM_MP_STATE_DTYPE = np.dtype([("mp_state", "<u4")])
 KVM_LAPIC_STATE_DTYPE = np.dtype([("regs", "u1", (1024,))])
 
@@ -158,6 +160,7 @@ C_STRUCTS = {
     "kvm_cpuid_entry2": KVM_CPUID_ENTRY2_DTYPE,
     "kvm_vcpu_events": KVM_VCPU_EVENTS_DTYPE,
     "kvm_guest_debug": KVM_GUEST_DEBUG_DTYPE,
+    "kvm_debugregs": KVM_DEBUGREGS_DTYPE,
     "kvm_mp_state": KVM_MP_STATE_DTYPE,
     "kvm_xcrs": KVM_XCRS_DTYPE,
     "kvm_lapic_state": KVM_LAPIC_STATE_DTYPE,

@@ -36,6 +36,15 @@ class CapabilityError(HvjitError):
     """The host's KVM lacks a capability the requested feature needs."""
 
 
+class UnsupportedError(CapabilityError, NotImplementedError):
+    """This host cannot provide a control: ``what`` names it, ``flavour`` the host's KVM
+    (``vmx``, ``svm``, ``pvm``, ...), ``detail`` why."""
+
+    def __init__(self, what: str, flavour: str, detail: str = ""):
+        self.what, self.flavour, self.detail = what, flavour, detail
+        super().__init__(f"{what} is not available on this {flavour} KVM host" + (f": {detail}" if detail else ""))
+
+
 class MemoryMapError(HvjitError, ValueError):
     """Overlapping, misaligned or otherwise invalid guest memory layout."""
 

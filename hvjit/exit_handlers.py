@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .abi import VmExitCode
+from . import vcpu_debug
+from .abi import KvmExit, VmExitCode
 from .emulation import handle_emulation_failure
 from .errors import KvmError
 from .exits import VmExit
@@ -81,6 +82,17 @@ def _msr(vcpu, rec) -> Optional[VmExit]:
     return None
 
 
+def _debug_stop(vcpu, rec) -> Optional[VmExit]:
+    """KVM_EXIT_DEBUG, or a shutdown while debug controls are on: a step, a breakpoint or a
+    watchpoint (see :mod:`hvjit.vcpu_debug`); a real triple fault goes to the caller."""
+    exit_ = to_caller(vcpu, rec)
+    shutdown = exit_.kvm_reason == KvmExit.SHUTDOWN
+    if exit_.kvm_reason != KvmExit.DEBUG and not (shutdown and vcpu_debug.is_debugging(vcpu)):
+        return exit_
+    stop = vcpu_debug.classify(vcpu, exit_)
+    return exit_ if stop is None else stop
+
+
 def _emulation_failure(vcpu, rec) -> Optional[VmExit]:
     """KVM could not run an instruction: emulate it, or return the exit with a typed report."""
     return handle_emulation_failure(vcpu, to_caller(vcpu, rec))
@@ -93,9 +105,14 @@ HANDLERS: dict[int, ExitHandler] = {
     VmExitCode.RDMSR: _msr,
     VmExitCode.WRMSR: _msr,
     VmExitCode.EMULATION_FAILURE: _emulation_failure,
+    VmExitCode.DEBUG: _debug_stop,
+    VmExitCode.SUSPENDED: _debug_stop,  # a PVM host reports steps and int3 as a shutdown
 }
 
 
 def handle(vcpu, rec) -> Optional[VmExit]:
     """Dispatch one exit record: None to resume the guest, else the exit for the caller."""
-    return HANDLERS.get(int(rec["exitcode"]), to_caller)(vcpu, rec)
+    result = HANDLERS.get(int(rec["exitcode"]), to_caller)(vcpu, rec)
+    if result is not None and result.exitcode == VmExitCode.BPT and result.rip in vcpu.vm.breakpoints:
+        vcpu._debug.stopped_at = result.rip  # stepped over before the guest goes on
+    return result

@@ -40,6 +40,8 @@ class VmExit:
     suberror: int = 0
     info: tuple = ()
     report: Optional["EmulationReport"] = None
+    # MTRAP / BPT / DB: the guest symbol at rip, where the VM has an ELF symbol table
+    symbol: str = ""
 
     @classmethod
     def from_record(cls, rec, rip: int) -> "VmExit":
@@ -85,6 +87,9 @@ class VmExit:
             return f"suspended: {self.how.name.lower()}" + (f" (code {self.code})" if self.how == SuspendHow.POWEROFF else "")
         if c == VmExitCode.EMULATION_FAILURE and self.report is not None:
             return str(self.report)
+        if c in (VmExitCode.MTRAP, VmExitCode.BPT, VmExitCode.DB):
+            what = {VmExitCode.MTRAP: "single step", VmExitCode.BPT: "breakpoint", VmExitCode.DB: "watchpoint"}[c]
+            return what + (f" in {self.symbol}" if self.symbol else "")
         return c.name.lower()
 
     def to_dict(self) -> dict:
@@ -107,6 +112,8 @@ class VmExit:
             d.update(suberror=self.suberror, info=list(self.info))
         if self.report is not None:
             d["report"] = self.report.to_dict()
+        if self.symbol:
+            d["symbol"] = self.symbol
         return d
 
     def __str__(self) -> str:

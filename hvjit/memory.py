@@ -43,6 +43,8 @@ class GuestMemory:
     """The guest-physical address space of one VM, as seen from the host."""
 
     def __init__(self):
+        # gpa -> (the guest's byte, the byte the CPU sees): software breakpoints.
+        self.patches: dict[int, tuple[int, int]] = {}
         self._segments: list[MemorySegment] = []
         self._closed = False
 
@@ -97,11 +99,41 @@ class GuestMemory:
         return s.array[off : off + length]
 
     def read(self, gpa: int, length: int) -> bytes:
-        return self.view(gpa, length).tobytes()
+        """A copy of guest memory, as the guest wrote it (software breakpoints hidden)."""
+        data = self.view(gpa, length).tobytes()
+        if self.patches:
+            data = self._unpatch(gpa, data)
+        return data
 
     def write(self, gpa: int, data) -> None:
         buf = np.frombuffer(bytes(data) if not isinstance(data, (bytes, bytearray)) else data, np.uint8)
-        self.view(gpa, len(buf))[:] = buf
+        view = self.view(gpa, len(buf))
+        view[:] = buf
+        for at in self._patched_in(gpa, len(buf)):  # keep the breakpoint, remember the new byte
+            self.patches[at] = (int(buf[at - gpa]), self.patches[at][1])
+            view[at - gpa] = self.patches[at][1]
+
+    def _patched_in(self, gpa: int, length: int) -> list[int]:
+        return [at for at in self.patches if gpa <= at < gpa + length]
+
+    def _unpatch(self, gpa: int, data: bytes) -> bytes:
+        out = bytearray(data)
+        for at in self._patched_in(gpa, len(data)):
+            out[at - gpa] = self.patches[at][0]
+        return bytes(out)
+
+    def patch(self, gpa: int, byte: int) -> None:
+        """Put ``byte`` at ``gpa`` for the CPU while reads through this object keep seeing
+        the original (software breakpoints)."""
+        view = self.view(gpa, 1)
+        original = self.patches[gpa][0] if gpa in self.patches else int(view[0])
+        self.patches[gpa] = (original, byte)
+        view[0] = byte
+
+    def unpatch(self, gpa: int) -> None:
+        if gpa in self.patches:
+            original, _ = self.patches.pop(gpa)
+            self.view(gpa, 1)[0] = original
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
         self.view(gpa, length)[:] = value

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _trampoline as _t
-from . import exit_handlers, run_loop, watchdog
+from . import exit_handlers, run_loop, vcpu_debug, watchdog
 from .abi import (
     GPR_NAMES,
     KVM_CPUID_ENTRY2_DTYPE,
@@ -46,7 +46,8 @@ Vm = Any  # hvjit.vm.Vm: not imported, the VM imports this module
 
 CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 DTABLE_NAMES = ("gdtr", "idtr")
-REGISTER_NAMES = GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES
+DEBUG_NAMES = ("dr0", "dr1", "dr2", "dr3", "dr6", "dr7")
+REGISTER_NAMES = GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES + DEBUG_NAMES
 # KVM refuses KVM_GET/SET_MSRS with more entries than this (E2BIG).
 MSRS_PER_IOCTL = 255
 # Exits the loop handles per call before checking in with Python (watchdog, stop requests).
@@ -135,6 +136,7 @@ class Vcpu:
         self._native: Any = None  # the generated run-loop module (see warm_up)
         self._control = RunControl(lambda: self._run_ptr)
         self._released = False
+        self._debug = vcpu_debug.DebugState()
         self.emulation_counts: dict[str, int] = {}
         self.destroyed = False
         self.handle = 0  # the session's handle for it
@@ -255,6 +257,8 @@ class Vcpu:
         name = self._register_name(name)
         if name in GPR_NAMES:
             return int(self.get_regs()[name])
+        if name in DEBUG_NAMES:
+            return vcpu_debug.get_debugregs(self)[name]
         sregs = self.get_sregs()
         if name in CONTROL_NAMES:
             return int(sregs[name])
@@ -270,7 +274,9 @@ class Vcpu:
         if any(n in GPR_NAMES for n in names):
             regs = self.get_regs()
             out.update({n: int(regs[n]) for n in names if n in GPR_NAMES})
-        if any(n not in GPR_NAMES for n in names):
+        if any(n in DEBUG_NAMES for n in names):
+            out.update(vcpu_debug.get_debugregs(self))
+        if any(n not in GPR_NAMES and n not in DEBUG_NAMES for n in names):
             sregs = self.get_sregs()
             for n in names:
                 if n in CONTROL_NAMES:
@@ -290,7 +296,10 @@ class Vcpu:
             if not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 1 << 64:
                 raise RegisterError(f"register {n}: {v!r} is not a 64-bit unsigned integer")
         gprs = {n: v for n, v in values.items() if n in GPR_NAMES}
-        special = {n: v for n, v in values.items() if n not in GPR_NAMES}
+        debug = {n: v for n, v in values.items() if n in DEBUG_NAMES}
+        special = {n: v for n, v in values.items() if n not in GPR_NAMES and n not in DEBUG_NAMES}
+        if debug:
+            vcpu_debug.set_debugregs(self, **debug)
         if gprs:
             regs = self.get_regs()
             for n, v in gprs.items():
@@ -457,9 +466,16 @@ class Vcpu:
 
     def _run_until_exit(self, watchdog: "_Watchdog", resume_hlt: bool,
                         group_stop: Optional[threading.Event]) -> VmExit:
+        resume_hlt = resume_hlt or not self._debug.halt_exit
         flags = run_loop.FLAG_RESUME_HLT if resume_hlt else 0
         control, bus, vm = self._control, self.vm.bus, self.vm
+        if self._debug.stopped_at is not None:
+            stepped = self._step_over_breakpoint(watchdog, group_stop)
+            if stepped is not None:
+                return stepped
         while True:
+            if self._debug.dirty:
+                vcpu_debug.apply(self)
             # Clear, then read the requests: a kick after this line makes KVM_RUN return at once.
             self._run[0]["immediate_exit"] = 0
             request = control.pending(vm._request())
@@ -508,6 +524,98 @@ class Vcpu:
     def _synthetic_exit(self, code: VmExitCode) -> VmExit:
         rip = int(self.get_regs()["rip"]) if not self.destroyed else 0
         return VmExit(exitcode=code, rip=rip, kvm_reason=-1)
+
+    # ---- debugging (bhyve's capabilities, stepping, breakpoints) -------------------------
+
+    def get_capability(self, cap) -> bool:
+        """HALT_EXIT, MTRAP_EXIT, BPT_EXIT or PAUSE_EXIT (:class:`~hvjit.vcpu_debug.Capability`)."""
+        self._check()
+        return vcpu_debug.get_capability(self, cap)
+
+    def set_capability(self, cap, on: bool) -> None:
+        """Turn a capability on or off; UnsupportedError (naming the host's flavour) where the
+        host cannot provide it. Takes effect at the vCPU's next entry into the guest."""
+        self._check()
+        vcpu_debug.set_capability(self, cap, on)
+
+    def step(self, n: int = 1, *, timeout: Optional[float] = 10.0) -> VmExit:
+        """Execute ``n`` instructions, one KVM entry each; returns the last MTRAP exit (rip:
+        the next instruction), or the first other exit that ended the stepping early."""
+        self._check_access()
+        if n < 1:
+            raise ValueError(f"step count must be at least 1, not {n}")
+        state = self._debug
+        before = state.single_step
+        vcpu_debug.set_capability(self, vcpu_debug.Capability.MTRAP_EXIT, True)
+        try:
+            ex = None
+            for _ in range(n):
+                ex = self.run(timeout=timeout)
+                if ex.exitcode != VmExitCode.MTRAP:
+                    break
+            return ex
+        finally:
+            state.single_step = before
+            state.dirty = True
+
+    def _step_over_breakpoint(self, watchdog: "_Watchdog", group_stop) -> Optional[VmExit]:
+        """Continuing from a breakpoint: run its instruction with the int3 taken out, then
+        put it back. None when that went as planned and the run should go on."""
+        state, gla = self._debug, self._debug.stopped_at
+        state.stopped_at = None
+        bp = self.vm.breakpoints.get(gla)
+        if bp is None or int(self.get_regs()["rip"]) != gla:
+            return None  # moved on (or removed) meanwhile
+        stepping = state.single_step
+        self.vm.memory.unpatch(bp.gpa)
+        state.single_step, state.dirty = True, True
+        try:
+            result = self._run_until_exit(watchdog, False, group_stop)
+        finally:
+            if gla in self.vm.breakpoints:
+                self.vm.memory.patch(bp.gpa, vcpu_debug.INT3)
+            state.single_step, state.dirty = stepping, True
+        if result.exitcode == VmExitCode.MTRAP and not stepping:
+            return None  # over it: go on as asked
+        return result  # the user was stepping, or another exit came first
+
+    def add_breakpoint(self, where):
+        """A software breakpoint at a guest-linear address or an ELF symbol (translated through
+        this vCPU's paging); every vCPU of the VM stops there with a BPT exit."""
+        self._check_access()
+        return vcpu_debug.add_breakpoint(self, where)
+
+    def remove_breakpoint(self, where) -> None:
+        self._check_access()
+        vcpu_debug.remove_breakpoint(self, where)
+
+    def add_hw_breakpoint(self, where) -> int:
+        """A hardware breakpoint in a debug register (slot 0-3); see ``vcpu_debug.host_support``."""
+        self._check_access()
+        return vcpu_debug.add_hw(self, where, "x")
+
+    def add_watchpoint(self, where, length: int = 1, kind: str = "w") -> int:
+        """A hardware watchpoint ("w" writes, "rw" reads and writes); a hit is a DB exit."""
+        self._check_access()
+        return vcpu_debug.add_hw(self, where, kind, length)
+
+    def remove_hw(self, slot: int) -> None:
+        self._check_access()
+        vcpu_debug.remove_hw(self, slot)
+
+    # ---- guest-virtual memory (bhyve's copy-in/copy-out) -----------------------------------
+
+    def read_virtual(self, gla: int, length: int, *, raw: bool = False) -> bytes:
+        """Bytes at a guest-linear address through the current paging (GuestFault with the
+        #PF error code where a page is not mapped). ``raw``: as the CPU sees them (with
+        software breakpoints)."""
+        self._check_access()
+        return guest.read_virtual(self, gla, length, raw=raw)
+
+    def write_virtual(self, gla: int, data: bytes) -> None:
+        """Write through the current paging; nothing is written if any page would fault."""
+        self._check_access()
+        guest.write_virtual(self, gla, data)
 
     # ---- looking at the guest ------------------------------------------------------------
 

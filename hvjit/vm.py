@@ -90,6 +90,8 @@ class Vm:
         self.debug_exit: Optional[DebugExit] = None
         self.testdev: Optional[TestDev] = None
         self.fw_cfg = None
+        self.symbols = None  # the loaded image's symbol table (lookup/symbolize), if it has one
+        self.breakpoints: dict = {}  # guest-linear address -> vcpu_debug.Breakpoint
         self.console_sink: Optional[Callable[[bytes], None]] = None
         self._console = bytearray()
         self._drain_lock = threading.Lock()

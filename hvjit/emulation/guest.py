@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..abi import KvmInternalError
+from ..errors import GuestFault
 from ..exits import VmExit
 from ..kernels import pagewalk as pw
 from ..kernels.decode import decode
@@ -93,10 +94,56 @@ def chunks(vcpu, kw, mem, gla: int, size: int, access: int):
     return setup.chunks
 
 
-def read_phys(vcpu, gpa: int, n: int) -> bytes:
+def _pieces(vcpu, gla: int, n: int, access: int):
+    """(gpa, length) pieces of a guest-linear range, or GuestFault with the #PF error code."""
+    kw, mem = paging_registers(vcpu)
+    setup = pw.copy_setup(mem, int(gla), int(n), access=pw.Access(access), **kw)
+    if setup.fault is not None:
+        raise GuestFault(setup.fault)
+    return setup.chunks
+
+
+def read_virtual(vcpu, gla: int, n: int, *, raw: bool = False) -> bytes:
+    """``n`` bytes at guest-linear ``gla`` through the vCPU's current paging (bhyve's
+    copy-in). ``raw``: the bytes the CPU sees (software breakpoints included)."""
+    memory = vcpu.vm.memory
+    out = bytearray()
+    for gpa, size in _pieces(vcpu, gla, n, 0):
+        if not memory.is_mapped(gpa, size):
+            raise GuestAccessError(f"guest-linear {gla:#x} maps to {gpa:#x}, which is not RAM")
+        out += memory.view(gpa, size).tobytes() if raw else memory.read(gpa, size)
+    return bytes(out)
+
+
+def write_virtual(vcpu, gla: int, data: bytes) -> None:
+    """Write ``data`` at guest-linear ``gla`` (bhyve's copy-out): every page is checked
+    (present, writable as the vCPU's CPL would find it) before any byte is stored."""
+    memory = vcpu.vm.memory
+    pieces = _pieces(vcpu, gla, len(data), 1)
+    for gpa, size in pieces:
+        if not memory.is_mapped(gpa, size):
+            raise GuestAccessError(f"guest-linear {gla:#x} maps to {gpa:#x}, which is not RAM")
+    at = 0
+    for gpa, size in pieces:
+        memory.write(gpa, bytes(data[at:at + size]))
+        at += size
+
+
+def symbolize(vm, address: int) -> str:
+    """The ELF symbol (``name+0x..``) at a guest address, or "" where none is known."""
+    symbols = vm.symbols
+    if symbols is None:
+        return ""
+    try:
+        return symbols.symbolize(address)
+    except Exception:  # noqa: BLE001 - an address outside every symbol: no name
+        return ""
+
+
+def read_phys(vcpu, gpa: int, n: int, *, raw: bool = False) -> bytes:
     memory = vcpu.vm.memory
     if memory.is_mapped(gpa, n):
-        return memory.read(gpa, n)
+        return memory.view(gpa, n).tobytes() if raw else memory.read(gpa, n)
     handler = vcpu.vm.bus.mmio_handler(gpa, n)
     if handler is None:
         raise GuestAccessError(f"MMIO read at {gpa:#x} ({n} bytes) has no Python handler")
@@ -115,8 +162,9 @@ def write_phys(vcpu, gpa: int, data: bytes) -> None:
     handler(gpa, len(data), True, int.from_bytes(data, "little"))
 
 
-def fetch_code(vcpu, linear: int, length: int = 15, sregs=None, regs=None) -> bytes:
-    """Up to ``length`` instruction bytes at a guest-linear address (fewer if a page faults)."""
+def fetch_code(vcpu, linear: int, length: int = 15, sregs=None, regs=None, *, raw: bool = True) -> bytes:
+    """Up to ``length`` instruction bytes at a guest-linear address (fewer if a page faults):
+    as the CPU fetches them (``raw``, software breakpoints included) or as the guest wrote them."""
     kw, mem = paging_registers(vcpu, sregs, regs)
     out = b""
     address = int(linear)
@@ -124,7 +172,7 @@ def fetch_code(vcpu, linear: int, length: int = 15, sregs=None, regs=None) -> by
         n = min(length - len(out), 0x1000 - (address & 0xFFF))
         try:
             for gpa, size in chunks(vcpu, kw, mem, address, n, 2):
-                out += read_phys(vcpu, gpa, size)
+                out += read_phys(vcpu, gpa, size, raw=raw)
         except Exception:  # noqa: BLE001 - a fault or unbacked page ends the fetch
             break
         address += n
@@ -144,7 +192,7 @@ def disassemble(vcpu, rip: Optional[int] = None, count: int = 1) -> list[tuple[i
     wrap = (1 << 64) - 1 if bitness == 64 else 0xFFFFFFFF
     out = []
     for _ in range(int(count)):
-        code = fetch_code(vcpu, (cs_base + address) & wrap, 15, sregs, regs)
+        code = fetch_code(vcpu, (cs_base + address) & wrap, 15, sregs, regs, raw=False)  # breakpoints hidden
         if not code:
             break
         rec = decode(code, bitness, address)

@@ -359,11 +359,21 @@ def load(vm, image: ImageSource, *, format: str = "auto", cmdline="", initrd=Non
         found = write_firmware(vm, cmdline)
         if rsdp is None and fmt == "linux" and data[:4] == b"\x7fELF" and elf.pvh_entry(data) is not None:
             rsdp = found  # a PVH kernel is told where it is; the others scan the BIOS area
+    info = _load_format(vm, v, data, fmt, image, cmdline=cmdline, initrd=initrd, modules=modules, gpa=gpa,
+                        entry=entry, mode=mode, cpl=cpl, rsdp=rsdp, name=name)
+    if getattr(info.image, "symbols", None):
+        vm.symbols = info.image  # breakpoints and exits by symbol name
+    return info
+
+
+def _load_format(vm, v, data, fmt, image, *, cmdline, initrd, modules, gpa, entry, mode, cpl, rsdp, name):
     if fmt == "flat":
         from . import flat
 
         return flat.load(vm, v, data, gpa=gpa, entry=entry, mode=mode or "long", cpl=cpl)
     if fmt == "elf":
+        from . import elf
+
         return elf.load(vm, v, data, entry=entry, mode=mode, cpl=cpl)
     if fmt == "multiboot":
         from . import multiboot

@@ -78,6 +78,9 @@ HVT_EXPORT int hvt_vcpu_set_events(int vcpu_fd, const struct kvm_vcpu_events *ev
 HVT_EXPORT int hvt_vcpu_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *entries, int count);
 HVT_EXPORT int hvt_vcpu_get_tsc_khz(int vcpu_fd);
 HVT_EXPORT int hvt_vcpu_set_guest_debug(int vcpu_fd, const struct kvm_guest_debug *dbg);
+/* DR0-DR3, DR6, DR7 as the guest sees them (KVM_CAP_DEBUGREGS). */
+HVT_EXPORT int hvt_vcpu_get_debugregs(int vcpu_fd, struct kvm_debugregs *regs);
+HVT_EXPORT int hvt_vcpu_set_debugregs(int vcpu_fd, const struct kvm_debugregs *regs);
 /* The XSAVE area (standard format; `size` from KVM_CAP_XSAVE2 on the VM fd, at least 4096). */
 HVT_EXPORT int hvt_vcpu_get_xsave(int vcpu_fd, void *area, int size);
 HVT_EXPORT int hvt_vcpu_set_xsave(int vcpu_fd, const void *area);

@@ -132,6 +132,16 @@ int hvt_vcpu_set_guest_debug(int fd, const struct kvm_guest_debug *dbg)
     return ioctl_rc(ioctl(fd, KVM_SET_GUEST_DEBUG, dbg));
 }
 
+int hvt_vcpu_get_debugregs(int fd, struct kvm_debugregs *regs)
+{
+    return ioctl_rc(ioctl(fd, KVM_GET_DEBUGREGS, regs));
+}
+
+int hvt_vcpu_set_debugregs(int fd, const struct kvm_debugregs *regs)
+{
+    return ioctl_rc(ioctl(fd, KVM_SET_DEBUGREGS, regs));
+}
+
 int hvt_vcpu_get_xsave(int fd, void *area, int size)
 {
     if (size < (int)sizeof(struct kvm_xsave))
