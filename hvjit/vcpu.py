@@ -40,7 +40,7 @@ from .abi import (
 from .emulation import guest
 from .errors import KvmError, ObjectDestroyedError, RegisterError
 from .exits import VmExit
-from .vcpu_lifecycle import Request, RunControl, VcpuBusyError, VcpuState, ensure_kick_signal
+from .vcpu_lifecycle import Request, RunControl, VcpuBusyError, VcpuState, authorize, ensure_kick_signal
 
 Vm = Any  # hvjit.vm.Vm: not imported, the VM imports this module
 
@@ -149,9 +149,11 @@ class Vcpu:
         if self.destroyed:
             raise ObjectDestroyedError(f"vcpu {self.index} of VM {self.vm.name!r} was destroyed")
 
-    def _check_access(self) -> None:
-        """Before a state ioctl: alive, and not running in another thread (it would block)."""
+    def _check_access(self, what: str = "vCPU state") -> None:
+        """Before a state ioctl: alive, allowed for the acting session, and not running in
+        another thread (it would block)."""
         self._check()
+        authorize(self.vm, what)
         self._control.check_state_access()
 
     def _destroy(self, wait: float = DESTROY_WAIT) -> bool:
@@ -420,6 +422,7 @@ class Vcpu:
         """Make the current run (in another thread) return a BOGUS exit as soon as possible;
         False when no run is active (a later run is not affected)."""
         self._check()
+        authorize(self.vm, "stop")
         return self._control.request(Request.STOP)
 
     kick = stop  # bhyve's word for it
@@ -430,6 +433,7 @@ class Vcpu:
         parked (VcpuBusyError if it does not within ``timeout``: a Python handler that
         does not return)."""
         self._check()
+        authorize(self.vm, "pause")
         self._control.request(Request.PAUSE)
         if not self._control.wait_parked_or_idle(timeout):
             raise VcpuBusyError(f"vcpu {self.index} did not pause within {timeout} s")
@@ -437,6 +441,7 @@ class Vcpu:
     def resume(self) -> None:
         """Let a paused vCPU run again."""
         self._check()
+        authorize(self.vm, "resume")
         self._control.resume()
 
     def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False,
@@ -451,6 +456,7 @@ class Vcpu:
         """
         self._check()
         self.vm._check()
+        authorize(self.vm, "run")
         ensure_kick_signal()
         control = self._control
         control.enter()  # before the compile: a stop during it ends this run too
@@ -535,7 +541,7 @@ class Vcpu:
     def set_capability(self, cap, on: bool) -> None:
         """Turn a capability on or off; UnsupportedError (naming the host's flavour) where the
         host cannot provide it. Takes effect at the vCPU's next entry into the guest."""
-        self._check()
+        self._check_access("set_capability")
         vcpu_debug.set_capability(self, cap, on)
 
     def step(self, n: int = 1, *, timeout: Optional[float] = 10.0) -> VmExit:

@@ -18,14 +18,29 @@ this safe:
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import _trampoline as _t
 from .abi import SuspendHow
-from .errors import HvjitError
+from .errors import AccessDeniedError, HvjitError
+
+# The session the current code acts for (set by ``with session:`` / ``session.acting()``).
+# A restricted session may drive only its own VMs; see :func:`authorize`.
+ACTING_SESSION: contextvars.ContextVar[Any] = contextvars.ContextVar("hvjit_acting_session", default=None)
+
+
+def authorize(vm, what: str) -> None:
+    """Refuse a control-plane call on ``vm`` made for a restricted session that does not own it."""
+    acting = ACTING_SESSION.get()
+    if acting is None or not getattr(acting, "restricted", False):
+        return
+    if vm._session is not acting:
+        raise AccessDeniedError(f"{what}: a restricted session may control only its own VMs "
+                                f"(VM {vm.name!r} belongs to another session)")
 
 # How often a waiting teardown or pause kicks again (a signal can land just before KVM_RUN
 # re-enters; immediate_exit covers that, this covers a run stuck in a slow Python handler).

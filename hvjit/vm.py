@@ -35,7 +35,7 @@ from .memory import (
 )
 from .system import Kvm
 from .vcpu import Vcpu
-from .vcpu_lifecycle import Request, VcpuBusyError
+from .vcpu_lifecycle import Request, VcpuBusyError, authorize
 from .vcpu_threads import RunResult, run_vm
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
@@ -160,6 +160,7 @@ class Vm:
         The device belongs to the VM's session: it is detached when the VM is destroyed.
         """
         self._check()
+        authorize(self, "add_device")
         device = self._device_class(name)(**config)
         device.attach(self.bus, self.memory)
         bus = self.bus
@@ -272,6 +273,7 @@ class Vm:
         loader rewrites what it needs. Every vCPU must be stopped (no run active).
         """
         self._check()
+        authorize(self, "reinit")
         if any(v._control.thread is not None for v in self.vcpus):
             raise VcpuBusyError(f"VM {self.name!r}: stop every vCPU before reinit")
         n = len(self.vcpus)
@@ -309,6 +311,7 @@ class Vm:
         """Park every vCPU; returns once each running one has parked. Runs stay active
         (``vm.run`` does not return) until :meth:`resume`."""
         self._check()
+        authorize(self, "pause")
         self._paused = True
         for v in self.vcpus:
             v._control.request(Request.PAUSE)
@@ -319,6 +322,7 @@ class Vm:
     def resume(self) -> None:
         """Let every vCPU run again after :meth:`pause` (or per-vCPU pauses)."""
         self._check()
+        authorize(self, "resume")
         self._paused = False
         for v in self.vcpus:
             v._control.resume()
@@ -327,6 +331,7 @@ class Vm:
         """Host-side suspend (bhyve's vm_suspend): every vCPU's run returns a SUSPENDED exit
         with ``how``, now and at every later run, until :meth:`reinit`."""
         self._check()
+        authorize(self, "suspend")
         self._suspend_how = SuspendHow(how)
         for v in self.vcpus:
             v._control.request(Request.SUSPEND, self._suspend_how)
@@ -461,6 +466,7 @@ class Vm:
         emulation failure) or at ``timeout`` seconds; the other vCPUs are kicked out.
         """
         self._check()
+        authorize(self, "run")
         return run_vm(self, timeout=timeout, resume_hlt=resume_hlt)
 
     def irq_line(self, irq: int, level: int) -> None:
