@@ -8,6 +8,7 @@ come back to Python (the slow path).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -196,6 +197,26 @@ class PortDevice:
 
     def _claim(self, bus: IoBus, memory) -> None:
         bus.claim_ports(self.slot, self.port, self.port_count)
+
+    # ---- snapshots (hvjit.snapshot) -------------------------------------------------------
+    # The state and buffer rows are saved by the bus; a device adds only its Python-side
+    # fields, and says which part of its buffer its handler can change while the guest runs.
+
+    def snapshot_state(self) -> dict:
+        """Python-side fields that change after attach, as JSON-able values."""
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        """Take back what :meth:`snapshot_state` returned (the rows are restored by the bus)."""
+
+    def buffer_changes(self, saved: np.ndarray) -> list[tuple[int, int]]:
+        """Byte ranges of the buffer row the handlers may have written since the state row
+        was ``saved``: what a reset must copy back. Every byte unless the device knows better;
+        none when no handler takes the buffer."""
+        handlers = [h for h in (type(self).port_io, type(self).mmio_io) if h is not None]
+        if not any("buf" in inspect.signature(getattr(h, "py_func", h)).parameters for h in handlers):
+            return []
+        return [(0, kinds.BUFFER_BYTES)]
 
     def detach(self, bus: IoBus) -> None:
         if self.slot:
