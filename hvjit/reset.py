@@ -95,9 +95,9 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
     if privileged:
         snapshot.apply_vm(vm, snap)
         snapshot.apply_clock(vm, snap)
-    snapshot.apply_devices(vm, snap, only_changed=True)
+    snapshot.reset_devices(vm, snap)
     console = snap.console
-    if vm._console != console:
+    if len(vm._console) != len(console) or vm._console != console:
         vm._console[:] = console
     tracker.rebase(snap)
     return ResetStats(copied, full, completed)

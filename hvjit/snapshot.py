@@ -47,6 +47,7 @@ from .abi import (
     KvmExit,
 )
 from .devices import kinds
+from .devices.bus import PortDevice, handlers_take_buffer
 from .errors import HvjitError, SnapshotError
 from .memory import PAGE_SIZE
 from .snapshot_file import FORMAT, VERSION
@@ -75,6 +76,9 @@ class Snapshot:
     delta: Optional[dirty.Bitmaps] = None
     _dense: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _writable: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # MSRs worth setting
+    _device_plan: dict[tuple, tuple] = field(default_factory=dict, repr=False)  # per device set, for resets
+    _compatible: set = field(default_factory=set, repr=False)  # layouts check_compatible passed
+    _console: Optional[bytes] = field(default=None, repr=False)
 
     @property
     def vcpus(self) -> int:
@@ -82,7 +86,9 @@ class Snapshot:
 
     @property
     def console(self) -> bytes:
-        return self.arrays["vm.console"].tobytes()
+        if self._console is None:
+            self._console = self.arrays["vm.console"].tobytes()
+        return self._console
 
     def vcpu_array(self, index: int, name: str) -> Optional[np.ndarray]:
         return self.arrays.get(f"vcpu{index}.{name}")
@@ -398,27 +404,53 @@ def sync_registers(vcpu, snap: Snapshot) -> bool:
     return True
 
 
-def apply_devices(vm, snap: Snapshot, *, only_changed: bool = False) -> None:
-    """Device rows and Python-side fields. ``only_changed``: copy back only the buffer bytes
-    a device says its handlers can have written (a reset; the rows are otherwise whole)."""
+def apply_devices(vm, snap: Snapshot) -> None:
+    """Device rows and Python-side fields, whole."""
     for j, (device, entry) in enumerate(zip(vm.devices, snap.manifest["devices"])):
-        state = entry["state"]
-        python_changed = True
         if hasattr(device, "restore_state"):
-            python_changed = not only_changed or device.snapshot_state() != state
-            if python_changed:
-                device.restore_state(state)
-        if not entry["native"]:
+            device.restore_state(entry["state"])
+        if entry["native"]:
+            vm.bus.dev_state[device.slot] = snap.arrays[f"dev{j}.state"]
+            vm.bus.dev_buf[device.slot] = snap.arrays[f"dev{j}.buf"]
+
+
+def _has_python_state(device) -> bool:
+    own = getattr(type(device), "snapshot_state", None)
+    return own is not None and own is not getattr(PortDevice, "snapshot_state")
+
+
+def reset_devices(vm, snap: Snapshot) -> None:
+    """What a reset needs of :func:`apply_devices`: every state row (one numpy copy), the
+    buffer bytes each device says its handlers can have written, and Python-side fields
+    where they differ (then the whole buffer: Python may have re-laid it out)."""
+    key = tuple(id(d) for d in vm.devices)
+    plan = snap._device_plan.get(key)
+    if plan is None:
+        slots = np.array([d.slot for d, e in zip(vm.devices, snap.manifest["devices"]) if e["native"]], np.intp)
+        rows = np.array([snap.arrays[f"dev{j}.state"] for j, e in enumerate(snap.manifest["devices"])
+                         if e["native"]], np.int64).reshape(len(slots), kinds.STATE_WORDS)
+        buffers = [(d, e, j) for j, (d, e) in enumerate(zip(vm.devices, snap.manifest["devices"]))
+                   if e["native"] and (handlers_take_buffer(type(d))
+                                       or type(d).buffer_changes is not PortDevice.buffer_changes)]
+        python = [(d, e, j) for j, (d, e) in enumerate(zip(vm.devices, snap.manifest["devices"]))
+                  if _has_python_state(d)]
+        plan = snap._device_plan[key] = (slots, rows, buffers, python)
+    slots, rows, buffers, python = plan
+    bus = vm.bus
+    rewritten = set()
+    for device, entry, j in python:
+        if device.snapshot_state() != entry["state"]:
+            device.restore_state(entry["state"])
+            if entry["native"]:
+                bus.dev_buf[device.slot] = snap.arrays[f"dev{j}.buf"]
+                rewritten.add(j)
+    for device, entry, j in buffers:
+        if j in rewritten:
             continue
-        saved_state = snap.arrays[f"dev{j}.state"]
-        saved_buf = snap.arrays[f"dev{j}.buf"]
-        row = vm.bus.dev_buf[device.slot]
-        if only_changed and not python_changed:
-            for start, end in device.buffer_changes(saved_state):
-                row[start:end] = saved_buf[start:end]
-        else:
-            row[:] = saved_buf
-        vm.bus.dev_state[device.slot] = saved_state
+        saved, row = snap.arrays[f"dev{j}.buf"], bus.dev_buf[device.slot]
+        for start, end in device.buffer_changes(snap.arrays[f"dev{j}.state"]):
+            row[start:end] = saved[start:end]
+    bus.dev_state[slots] = rows  # after buffer_changes, which compares with the live rows
 
 
 def apply_memory(vm, snap: Snapshot) -> None:
@@ -430,6 +462,9 @@ def apply_memory(vm, snap: Snapshot) -> None:
 
 def check_compatible(vm, snap: Snapshot) -> None:
     """The VM has the snapshot's memory layout, vCPUs, irqchip and devices."""
+    key = (vm.fd, tuple(id(s) for s in vm.memory.segments), tuple(id(d) for d in vm.devices), len(vm.vcpus))
+    if key in snap._compatible:
+        return
     m = snap.manifest
     layout = [(s.gpa, s.size, s.readonly) for s in vm.memory.segments]
     want = [(e["gpa"], e["size"], e["readonly"]) for e in m["memory"]]
@@ -445,6 +480,7 @@ def check_compatible(vm, snap: Snapshot) -> None:
         problems.append("the devices differ")
     if problems:
         raise SnapshotError(f"VM {vm.name!r} does not match the snapshot: " + "; ".join(problems))
+    snap._compatible.add(key)
 
 
 # ---- a new VM from a snapshot ----------------------------------------------------------------

@@ -8,6 +8,7 @@ come back to Python (the slow path).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -162,6 +163,13 @@ class IoBus:
         return None
 
 
+@functools.cache
+def handlers_take_buffer(cls: type) -> bool:
+    """Whether a native class's handlers are given the buffer row (and so may write it)."""
+    handlers = [h for h in (cls.port_io, cls.mmio_io) if h is not None]  # type: ignore[attr-defined]
+    return any("buf" in inspect.signature(getattr(h, "py_func", h)).parameters for h in handlers)
+
+
 class PortDevice:
     """A native device that claims ``port_count`` ports from ``port`` on one bus slot.
 
@@ -213,10 +221,7 @@ class PortDevice:
         """Byte ranges of the buffer row the handlers may have written since the state row
         was ``saved``: what a reset must copy back. Every byte unless the device knows better;
         none when no handler takes the buffer."""
-        handlers = [h for h in (type(self).port_io, type(self).mmio_io) if h is not None]
-        if not any("buf" in inspect.signature(getattr(h, "py_func", h)).parameters for h in handlers):
-            return []
-        return [(0, kinds.BUFFER_BYTES)]
+        return [(0, kinds.BUFFER_BYTES)] if handlers_take_buffer(type(self)) else []
 
     def detach(self, bus: IoBus) -> None:
         if self.slot:
