@@ -13,8 +13,6 @@ slot number), so snapshots of VMs with the same layout can be compared.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from . import _trampoline as _t
@@ -129,13 +127,12 @@ class DirtyTracker:
         self.since = empty_bitmaps(self.vm.memory.segments)
 
 
-def tracker(vm, *, enable: bool = True) -> Optional[DirtyTracker]:
-    """The VM's tracker, enabled (again) if its memory layout changed; None when not asked to enable."""
+def tracker(vm) -> DirtyTracker:
+    """The VM's tracker; a new one (tracking from now on) if there was none or its VM's
+    memory was remapped since."""
     t = getattr(vm, "_dirty", None)
     if t is not None and t.valid:
         return t
-    if not enable:
-        return None
     t = DirtyTracker(vm)
     t.enable()
     vm._dirty = t

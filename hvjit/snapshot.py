@@ -388,8 +388,8 @@ def sync_registers(vcpu, snap: Snapshot) -> bool:
     if not vcpu.vm.kvm.has(Cap.SYNC_REGS):
         return False
     run = vcpu._run[0]
-    run["sync_regs"] = snap.vcpu_array(vcpu.index, "regs")[0]
-    run["sync_sregs"] = snap.vcpu_array(vcpu.index, "sregs")[0]
+    run["sync_regs"] = snap.arrays[f"vcpu{vcpu.index}.regs"][0]
+    run["sync_sregs"] = snap.arrays[f"vcpu{vcpu.index}.sregs"][0]
     dirty_bits = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS
     events = snap.vcpu_array(vcpu.index, "events")
     if events is not None:
@@ -416,7 +416,12 @@ def apply_devices(vm, snap: Snapshot) -> None:
 
 def _has_python_state(device) -> bool:
     own = getattr(type(device), "snapshot_state", None)
-    return own is not None and own is not getattr(PortDevice, "snapshot_state")
+    return own is not None and own is not PortDevice.snapshot_state
+
+
+def _buffer_may_change(device: Any) -> bool:
+    cls: Any = type(device)
+    return handlers_take_buffer(cls) or cls.buffer_changes is not PortDevice.buffer_changes
 
 
 def reset_devices(vm, snap: Snapshot) -> None:
@@ -430,8 +435,7 @@ def reset_devices(vm, snap: Snapshot) -> None:
         rows = np.array([snap.arrays[f"dev{j}.state"] for j, e in enumerate(snap.manifest["devices"])
                          if e["native"]], np.int64).reshape(len(slots), kinds.STATE_WORDS)
         buffers = [(d, e, j) for j, (d, e) in enumerate(zip(vm.devices, snap.manifest["devices"]))
-                   if e["native"] and (handlers_take_buffer(type(d))
-                                       or type(d).buffer_changes is not PortDevice.buffer_changes)]
+                   if e["native"] and _buffer_may_change(d)]
         python = [(d, e, j) for j, (d, e) in enumerate(zip(vm.devices, snap.manifest["devices"]))
                   if _has_python_state(d)]
         plan = snap._device_plan[key] = (slots, rows, buffers, python)
@@ -444,7 +448,7 @@ def reset_devices(vm, snap: Snapshot) -> None:
             if entry["native"]:
                 bus.dev_buf[device.slot] = snap.arrays[f"dev{j}.buf"]
                 rewritten.add(j)
-    for device, entry, j in buffers:
+    for device, _entry, j in buffers:
         if j in rewritten:
             continue
         saved, row = snap.arrays[f"dev{j}.buf"], bus.dev_buf[device.slot]

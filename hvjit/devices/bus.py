@@ -164,9 +164,9 @@ class IoBus:
 
 
 @functools.cache
-def handlers_take_buffer(cls: type) -> bool:
+def handlers_take_buffer(cls) -> bool:
     """Whether a native class's handlers are given the buffer row (and so may write it)."""
-    handlers = [h for h in (cls.port_io, cls.mmio_io) if h is not None]  # type: ignore[attr-defined]
+    handlers = [h for h in (cls.port_io, cls.mmio_io) if h is not None]
     return any("buf" in inspect.signature(getattr(h, "py_func", h)).parameters for h in handlers)
 
 

@@ -250,3 +250,23 @@ def test_reset_to_a_snapshot_of_another_layout_is_refused(session):
     other = session.create_vm("other", memory=2 << 20)
     with pytest.raises(SnapshotError, match="memory"):
         other.reset_to(small.snapshot())
+
+
+def test_cli_snapshot_at_and_restore(tmp_path):
+    iterations = 20000
+    image = tmp_path / "guest.bin"
+    image.write_bytes(assemble(GUEST.format(stop=iterations + 1, port=STOP_PORT, iterations=iterations), CODE))
+    saved = tmp_path / "cli.hvs"
+
+    def hvjit(*args):
+        return subprocess.run([sys.executable, "-m", "hvjit", "run", *args, "--timeout", "60"],
+                              capture_output=True, timeout=300)
+
+    flat = [str(image), "--mode", "long", "--cpl", "3", "--gpa", hex(CODE), "--memory", "1M"]
+    whole = hvjit(*flat)
+    first = hvjit(*flat, "--snapshot-at", "5000", str(saved))
+    assert first.returncode == whole.returncode and first.stdout == whole.stdout, first.stderr
+    assert b"snapshot saved" in first.stderr and saved.exists()
+    rest = hvjit("--restore", str(saved))
+    assert rest.returncode == whole.returncode, rest.stderr
+    assert 0 < len(rest.stdout) < iterations - 4000 and whole.stdout.endswith(rest.stdout)
