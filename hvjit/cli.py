@@ -2,6 +2,8 @@
 
     hvjit info [--json]                 KVM availability, flavour, caps, TSC, CPU
     hvjit run IMAGE [options]           run a flat binary; serial output to stdout
+              [--snapshot-at WHEN FILE]  save the VM's state at WHEN (2.5s, or a count of exits)
+    hvjit run --restore FILE            go on from a saved state
     hvjit demo                          a greeting guest, its output and exit figures
     hvjit bench exits|decode|pagewalk   benchmarks with ratios against references (--json)
     hvjit bench vmexit                  exit micro-benchmark guests under hvjit and QEMU
@@ -121,19 +123,24 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 def run_image(args, out=sys.stdout) -> int:
     from . import Session, loaders
+    from .vm import Vm
 
-    data, fmt, notes = _image_and_format(args)
+    data, fmt, notes = _image_and_format(args) if not args.restore else (b"", "snapshot", [])
     real_guest = fmt in ("multiboot", "linux")
     irqchip = args.irqchip or real_guest or args.cpus > 1
     with Session() as s:
-        vm = s.create_vm(args.name, memory=args.memory, vcpus=args.cpus, irqchip=irqchip)
-        info = loaders.load(
-            vm, data, format=fmt, cmdline=args.append or "", initrd=args.initrd,
-            modules=args.module or (), name=args.kernel or args.image,  # argv[0], as QEMU's -kernel
-            gpa=args.gpa if fmt == "flat" else None, entry=args.entry,
-            mode=None if real_guest else (args.mode if fmt == "flat" or args.mode_given else None),
-            cpl=0 if real_guest else args.cpl,
-        )
+        if args.restore:
+            vm = Vm.restore(s, args.restore, name=args.name)
+            info = f"restored from {args.restore}"
+        else:
+            vm = s.create_vm(args.name, memory=args.memory, vcpus=args.cpus, irqchip=irqchip)
+            info = loaders.load(
+                vm, data, format=fmt, cmdline=args.append or "", initrd=args.initrd,
+                modules=args.module or (), name=args.kernel or args.image,  # argv[0], as QEMU's -kernel
+                gpa=args.gpa if fmt == "flat" else None, entry=args.entry,
+                mode=None if real_guest else (args.mode if fmt == "flat" or args.mode_given else None),
+                cpl=0 if real_guest else args.cpl,
+            )
         if not args.json:
             for note in notes:
                 print(f"hvjit: {note}", file=sys.stderr)
@@ -144,7 +151,10 @@ def run_image(args, out=sys.stdout) -> int:
                 lambda b: (out.write(b.decode("latin-1")), out.flush()))
         stdin_feeder = _feed_stdin(vm) if args.interactive else None
         try:
-            result = vm.run(timeout=args.timeout)
+            if args.snapshot_at:
+                result = _run_with_snapshot(vm, args)
+            else:
+                result = vm.run(timeout=args.timeout)
         except KeyboardInterrupt:
             # vm.run stopped and joined every vCPU before letting Ctrl-C through.
             counters = [v.stats() for v in vm.vcpus]
@@ -168,6 +178,45 @@ def run_image(args, out=sys.stdout) -> int:
             if result.exit.report is not None:
                 print(f"hvjit: {result.exit.report}", file=sys.stderr)
     return status
+
+
+def _run_with_snapshot(vm, args):
+    """Run to the --snapshot-at point (seconds "2.5s", or at least N exits), save, go on."""
+    import threading
+
+    from .abi import VmExitCode
+    from .run_loop import C_EXITS
+
+    when, path = args.snapshot_at
+    t0 = time.monotonic()
+    if when.endswith("s"):
+        first = vm.run(timeout=min(float(when[:-1]), args.timeout))
+        stopped = first.exitcode == VmExitCode.TIMEOUT
+    else:
+        # Exits are counted by the vCPUs' run loops; a watcher stops the VM once the count is
+        # reached (a few exits late: it looks every millisecond).
+        exits, done = int(when), threading.Event()
+
+        def watch():
+            while not done.wait(0.001):
+                if sum(int(v.counters[C_EXITS]) for v in vm.vcpus) >= exits:
+                    for v in vm.vcpus:
+                        v.kick()
+                    return
+
+        watcher = threading.Thread(target=watch, name="hvjit-snapshot-at", daemon=True)
+        watcher.start()
+        try:
+            first = vm.run(timeout=args.timeout)
+        finally:
+            done.set()
+            watcher.join()
+        stopped = first.exitcode == VmExitCode.BOGUS
+    if not stopped:
+        return first  # the guest finished before the snapshot point
+    vm.snapshot(path)
+    print(f"hvjit: snapshot saved to {path}", file=sys.stderr)
+    return vm.run(timeout=max(args.timeout - (time.monotonic() - t0), 0.001))
 
 
 def _feed_stdin(vm):
@@ -324,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--interactive", action="store_true", help="feed stdin to the guest's COM1")
     run.add_argument("--no-extract", action="store_true",
                      help="boot a bzImage as is, even where ring 0 is emulated (PVM)")
+    run.add_argument("--snapshot-at", nargs=2, metavar=("WHEN", "FILE"),
+                     help="save the VM to FILE at WHEN: seconds ('2.5s') or a count of exits ('5000')")
+    run.add_argument("--restore", metavar="FILE", help="go on from a snapshot FILE instead of loading an image")
     run.add_argument("--name", default="guest")
     run.add_argument("-v", "--verbose", action="store_true", help="print what was loaded where")
     run.add_argument("--json", action="store_true", help="print the exit record, counters and console as JSON")

@@ -134,3 +134,8 @@ class EmulationError(HvjitError):
 
 class GuestTimeoutError(HvjitError, TimeoutError):
     """The guest ran past the user's timeout (the watchdog kicked it out)."""
+
+
+class SnapshotError(HvjitError):
+    """A snapshot cannot be taken, read or restored: a corrupt, truncated or foreign file, a
+    version this hvjit does not read, a VM that does not match, or state KVM refuses."""

@@ -12,7 +12,7 @@ import threading
 from typing import Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
-from . import interrupts
+from . import interrupts, reset, snapshot
 from .abi import Cap, SuspendHow
 from .devices import catalog
 from .devices.bus import IoBus
@@ -33,6 +33,7 @@ from .memory import (
     allocate_segment,
     validate_layout,
 )
+from .snapshot import Snapshot
 from .system import Kvm
 from .vcpu import Vcpu
 from .vcpu_lifecycle import Request, VcpuBusyError, authorize
@@ -84,6 +85,9 @@ class Vm:
         self.memory = GuestMemory()
         self.bus = IoBus()
         self.devices: list = []
+        self.device_specs: list[tuple[str, dict]] = []  # (factory name, config) of each device
+        self.default_devices = devices
+        self._dirty = None  # hvjit.dirty.DirtyTracker, once a snapshot is taken
         self._msr_handlers: dict = {}
         self._msr_exits = 0
         self.uart: Optional[Uart16550] = None
@@ -166,6 +170,7 @@ class Vm:
         bus = self.bus
         device.handle = self._own(device, "device", lambda: device.detach(bus))
         self.devices.append(device)
+        self.device_specs.append((name, dict(config)))
         return device
 
     def _device_class(self, name: str) -> type:
@@ -483,6 +488,28 @@ class Vm:
         """Guest-linear to guest-physical through vCPU ``vcpu``'s page tables (a page-walk
         ``Translation``: gpa, page size, or the #PF error code a CPU would raise)."""
         return self.vcpu(vcpu).translate(gla, access=access)
+
+    # ---- snapshots (hvjit.snapshot, hvjit.reset) ----------------------------------------
+
+    def snapshot(self, path=None) -> Snapshot:
+        """The whole state of this stopped (or paused) VM; also written to ``path`` if given.
+
+        Turns on dirty-page tracking, so :meth:`reset_to` copies back only what changed.
+        """
+        snap = reset.take(self)
+        if path is not None:
+            snap.save(path)
+        return snap
+
+    @classmethod
+    def restore(cls, session, source, *, name: Optional[str] = None) -> "Vm":
+        """A new VM in ``session`` from a :class:`Snapshot` or a snapshot file (any process)."""
+        return snapshot.restore(cls, session, source, name)
+
+    def reset_to(self, snap: Snapshot, *, privileged: bool = True) -> reset.ResetStats:
+        """Put this VM back into ``snap``'s state in place (see :mod:`hvjit.reset`)."""
+        self._check()
+        return reset.reset_to(self, snap, privileged=privileged)
 
     def __repr__(self) -> str:
         state = "destroyed" if self.destroyed else f"fd={self.fd}"

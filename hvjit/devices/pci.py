@@ -139,6 +139,9 @@ class PciHost(PortDevice):
         buf[:CONFIG_SIZE] = np.frombuffer(cfg, np.uint8)
         buf[WMASK_AT: WMASK_AT + CONFIG_SIZE] = np.frombuffer(wmask, np.uint8)
 
+    def buffer_changes(self, saved: np.ndarray) -> list[tuple[int, int]]:
+        return [(0, CONFIG_SIZE)]  # configuration space; the write mask after it never changes
+
     @property
     def config(self) -> bytes:
         """The host bridge's configuration space as it is now."""

@@ -180,3 +180,25 @@ int hvt_vcpu_set_mp_state(int fd, const struct kvm_mp_state *state)
 {
     return ioctl_rc(ioctl(fd, KVM_SET_MP_STATE, state));
 }
+
+int hvt_vcpu_set_lapic(int fd, const struct kvm_lapic_state *lapic)
+{
+    return ioctl_rc(ioctl(fd, KVM_SET_LAPIC, lapic));
+}
+
+int hvt_vcpu_get_cpuid(int fd, struct kvm_cpuid_entry2 *entries, int max)
+{
+    if (max < 0)
+        return -EINVAL;
+    struct kvm_cpuid2 *c = calloc(1, sizeof(*c) + (size_t)max * sizeof(*entries));
+    if (!c)
+        return -ENOMEM;
+    c->nent = (uint32_t)max;
+    int rc = ioctl_rc(ioctl(fd, KVM_GET_CPUID2, c));
+    if (rc == 0) {
+        memcpy(entries, c->entries, (size_t)c->nent * sizeof(*entries));
+        rc = (int)c->nent;
+    }
+    free(c);
+    return rc;
+}
