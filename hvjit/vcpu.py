@@ -554,12 +554,11 @@ class Vcpu:
         before = state.single_step
         vcpu_debug.set_capability(self, vcpu_debug.Capability.MTRAP_EXIT, True)
         try:
-            ex = None
             for _ in range(n):
                 ex = self.run(timeout=timeout)
                 if ex.exitcode != VmExitCode.MTRAP:
                     break
-            return ex
+            return ex  # n >= 1: the loop ran
         finally:
             state.single_step = before
             state.dirty = True
