@@ -17,7 +17,7 @@ LAYERS = [
     ("devices and firmware tables", ["hvjit.devices", "hvjit.devices.*", "hvjit.firmware", "hvjit.firmware.*"]),
     ("the machine", ["hvjit.system", "hvjit.memory", "hvjit.watchdog", "hvjit.exits", "hvjit.interrupts",
                      "hvjit.run_loop", "hvjit.emulation", "hvjit.emulation.*", "hvjit.exit_handlers",
-                     "hvjit.vcpu", "hvjit.vcpu_threads", "hvjit.dirty", "hvjit.snapshot_file",
+                     "hvjit.vcpu_lifecycle", "hvjit.vcpu_debug", "hvjit.vcpu", "hvjit.vcpu_threads", "hvjit.dirty", "hvjit.snapshot_file",
                      "hvjit.snapshot", "hvjit.reset", "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
     ("management", ["hvjit.handles", "hvjit.objects", "hvjit.factory", "hvjit.gip", "hvjit.session"]),
     ("front", ["hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
