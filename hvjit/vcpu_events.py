@@ -96,8 +96,10 @@ class IntInfo:
     ``nmi_pending``: an NMI waits (KVM_NMI, or one blocked by ``nmi_masked``);
     ``interrupt_shadow``: KVM_X86_SHADOW_INT_MOV_SS (1) / _STI (2) bits;
     ``triple_fault``: a triple fault is requested (the next run shuts the vCPU down).
-    KVM does not report a #BP or #OF being delivered (it could not say their instruction
-    length), so they do not appear here.
+    KVM does not report a #BP, #OF or software interrupt being delivered (it could not say
+    their instruction length): they do not appear here, and writing the events back (a later
+    injection, :func:`set_intinfo`) drops them. The combination rules are unaffected: they
+    are benign, so the new event is delivered either way.
     """
     exception: Optional[ExceptionEvent] = None
     interrupt: Optional[InterruptEvent] = None
@@ -291,6 +293,20 @@ def inject_extint(vcpu, vector: int) -> InterruptEvent:
     return InterruptEvent(vector)
 
 
+def enable_flags(vcpu, flags: int) -> None:
+    """Enable on the VM the capabilities behind these ``kvm_vcpu_events`` flags (exception
+    payload, triple fault), so that a record carrying them, e.g. a snapshot's, can be set.
+    No ioctl when ``flags`` has neither."""
+    vm = vcpu.vm
+    for flag, cap in _FLAG_CAPS.items():
+        if flags & flag:
+            if cap.name not in vm.kvm.capabilities:
+                raise UnsupportedError(f"KVM_CAP_{cap.name}", vm.kvm.flavour,
+                                       "needed for " + ("exception payloads and pending exceptions"
+                                                        if flag == VALID_PAYLOAD else "a triple fault"))
+            vm._kvm_call(_t.lib.hvt_vm_enable_cap(vm.fd, cap, 1, 0), f"KVM_ENABLE_CAP({cap.name})")
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 
 _FLAG_CAPS = {VALID_PAYLOAD: Cap.EXCEPTION_PAYLOAD, VALID_TRIPLE_FAULT: Cap.X86_TRIPLE_FAULT_EVENT}
@@ -303,14 +319,7 @@ def _events_with(vcpu, flags: int):
     missing = flags & ~int(ev["flags"])
     if not missing:
         return ev
-    vm = vcpu.vm
-    for flag, cap in _FLAG_CAPS.items():
-        if missing & flag:
-            if not vm.kvm.has(cap):
-                raise UnsupportedError(f"KVM_CAP_{cap.name}", vm.kvm.flavour,
-                                       "needed for " + ("exception payloads and pending exceptions"
-                                                        if flag == VALID_PAYLOAD else "a triple fault"))
-            vm._kvm_call(_t.lib.hvt_vm_enable_cap(vm.fd, cap, 1, 0), f"KVM_ENABLE_CAP({cap.name})")
+    enable_flags(vcpu, missing)
     return vcpu.get_events()
 
 

@@ -220,3 +220,15 @@ def test_invalid_injections_are_typed_errors(session, args, match):
     assert g.vcpu.get_intinfo() == IntInfo()  # nothing half-done
     with pytest.raises(InjectionError, match="not 0..255"):
         g.vcpu.inject_extint(300)
+
+
+def test_a_snapshot_with_an_event_in_flight_restores_it(session):
+    from hvjit.vm import Vm
+
+    g = Guest(session, "snapev", 3)
+    g.vcpu.inject_exception(14, 0x7, cr2=0xC0DE_0000)
+    copy = Vm.restore(session, g.vm.snapshot(), name="snapev2")
+    assert copy.vcpu(0).get_intinfo().exception == g.vcpu.get_intinfo().exception
+    g.vm, g.vcpu = copy, copy.vcpu(0)
+    f = g.run_to_handler()
+    assert (f["vector"], f["error_code"], f["rip"], f["cr2"]) == (14, 0x7, CODE, 0xC0DE_0000)
