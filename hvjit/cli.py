@@ -76,6 +76,8 @@ def cmd_info(args) -> int:
     print(f"TSC:          {info['tsc_khz']} kHz" if info["tsc_khz"] else "TSC:          (not reported)")
     print(f"MSRs:         {info['msr_index_count']} saved by KVM, {info['feature_msr_count']} feature MSRs; "
           f"host /dev/cpu/N/msr {'present' if info['host_msr_device'] else 'absent'}")
+    controls = ", ".join(f"{k} {({True: 'yes', False: 'no'}).get(v, v)}" for k, v in info["vcpu_controls"].items())
+    print(f"vCPU control: {controls}")
     caps = ", ".join(f"{k}" + (f"={v}" if v != 1 else "") for k, v in sorted(info["capabilities"].items()))
     print(f"capabilities: {caps}")
     return 0
