@@ -56,7 +56,6 @@ def _print_json(obj) -> None:
 
 def cmd_info(args) -> int:
     from .system import Kvm, cpu_model, cpu_vendor, detect_flavour
-
     from .vcpu_debug import host_support
 
     try:

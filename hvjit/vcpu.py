@@ -37,7 +37,6 @@ from .abi import (
     SuspendHow,
     VmExitCode,
 )
-from .emulation import guest
 from .errors import KvmError, ObjectDestroyedError, RegisterError
 from .exits import VmExit
 from .vcpu_lifecycle import Request, RunControl, VcpuBusyError, VcpuState, authorize, ensure_kick_signal
@@ -615,11 +614,15 @@ class Vcpu:
         #PF error code where a page is not mapped). ``raw``: as the CPU sees them (with
         software breakpoints)."""
         self._check_access()
+        from .emulation import guest  # the decoder and page walker load on first use
+
         return guest.read_virtual(self, gla, length, raw=raw)
 
     def write_virtual(self, gla: int, data: bytes) -> None:
         """Write through the current paging; nothing is written if any page would fault."""
         self._check_access()
+        from .emulation import guest  # the decoder and page walker load on first use
+
         guest.write_virtual(self, gla, data)
 
     # ---- looking at the guest ------------------------------------------------------------
@@ -628,11 +631,15 @@ class Vcpu:
         """``count`` instructions from ``rip`` (default: the current one), fetched through
         the guest's page tables: a list of (address, bytes, Intel-syntax text)."""
         self._check()
+        from .emulation import guest  # the decoder and page walker load on first use
+
         return guest.disassemble(self, rip, count)
 
     def translate(self, gla: int, access: str = "r"):
         """Walk this vCPU's page tables for ``gla`` (``access``: "r", "w" or "x")."""
         self._check()
+        from .emulation import guest  # the decoder and page walker load on first use
+
         return guest.translate(self, gla, access)
 
     # ---- statistics ----------------------------------------------------------------------

@@ -29,7 +29,6 @@ import numpy as np
 
 from . import _trampoline as _t
 from .abi import KVM_DEBUGREGS_DTYPE, KVM_GUEST_DEBUG_DTYPE, Cap, KvmExit, SuspendHow, VmExitCode
-from .emulation.guest import symbolize
 from .errors import GuestFault, HvjitError, UnsupportedError
 from .exits import VmExit
 
@@ -189,6 +188,17 @@ def resolve(vcpu, where: Address) -> tuple[int, str]:
         except Exception as e:  # noqa: BLE001 - the loader's lookup error, retyped
             raise DebugError(f"unknown symbol {where!r}: {e}") from None
     return int(where), symbolize(vcpu.vm, int(where))
+
+
+def symbolize(vm, address: int) -> str:
+    """The ELF symbol (``name+0x..``) at a guest address, or "" where none is known."""
+    symbols = vm.symbols
+    if symbols is None:
+        return ""
+    try:
+        return symbols.symbolize(address)
+    except Exception:  # noqa: BLE001 - an address outside every symbol: no name
+        return ""
 
 
 def add_breakpoint(vcpu, where: Address) -> Breakpoint:
