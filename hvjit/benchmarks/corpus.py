@@ -205,7 +205,7 @@ def compare_with_iced(data: bytes, bitness: int, max_examples: int = 20) -> Comp
     compare length, validity, displacement, immediates, memory base/index/scale and the
     operand size of general-purpose instructions."""
 
-    from hvjit.kernels.decode import DecodeStatus, OpClass, REG_RIP, decode_buffer
+    from hvjit.kernels.decode import REG_RIP, DecodeStatus, OpClass, decode_buffer
 
     iced_x86 = require_iced()
     OpKind = iced_x86.OpKind

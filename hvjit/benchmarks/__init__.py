@@ -1,0 +1,1 @@
+"""Benchmarks and their workloads: what `hvjit bench` and bench/ measure (top layer)."""
