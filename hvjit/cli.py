@@ -348,7 +348,7 @@ def cmd_bench(args) -> int:
                       f"{r['numba_over_c']:8.3f} {r['python_over_c']:9.3f}")
         return 0
     if args.what == "decode":
-        from .kernels.decode import bench_decode
+        from .benchmarks.decode import bench_decode
 
         result = bench_decode(None, args.seconds)
     else:
@@ -359,7 +359,7 @@ def cmd_bench(args) -> int:
         _print_json(result)
     else:
         for k, v in result.items():
-            print(f"{k:20} {v:,.2f}" if isinstance(v, float) else f"{k:20} {v}")
+            print(f"{k:26} {v:,.2f}" if isinstance(v, float) else f"{k:26} {v}")
     return 0
 
 
