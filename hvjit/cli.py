@@ -9,6 +9,7 @@
     hvjit bench exits|decode|pagewalk   benchmarks with ratios against references (--json)
     hvjit bench vmexit                  exit micro-benchmark guests under hvjit and QEMU
     hvjit msr-probe [--range A-B]       guest-visible (and host, where possible) MSRs
+    hvjit trace show|plot FILE          an exit trace (hvjit run --trace FILE): table or PNGs
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 from .errors import HvjitError, KvmUnavailableError
@@ -167,6 +169,8 @@ def run_image(args, out=sys.stdout) -> int:
                 return _exit_status(outcome.exit)
             # Detached: the guest runs on as without a debugger.
         stdin_feeder = _feed_stdin(vm) if args.interactive else None
+        if args.trace:
+            vm.trace.enable(args.trace_size)
         try:
             if args.snapshot_at:
                 result = _run_with_snapshot(vm, args)
@@ -185,6 +189,8 @@ def run_image(args, out=sys.stdout) -> int:
         finally:
             if stdin_feeder is not None:
                 stdin_feeder.set()
+            if args.trace:
+                _save_trace(vm, args.trace)
         status = _exit_status(result.exit)
         if args.json:
             doc = result.to_dict()
@@ -195,6 +201,13 @@ def run_image(args, out=sys.stdout) -> int:
             if result.exit.report is not None:
                 print(f"hvjit: {result.exit.report}", file=sys.stderr)
     return status
+
+
+def _save_trace(vm, path) -> None:
+    saved = vm.trace.save(path)
+    dropped = vm.trace.dropped()
+    print(f"hvjit: trace of {len(vm.trace)} exits saved to {saved}"
+          + (f" ({dropped} older ones overwritten: --trace-size)" if dropped else ""), file=sys.stderr)
 
 
 def _run_with_snapshot(vm, args):
@@ -335,17 +348,20 @@ def cmd_bench(args) -> int:
         from .benchmarks import exits as exitbench
 
         kinds = tuple(k.strip() for k in args.kinds.split(","))
+        traced = args.trace_overhead or args.plot is not None
+        traces: dict = {}
         with Session() as s:
-            result = exitbench.run_all(s, exits=args.exits, rounds=args.rounds, kinds=kinds)
+            result = exitbench.run_all(s, exits=args.exits, rounds=args.rounds, kinds=kinds, trace=traced,
+                                       traces=traces)
         if args.json:
             _print_json(result)
         else:
-            h = result["host"]
-            print(f"host: {h['flavour']} KVM on {h['cpu']}, TSC {h['tsc_khz']} kHz")
-            print(f"{'exit':6} {'C ns':>10} {'Numba ns':>10} {'Python ns':>10} {'Numba/C':>8} {'Python/C':>9}")
-            for kind, r in result["exits"].items():
-                print(f"{kind:6} {r['c_ns']:10.1f} {r['numba_ns']:10.1f} {r['python_ns']:10.1f} "
-                      f"{r['numba_over_c']:8.3f} {r['python_over_c']:9.3f}")
+            _print_exit_bench(result, traced)
+        if args.plot is not None:
+            from .trace_plot import plot_bench
+
+            for path in plot_bench(traces, args.plot):
+                print(f"hvjit: wrote {path}", file=sys.stderr)
         return 0
     if args.what == "decode":
         from .benchmarks.decode import bench_decode
@@ -360,6 +376,40 @@ def cmd_bench(args) -> int:
     else:
         for k, v in result.items():
             print(f"{k:26} {v:,.2f}" if isinstance(v, float) else f"{k:26} {v}")
+    return 0
+
+
+def _print_exit_bench(result: dict, traced: bool) -> None:
+    h = result["host"]
+    print(f"host: {h['flavour']} KVM on {h['cpu']}, TSC {h['tsc_khz']} kHz")
+    print(f"{'exit':6} {'C ns':>10} {'Numba ns':>10} {'Python ns':>10} {'Numba/C':>8} {'Python/C':>9}")
+    for kind, r in result["exits"].items():
+        print(f"{kind:6} {r['c_ns']:10.1f} {r['numba_ns']:10.1f} {r['python_ns']:10.1f} "
+              f"{r['numba_over_c']:8.3f} {r['python_over_c']:9.3f}")
+    if traced:
+        print("tracing: the run-loop kernel alone; ratio to the loop compiled without tracing "
+              "(wall time / the vCPU thread's CPU time)")
+        print(f"{'exit':6} {'untraced ns':>17} {'off':>15} {'on':>15} {'on, no rip':>15} {'record ns':>10}")
+        for kind, r in result["exits"].items():
+            cells = [f"{r['untraced_ns']:7.0f} / {r['untraced_cpu_ns']:7.0f}"]
+            cells += [f"{r[n + '_over_untraced']:6.3f} / {r[n + '_cpu_over_untraced']:5.3f}"
+                      for n in ("trace_off", "trace_on", "trace_on_norip")]
+            print(f"{kind:6} " + " ".join(cells) + f" {r['trace_record_ns']:10.1f}")
+
+
+# ---- trace ------------------------------------------------------------------------------------
+
+def cmd_trace(args) -> int:
+    from . import trace, trace_plot
+
+    records, meta = trace.load(args.file)
+    if args.action == "show":
+        print(trace_plot.summary(records, meta, args.top))
+        return 0
+    path = Path(args.file)
+    outdir = Path(args.output) if args.output else path.parent
+    for png in trace_plot.plot_trace(records, meta, outdir, path.name.split(".")[0]):
+        print(f"hvjit: wrote {png}", file=sys.stderr)
     return 0
 
 
@@ -405,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gdb", metavar="[HOST:]PORT", default=None,
                      help="wait for GDB (target remote HOST:PORT, loopback only) before the first "
                      "instruction; --timeout applies only after the debugger detaches")
+    run.add_argument("--trace", metavar="FILE", help="record every exit into FILE (.npy; .parquet with pyarrow)")
+    run.add_argument("--trace-size", type=int, default=1 << 16, metavar="N",
+                     help="exits kept per vCPU (a ring: the newest N; default 65536)")
     run.add_argument("--name", default="guest")
     run.add_argument("-v", "--verbose", action="store_true", help="print what was loaded where")
     run.add_argument("--json", action="store_true", help="print the exit record, counters and console as JSON")
@@ -421,7 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=int, default=None, help="timed iterations per test (vmexit: 1000)")
     bench.add_argument("--kinds", default="pio,mmio,hlt", help="exit kinds (bench exits)")
     bench.add_argument("--seconds", type=float, default=2.0, help="time per measurement (decode, pagewalk)")
+    bench.add_argument("--trace-overhead", action="store_true",
+                       help="bench exits: also time the loop tracing off/on against one without tracing code")
+    bench.add_argument("--plot", metavar="DIR", default=None,
+                       help="bench exits: trace the runs and write PNGs (latency, timeline, sites) into DIR")
     bench.set_defaults(func=cmd_bench)
+
+    tr = sub.add_parser("trace", help="look at an exit trace saved by `hvjit run --trace FILE`")
+    tr.add_argument("action", choices=["show", "plot"], help="show: a summary table; plot: PNGs")
+    tr.add_argument("file")
+    tr.add_argument("-o", "--output", default=None, help="plot: directory for the PNGs (default: beside FILE)")
+    tr.add_argument("--top", type=int, default=15, help="how many exit sites to list")
+    tr.set_defaults(func=cmd_trace)
 
     msr = sub.add_parser("msr-probe", help="probe MSRs as a guest (and the host) sees them")
     msr.add_argument("--range", default=None, help="index range A-B (hex), default: KVM's MSR lists")

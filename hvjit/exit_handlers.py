@@ -112,8 +112,14 @@ HANDLERS: dict[int, ExitHandler] = {
 
 
 def handle(vcpu, rec) -> Optional[VmExit]:
-    """Dispatch one exit record: None to resume the guest, else the exit for the caller."""
+    """Dispatch one exit record: None to resume the guest, else the exit for the caller.
+    The VM's hooks (:mod:`hvjit.hooks`) see exits before the table and breakpoints after."""
+    hooks = vcpu.vm.hooks
+    if hooks.exit_hooks and hooks.on_exit(vcpu, rec):
+        return None
     result = HANDLERS.get(int(rec["exitcode"]), to_caller)(vcpu, rec)
     if result is not None and result.exitcode == VmExitCode.BPT and result.rip in vcpu.vm.breakpoints:
         vcpu._debug.stopped_at = result.rip  # stepped over before the guest goes on
+        if hooks.on_breakpoint(vcpu, result):
+            return None  # a code hook's breakpoint: the guest goes on
     return result

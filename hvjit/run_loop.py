@@ -16,6 +16,11 @@ needs no edit here.
 
 Every index the guest influences (ports, MMIO offsets, the IO data area) is range-checked
 here: Numba does no bounds checking.
+
+Exit tracing (:mod:`hvjit.trace`): with a non-empty ring the loop writes one record per exit
+(:data:`hvjit.kernels.tracering.TRACE_DTYPE`); with the zero-length ring it only tests the
+ring's length once per call. A module generated with ``trace_support=False`` has no tracing
+code at all: the benchmark's untraced reference.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from hvjit import _trampoline
-from hvjit._jit import CACHE_DIR, kernel
+from hvjit._jit import CACHE_DIR, kernel, rdtsc
 from hvjit.abi import KvmExit, KvmSystemEvent, SuspendHow, VmExitCode
 from hvjit.devices import catalog, kinds  # noqa: F401  (catalog numbers the built-in native devices)
+from hvjit.kernels import tracering
 
 hvt_vcpu_run = _trampoline.external("hvt_vcpu_run")
 hvt_vm_irq_line = _trampoline.external("hvt_vm_irq_line")
@@ -64,6 +70,13 @@ N_REASONS = 64  # per-KVM-exit-reason counts live after the named counters
 REASON_BASE = N_COUNTERS
 
 U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+# A compile-time constant (Numba freezes globals): generate_source(trace_support=False) sets it
+# False, and the tracing code is compiled out.
+TRACE_SUPPORT = True
+# Exit codes of natively handled exits, as plain ints (they go into an int64 local).
+_X_INOUT, _X_INOUT_STR = int(VmExitCode.INOUT), int(VmExitCode.INOUT_STR)
+_X_MMIO, _X_HLT, _X_UNKNOWN = int(VmExitCode.INST_EMUL), int(VmExitCode.HLT), int(VmExitCode.UNKNOWN)
 
 
 # The template's switch knows no device; generated modules redefine both (see compiled()).
@@ -270,17 +283,90 @@ def fill_exit(run, page, exit_out):
 
 
 @kernel
+def _trace_exit(trace, tstate, run, page, t_exit, exitcode, native):
+    """Write the exit in ``kvm_run`` into the trace ring. ``exitcode`` < 0: derive it from
+    KVM's reason (a natively handled exit, which has no VM_EXIT record)."""
+    e = trace[tracering.ring_slot(trace, tstate)]
+    r = run[0]
+    reason = np.int64(r["exit_reason"])
+    code = np.int64(exitcode)
+    addr = np.uint64(0)
+    data = np.int64(0)
+    size = np.int64(0)
+    count = np.int64(1)
+    is_write = False
+    if reason == KvmExit.IO:
+        addr = np.uint64(r["io_port"])
+        size = np.int64(r["io_size"])
+        count = np.int64(r["io_count"])
+        is_write = r["io_direction"] == 1
+        at = np.int64(r["io_data_offset"])
+        # An IN handled in Python has no value yet: hvjit.trace adds it after the handler.
+        if (is_write or native) and 1 <= size <= 8 and at >= 0 and at + size <= page.size:
+            data = _load_le(page, at, size)
+        if code < 0:
+            code = _X_INOUT_STR if count > 1 else _X_INOUT
+    elif reason == KvmExit.MMIO:
+        addr = np.uint64(r["mmio_phys_addr"])
+        size = min(np.int64(r["mmio_len"]), 8)
+        is_write = r["mmio_is_write"] != 0
+        if is_write or native:
+            data = _load_le(r["mmio_data"], 0, size)
+        if code < 0:
+            code = _X_MMIO
+    elif reason == KvmExit.X86_RDMSR or reason == KvmExit.X86_WRMSR:
+        addr = np.uint64(r["msr_index"])
+        is_write = reason == KvmExit.X86_WRMSR
+        size = 8
+        if is_write:
+            data = np.int64(r["msr_data"])
+    elif reason == KvmExit.HLT and code < 0:
+        code = _X_HLT
+    if code < 0:
+        code = _X_UNKNOWN
+    e["tsc"] = t_exit
+    e["ns"] = -1
+    e["handler_tsc"] = rdtsc() - t_exit if native else -1
+    e["handler_ns"] = -1
+    rip_valid = (tstate[tracering.T_FLAGS] & tracering.TRACE_RIP) != 0
+    e["rip"] = r["sync_regs"]["rip"] if rip_valid else 0
+    e["rip_valid"] = rip_valid
+    e["addr"] = addr
+    e["data"] = data
+    e["exitcode"] = code
+    e["kvm_reason"] = reason
+    e["count"] = min(count, 0xFFFF)
+    e["vcpu"] = tstate[tracering.T_VCPU]
+    e["size"] = size
+    e["is_write"] = is_write
+    e["native"] = native
+    tracering.ring_advance(tstate)
+
+
+@kernel
+def trace_write_loop(trace, tstate, run, page, n):
+    """Record the exit in ``kvm_run`` ``n`` times: what one trace record costs the loop."""
+    if trace.shape[0] == 0:
+        return
+    for _ in range(n):
+        _trace_exit(trace, tstate, run, page, rdtsc(), -1, True)
+
+
+@kernel
 def run_loop(vcpu_fd, vm_fd, run, page, port_map, mmio_ranges, dev_kind, dev_base, dev_state,
-             dev_buf, counters, out, max_exits, flags):
+             dev_buf, counters, out, max_exits, flags, trace, tstate):
     """Run the vCPU until Python is needed. Returns a LOOP_* status; see the module doc.
 
     ``vm_fd`` is the VM's fd when it has an in-kernel irqchip (device interrupts go there),
     else -1. ``run`` is the kvm_run page as a 1-record KVM_RUN_DTYPE array, ``page`` the same mapping
     as bytes (the port-IO data area lies past the struct), ``out`` a 1-record VM_EXIT_DTYPE.
+    ``trace`` is the exit-trace ring (zero-length: off) and ``tstate`` its state array.
     """
     r = run[0]
     o = out[0]
     handled = 0
+    tracing = TRACE_SUPPORT and trace.shape[0] > 0
+    t_exit = np.int64(0)
     while handled < max_exits:
         rc = hvt_vcpu_run(vcpu_fd)
         if rc < 0:
@@ -288,6 +374,8 @@ def run_loop(vcpu_fd, vm_fd, run, page, port_map, mmio_ranges, dev_kind, dev_bas
             if rc == -4:  # EINTR
                 counters[C_EINTR] += 1
             return LOOP_ERRNO
+        if tracing:
+            t_exit = rdtsc()
         counters[C_EXITS] += 1
         reason = np.int64(r["exit_reason"])
         if 0 <= reason < N_REASONS:
@@ -304,9 +392,13 @@ def run_loop(vcpu_fd, vm_fd, run, page, port_map, mmio_ranges, dev_kind, dev_bas
         if act == kinds.ACT_CONTINUE:
             counters[C_NATIVE] += 1
             handled += 1
+            if tracing:
+                _trace_exit(trace, tstate, run, page, t_exit, -1, True)
             continue
         if act == kinds.ACT_DRAIN:
             counters[C_NATIVE] += 1
+            if tracing:
+                _trace_exit(trace, tstate, run, page, t_exit, -1, True)
             return LOOP_DRAIN
         fill_exit(run, page, out)
         if act == kinds.ACT_POWEROFF or act == kinds.ACT_RESET:
@@ -315,8 +407,12 @@ def run_loop(vcpu_fd, vm_fd, run, page, port_map, mmio_ranges, dev_kind, dev_bas
             o["exitcode"] = VmExitCode.SUSPENDED
             o["how"] = SuspendHow.POWEROFF if act == kinds.ACT_POWEROFF else SuspendHow.RESET
             o["code"] = dev_state[slot, kinds.STATE_EXIT_CODE]
+            if tracing:
+                _trace_exit(trace, tstate, run, page, t_exit, o["exitcode"], True)
             return LOOP_EXIT
         counters[C_ESCALATED] += 1
+        if tracing:
+            _trace_exit(trace, tstate, run, page, t_exit, o["exitcode"], False)
         return LOOP_EXIT
     return LOOP_BUDGET
 
@@ -326,7 +422,7 @@ def run_loop(vcpu_fd, vm_fd, run, page, port_map, mmio_ranges, dev_kind, dev_bas
 _PIO_ARGS = ("state", "buf", "offset", "size", "is_write", "value")
 _MMIO_ARGS = ("state", "buf", "offset", "size", "is_write", "data")
 _GENERATED_MARK = "# ---- generated: the native device switch "
-_compiled: dict[tuple[type, ...], object] = {}
+_compiled: dict[tuple[tuple[type, ...], bool], object] = {}
 _compiled_lock = threading.Lock()
 
 
@@ -353,9 +449,15 @@ def _module_digest(module_name: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else module_name
 
 
-def generate_source(classes: tuple[type, ...]) -> str:
-    """This module's text with a switch over ``classes`` (kind FIRST_NATIVE + i for entry i)."""
+_TRACE_SUPPORT_LINE = "TRACE_SUPPORT = True\n"
+
+
+def generate_source(classes: tuple[type, ...], trace_support: bool = True) -> str:
+    """This module's text with a switch over ``classes`` (kind FIRST_NATIVE + i for entry i);
+    without ``trace_support`` the tracing code is compiled out."""
     template = Path(__file__).read_text()
+    if not trace_support:
+        template = template.replace(_TRACE_SUPPORT_LINE, "TRACE_SUPPORT = False\n", 1)
     imports, pio_arms, mmio_arms, digests = [], [], [], []
     for i, cls in enumerate(classes):
         kind = kinds.FIRST_NATIVE + i
@@ -376,18 +478,20 @@ def generate_source(classes: tuple[type, ...]) -> str:
             + "".join(mmio_arms) + "    return kinds.ACT_PYTHON\n")
 
 
-def compiled(classes: tuple[type, ...] | None = None):
+def compiled(classes: tuple[type, ...] | None = None, *, trace_support: bool = True):
     """The generated run-loop module for ``classes`` (default: every registered native class).
 
     Its ``run_loop`` is the kernel a vCPU runs; compiled once per process, and loaded from
-    Numba's cache when the same device set ran before.
+    Numba's cache when the same device set ran before. ``trace_support=False`` gives a loop
+    without the tracing code (what the benchmark compares tracing against).
     """
     classes = kinds.native_classes() if classes is None else tuple(classes)
+    key = (classes, trace_support)
     with _compiled_lock:
-        module = _compiled.get(classes)
+        module = _compiled.get(key)
         if module is not None:
             return module
-        source = generate_source(classes)
+        source = generate_source(classes, trace_support)
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         directory = CACHE_DIR / "run_loops"
         directory.mkdir(parents=True, exist_ok=True)
@@ -401,5 +505,5 @@ def compiled(classes: tuple[type, ...] | None = None):
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-        _compiled[classes] = module
+        _compiled[key] = module
         return module

@@ -132,6 +132,7 @@ class Vcpu:
         self._run: Any = self._page[:KVM_RUN_SIZE].view(KVM_RUN_DTYPE)
         self._exit = np.zeros(1, VM_EXIT_DTYPE)
         self.counters = np.zeros(run_loop.N_COUNTERS + run_loop.N_REASONS, np.int64)
+        self._trace = vm.trace.attach(self)  # this vCPU's exit ring (empty: tracing off)
         self._native: Any = None  # the generated run-loop module (see warm_up)
         self._control = RunControl(lambda: self._run_ptr)
         self._released = False
@@ -474,11 +475,11 @@ class Vcpu:
         resume_hlt = resume_hlt or not self._debug.halt_exit
         flags = run_loop.FLAG_RESUME_HLT if resume_hlt else 0
         control, bus, vm = self._control, self.vm.bus, self.vm
-        if self._debug.stopped_at is not None:
-            stepped = self._step_over_breakpoint(watchdog, group_stop)
-            if stepped is not None:
-                return stepped
         while True:
+            if self._debug.stopped_at is not None:  # also after a code hook resumed at a breakpoint
+                stepped = self._step_over_breakpoint(watchdog, group_stop)
+                if stepped is not None:
+                    return stepped
             if self._debug.dirty:
                 vcpu_debug.apply(self)
             # Clear, then read the requests: a kick after this line makes KVM_RUN return at once.
@@ -499,7 +500,7 @@ class Vcpu:
             status = self._loop(bus, EXIT_BUDGET, flags)
             vm._drain_devices()
             if status == run_loop.LOOP_EXIT:
-                result = exit_handlers.handle(self, self._exit[0])
+                result = self._trace.handled_in_python(exit_handlers.handle, self, self._exit[0])
                 if result is not None:
                     return result
             elif status == run_loop.LOOP_ERRNO:
@@ -524,6 +525,7 @@ class Vcpu:
         return self._native.run_loop(
             self.fd, self.vm.fd if self.vm.irqchip else -1, self._run, self._page, bus.port_map, bus.mmio_table(), bus.dev_kind,
             bus.dev_base, bus.dev_state, bus.dev_buf, self.counters, self._exit, budget, flags,
+            self._trace.ring, self._trace.state,
         )
 
     def _synthetic_exit(self, code: VmExitCode) -> VmExit:

@@ -26,6 +26,7 @@ from .errors import (
     MemoryMapError,
     ObjectDestroyedError,
 )
+from .hooks import Hooks
 from .memory import (
     PAGE_SIZE,
     GuestMemory,
@@ -35,6 +36,7 @@ from .memory import (
 )
 from .snapshot import Snapshot
 from .system import Kvm
+from .trace import Trace
 from .vcpu import Vcpu
 from .vcpu_lifecycle import Request, VcpuBusyError, authorize
 from .vcpu_threads import RunResult, run_vm
@@ -96,6 +98,8 @@ class Vm:
         self.fw_cfg = None
         self.symbols = None  # the loaded image's symbol table (lookup/symbolize), if it has one
         self.breakpoints: dict = {}  # guest-linear address -> vcpu_debug.Breakpoint
+        self.trace = Trace(self)  # exit tracing (off until vm.trace.enable())
+        self.hooks = Hooks(self)  # code, exit and memory hooks (vm.hook_*)
         self.console_sink: Optional[Callable[[bytes], None]] = None
         self._console = bytearray()
         self._drain_lock = threading.Lock()
@@ -295,6 +299,7 @@ class Vm:
         self._create_kvm_vm()
         for seg in self.memory.segments:
             self._map_segment(seg)
+        self.hooks.remap()
         self.bus.dev_state[:] = 0
         self._console.clear()
         for i in range(n):
@@ -401,6 +406,27 @@ class Vm:
 
     def remove_handler(self, slot: int) -> None:
         self.bus.remove_slot(slot)
+
+    # ---- hooks (see hvjit.hooks) ------------------------------------------------------------
+
+    def hook_code(self, where, fn, *, vcpu: int = 0) -> int:
+        """``fn(vcpu, address)`` each time the guest reaches an address or ELF symbol."""
+        self._check()
+        return self.hooks.code(where, fn, vcpu)
+
+    def hook_exit(self, kind, fn) -> int:
+        """``fn(vcpu, exit)`` for each exit of ``kind`` reaching Python; True = handled."""
+        self._check()
+        return self.hooks.exit(kind, fn)
+
+    def hook_memory(self, gpa: int, size: int, fn, access: str = "rw") -> int:
+        """``fn(gpa, size, is_write, value)`` for guest accesses to a RAM range."""
+        self._check()
+        return self.hooks.memory(gpa, size, fn, access)
+
+    def unhook(self, handle: int) -> None:
+        self._check()
+        self.hooks.remove(handle)
 
     def enable_msr_exits(self, *, unknown: bool = True, invalid: bool = True) -> None:
         """Send guest RDMSR/WRMSR of MSRs KVM does not know (or refuses) to user space

@@ -20,10 +20,10 @@ LAYERS = [
                      "hvjit.vcpu_lifecycle", "hvjit.vcpu_debug", "hvjit.vcpu_events", "hvjit.cpuid",
                      "hvjit.msr_filter", "hvjit.tsc", "hvjit.vcpu", "hvjit.vcpu_threads", "hvjit.dirty",
                      "hvjit.snapshot_file", "hvjit.snapshot", "hvjit.reset", "hvjit.gdb_protocol", "hvjit.gdb_registers",
-                     "hvjit.gdbstub", "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
+                     "hvjit.gdbstub", "hvjit.trace", "hvjit.hooks", "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
     ("management", ["hvjit.handles", "hvjit.objects", "hvjit.factory", "hvjit.gip", "hvjit.session"]),
     ("front", ["hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
-               "hvjit.cli", "hvjit.__main__"]),
+               "hvjit.cli", "hvjit.__main__", "hvjit.trace_plot"]),
 ]
 # Stricter rooms inside a layer: pure kernels and devices see only the base (and their own package).
 ONLY = {
