@@ -21,7 +21,7 @@ LAYERS = [
                      "hvjit.snapshot", "hvjit.reset", "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
     ("management", ["hvjit.handles", "hvjit.objects", "hvjit.factory", "hvjit.gip", "hvjit.session"]),
     ("front", ["hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
-               "hvjit.cli", "hvjit.__main__"]),
+               "hvjit.fuzz", "hvjit.fuzz.*", "hvjit.fleet", "hvjit.cli", "hvjit.__main__"]),
 ]
 # Stricter rooms inside a layer: pure kernels and devices see only the base (and their own package).
 ONLY = {
