@@ -109,6 +109,12 @@ int hvt_vcpu_get_mp_state(int fd, struct kvm_mp_state *state);
 int hvt_vcpu_set_mp_state(int fd, const struct kvm_mp_state *state);
 int hvt_vcpu_set_lapic(int fd, const struct kvm_lapic_state *lapic);
 int hvt_vcpu_get_cpuid(int fd, struct kvm_cpuid_entry2 *entries, int max);
+int hvt_vcpu_inject_nmi(int fd);
+int hvt_vcpu_inject_interrupt(int fd, uint32_t vector);
+int hvt_vcpu_set_tsc_khz(int fd, uint32_t khz);
+int hvt_vcpu_has_attr(int fd, uint32_t group, uint64_t attr);
+int hvt_vcpu_get_attr(int fd, uint32_t group, uint64_t attr, void *value);
+int hvt_vcpu_set_attr(int fd, uint32_t group, uint64_t attr, const void *value);
 
 int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap, uint64_t npages, uint64_t page_size);
 

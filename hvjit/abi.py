@@ -92,6 +92,14 @@ KVM_IRQ_ROUTING_ENTRY_DTYPE = np.dtype({
 KVM_IRQ_ROUTING_IRQCHIP = 1
 KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
 
+# KVM_X86_SET_MSR_FILTER: ``bitmap`` is a host pointer (one bit per MSR from ``base``, 1 = allow).
+KVM_MSR_FILTER_RANGE_DTYPE = np.dtype([("flags", "<u4"), ("nmsrs", "<u4"), ("base", "<u4"),
+                                       ("bitmap", "<u8")], align=True)
+KVM_MSR_FILTER_MAX_RANGES = 16
+KVM_MSR_FILTER_DTYPE = np.dtype([("flags", "<u4"),
+                                 ("ranges", KVM_MSR_FILTER_RANGE_DTYPE, (KVM_MSR_FILTER_MAX_RANGES,))],
+                                align=True)
+
 HVT_LOOP_STATS_DTYPE = np.dtype([
     (n, "<u8") for n in ("exits", "pio", "mmio", "hlt", "last_reason", "last_port", "last_data")
 ])
@@ -187,6 +195,8 @@ C_STRUCTS = {
     "kvm_clock_data": KVM_CLOCK_DATA_DTYPE,
     "hvt_loop_stats": HVT_LOOP_STATS_DTYPE,
     "kvm_irq_routing_entry": KVM_IRQ_ROUTING_ENTRY_DTYPE,
+    "kvm_msr_filter_range": KVM_MSR_FILTER_RANGE_DTYPE,
+    "kvm_msr_filter": KVM_MSR_FILTER_DTYPE,
     "kvm_run": KVM_RUN_DTYPE,
 }
 

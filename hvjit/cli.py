@@ -59,9 +59,12 @@ def _print_json(obj) -> None:
 
 def cmd_info(args) -> int:
     from .system import Kvm, cpu_model, cpu_vendor, detect_flavour
+    from .vcpu_debug import host_support
 
     try:
-        info = Kvm.instance().info()
+        kvm = Kvm.instance()
+        info = kvm.info()
+        info["debug"] = host_support(kvm)
     except KvmUnavailableError as e:
         info = {"available": False, "reason": str(e), "flavour": detect_flavour(),
                 "cpu_vendor": cpu_vendor(), "cpu_model": cpu_model()}
@@ -79,6 +82,9 @@ def cmd_info(args) -> int:
     print(f"TSC:          {info['tsc_khz']} kHz" if info["tsc_khz"] else "TSC:          (not reported)")
     print(f"MSRs:         {info['msr_index_count']} saved by KVM, {info['feature_msr_count']} feature MSRs; "
           f"host /dev/cpu/N/msr {'present' if info['host_msr_device'] else 'absent'}")
+    controls = ", ".join(f"{k} {({True: 'yes', False: 'no'}).get(v, v)}" for k, v in info["vcpu_controls"].items())
+    print(f"vCPU control: {controls}")
+    print("debugging:    " + "; ".join(f"{k} {v}" for k, v in info["debug"].items()))
     caps = ", ".join(f"{k}" + (f"={v}" if v != 1 else "") for k, v in sorted(info["capabilities"].items()))
     print(f"capabilities: {caps}")
     return 0

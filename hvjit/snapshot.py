@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _trampoline as _t
-from . import dirty, snapshot_file
+from . import dirty, snapshot_file, vcpu_events
 from .abi import (
     KVM_CLOCK_DATA_DTYPE,
     KVM_CPUID_ENTRY2_DTYPE,
@@ -379,6 +379,7 @@ def apply_vcpu(vcpu, snap: Snapshot, *, cpuid: bool = True, registers: bool = Tr
         if get("lapic") is not None:
             _set(vcpu, lib.hvt_vcpu_set_lapic, get("lapic"), "KVM_SET_LAPIC")
     if registers and get("events") is not None:
+        vcpu_events.enable_flags(vcpu, int(get("events")["flags"][0]))  # as the source VM had them
         _set(vcpu, lib.hvt_vcpu_set_events, get("events"), "KVM_SET_VCPU_EVENTS")
     if privileged and get("debugregs") is not None:
         _set(vcpu, lib.hvt_vcpu_set_debugregs, get("debugregs"), "KVM_SET_DEBUGREGS")
@@ -395,6 +396,7 @@ def sync_registers(vcpu, snap: Snapshot) -> bool:
     dirty_bits = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS
     events = snap.vcpu_array(vcpu.index, "events")
     if events is not None:
+        vcpu_events.enable_flags(vcpu, int(events["flags"][0]))
         run["sync_events"] = events[0]
         dirty_bits |= KVM_SYNC_X86_EVENTS
     run["kvm_dirty_regs"] = dirty_bits

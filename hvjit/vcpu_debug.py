@@ -8,7 +8,8 @@ module turns it into bhyve's exits: ``MTRAP`` after a single step, ``BPT`` at a 
   come back as ``KVM_EXIT_SHUTDOWN`` — the same exit as a triple fault. They are told apart
   by what was asked (stepping) and by the 0xCC byte just before RIP (breakpoints);
 - a single step at CPL0 and hardware breakpoints at CPL0 come back as ``KVM_EXIT_DEBUG``;
-- hardware breakpoints at CPL3 are not delivered: :func:`host_support` says so.
+- hardware breakpoints at CPL3 and data watchpoints at any CPL are not delivered:
+  :func:`host_support` says so, and a watchpoint raises ``UnsupportedError`` there.
 
 On VMX/SVM hosts everything arrives as ``KVM_EXIT_DEBUG`` (#DB or #BP) as KVM documents.
 
@@ -28,7 +29,6 @@ import numpy as np
 
 from . import _trampoline as _t
 from .abi import KVM_DEBUGREGS_DTYPE, KVM_GUEST_DEBUG_DTYPE, Cap, KvmExit, SuspendHow, VmExitCode
-from .emulation.guest import symbolize
 from .errors import GuestFault, HvjitError, UnsupportedError
 from .exits import VmExit
 
@@ -73,7 +73,7 @@ def host_support(kvm) -> dict[str, str]:
         Capability.BPT_EXIT.value: "yes" + (" (int3 arrives as KVM_EXIT_SHUTDOWN)" if pvm else ""),
         Capability.PAUSE_EXIT.value: "no (KVM handles PAUSE itself; no capability exposes it)",
         "hw_breakpoints": "CPL0 only (not delivered at CPL3)" if pvm else "yes",
-        "watchpoints": "CPL0 only (not delivered at CPL3)" if pvm else "yes",
+        "watchpoints": "no (data breakpoints are not delivered)" if pvm else "yes",
     }
 
 
@@ -190,6 +190,17 @@ def resolve(vcpu, where: Address) -> tuple[int, str]:
     return int(where), symbolize(vcpu.vm, int(where))
 
 
+def symbolize(vm, address: int) -> str:
+    """The ELF symbol (``name+0x..``) at a guest address, or "" where none is known."""
+    symbols = vm.symbols
+    if symbols is None:
+        return ""
+    try:
+        return symbols.symbolize(address)
+    except Exception:  # noqa: BLE001 - an address outside every symbol: no name
+        return ""
+
+
 def add_breakpoint(vcpu, where: Address) -> Breakpoint:
     """Patch an int3 at ``where`` (linear address through this vCPU's paging, or a symbol)."""
     _require_guest_debug(vcpu, "software breakpoints")
@@ -225,6 +236,8 @@ def add_hw(vcpu, where: Address, kind: str = "x", length: int = 1) -> int:
     _require_guest_debug(vcpu, "hardware breakpoints")
     if kind not in HW_KINDS:
         raise DebugError(f"kind must be one of {sorted(HW_KINDS)}, not {kind!r}")
+    if kind != "x" and host_support(vcpu.vm.kvm)["watchpoints"].startswith("no"):
+        raise UnsupportedError("watchpoints", vcpu.vm.kvm.flavour, "this KVM does not deliver data breakpoints")
     if kind == "x":
         length = 1
     if length not in HW_LENGTHS:

@@ -12,7 +12,7 @@ import threading
 from typing import Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
-from . import interrupts, reset, snapshot
+from . import interrupts, msr_filter, reset, snapshot
 from .abi import Cap, SuspendHow
 from .devices import catalog
 from .devices.bus import IoBus
@@ -425,6 +425,17 @@ class Vm:
 
     def msr_handler(self, index: int):
         return self._msr_handlers.get(index)
+
+    _msr_traps: Optional[msr_filter.MsrTraps] = None
+
+    def trap_msrs(self, handlers: dict, *, read: bool = True, write: bool = True) -> None:
+        """Send the guest's RDMSR (``read``) and WRMSR (``write``) of these MSRs to Python,
+        also those KVM would handle itself: ``{index: handler}`` with handlers as for
+        :meth:`add_msr_handler`; a None handler stops trapping that MSR. See
+        :mod:`hvjit.msr_filter`."""
+        self._check()
+        authorize(self, "trap_msrs")
+        msr_filter.trap(self, handlers, read=read, write=write)
 
     def _drain_devices(self) -> None:
         if self.uart is not None and self.uart.pending():

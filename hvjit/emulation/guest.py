@@ -129,17 +129,6 @@ def write_virtual(vcpu, gla: int, data: bytes) -> None:
         at += size
 
 
-def symbolize(vm, address: int) -> str:
-    """The ELF symbol (``name+0x..``) at a guest address, or "" where none is known."""
-    symbols = vm.symbols
-    if symbols is None:
-        return ""
-    try:
-        return symbols.symbolize(address)
-    except Exception:  # noqa: BLE001 - an address outside every symbol: no name
-        return ""
-
-
 def read_phys(vcpu, gpa: int, n: int, *, raw: bool = False) -> bytes:
     memory = vcpu.vm.memory
     if memory.is_mapped(gpa, n):

@@ -639,7 +639,8 @@ def test_batch_loop_has_no_reference_counting(tmp_path):
     """
     code = (
         "from hvjit.kernels import pagewalk as pw\n"
-        "mem, glas, regs = pw._bench_case(pw.PagingMode.LEVEL5, 64)\n"
+        "from hvjit.benchmarks.pagewalk import _bench_case\n"
+        "mem, glas, regs = _bench_case(pw.PagingMode.LEVEL5, 64)\n"
         "pw.translate_batch(mem, glas, **regs)\n"
         "print(*pw.walk_batch.inspect_llvm().values())\n"
     )

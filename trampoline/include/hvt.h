@@ -102,6 +102,15 @@ HVT_EXPORT int hvt_vcpu_set_mp_state(int vcpu_fd, const struct kvm_mp_state *sta
 HVT_EXPORT int hvt_vcpu_set_lapic(int vcpu_fd, const struct kvm_lapic_state *lapic);
 /* KVM_GET_CPUID2: what KVM_SET_CPUID2 set. Returns the count, or -E2BIG if max is too small. */
 HVT_EXPORT int hvt_vcpu_get_cpuid(int vcpu_fd, struct kvm_cpuid_entry2 *entries, int max);
+/* KVM_NMI: queue an NMI. */
+HVT_EXPORT int hvt_vcpu_inject_nmi(int vcpu_fd);
+/* KVM_INTERRUPT: an external interrupt (without an in-kernel PIC; -ENXIO with one). */
+HVT_EXPORT int hvt_vcpu_inject_interrupt(int vcpu_fd, uint32_t vector);
+HVT_EXPORT int hvt_vcpu_set_tsc_khz(int vcpu_fd, uint32_t khz);
+/* KVM_{HAS,GET,SET}_DEVICE_ATTR on the vCPU fd (e.g. group 0 = KVM_VCPU_TSC_CTRL). */
+HVT_EXPORT int hvt_vcpu_has_attr(int vcpu_fd, uint32_t group, uint64_t attr);
+HVT_EXPORT int hvt_vcpu_get_attr(int vcpu_fd, uint32_t group, uint64_t attr, void *value);
+HVT_EXPORT int hvt_vcpu_set_attr(int vcpu_fd, uint32_t group, uint64_t attr, const void *value);
 
 /* ---- mem.c: guest memory seen from the host -------------------------------------------- */
 /* Copy every page whose bit is set in `bitmap` (bit i = page i) from src to dst; returns how
