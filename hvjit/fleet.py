@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -114,6 +115,7 @@ class FuzzWorker:
     def close(self) -> None:
         self.fuzzer.close()
         self.session.close()
+        shutil.rmtree(self.dir, ignore_errors=True)  # everything worth keeping went to the driver
 
 
 def _actor_class(ray):
