@@ -3,18 +3,17 @@ crashes merge into one directory, a worker killed mid-campaign loses no crash it
 and a benchmark runs on both workers at once."""
 
 import json
+import threading
 
 import pytest
 
-from hvjit import loaders
+from hvjit import fleet, loaders
 from hvjit.fuzz import example
 from hvjit.fuzz.campaign import Budget
 from hvjit.fuzz.harness import Target
 
 pytest.importorskip("atheris", reason="the fuzz extra (atheris) is not installed")
 ray = pytest.importorskip("ray", reason="the fleet extra (Ray) is not installed")
-
-from hvjit import fleet  # noqa: E402 - after the skip: it needs nothing from Ray at import, but reads better here
 
 pytestmark = pytest.mark.slow  # a Ray cluster takes several seconds to start
 
@@ -61,15 +60,19 @@ def test_both_workers_fuzz_the_shipped_snapshot_and_crashes_merge(cluster, targe
 def test_a_killed_worker_loses_no_reported_crash_and_the_campaign_ends(cluster, target, seeds, tmp_path):
     out = tmp_path / "out"
     reported_by_0: list = []
+    killer: list = []
 
     def kill_worker_0_after_its_crash(campaign, result):
         if result["index"] == 0 and result["crashes"] and not reported_by_0:
             reported_by_0.extend((o["label"], o["rip"]) for _, o in result["crashes"])
-            campaign.kill(0)  # its next slice is already running: it dies mid-slice
+            # Kill it a moment later, inside the slice the driver is about to hand it.
+            killer.append(threading.Timer(0.2, campaign.kill, (0,)))
+            killer[0].start()
 
     summary = fleet.fuzz(target, out, workers=2, budget=Budget(max_execs=4000, max_time=120), seed=9,
                          exec_timeout=0.5, seed_dirs=[seeds], slice_seconds=0.5,
                          after_slice=kill_worker_0_after_its_crash)
+    killer[0].join()
     assert reported_by_0, "worker 0 never reported a crash"
     assert "0" in summary["lost_workers"] and "1" not in summary["lost_workers"]
     saved = {(m["label"], m["rip"]) for m in (json.loads(p.read_text()) for p in (out / "crashes").glob("*.json"))}
