@@ -4,6 +4,7 @@
     hvjit run IMAGE [options]           run a flat binary; serial output to stdout
               [--snapshot-at WHEN FILE]  save the VM's state at WHEN (2.5s, or a count of exits)
     hvjit run --restore FILE            go on from a saved state
+    hvjit run IMAGE --gdb [HOST:]PORT   the same under GDB (target remote), from the first instruction
     hvjit run IMAGE --input FILE        one input through the fuzzing harness; exits with its class
     hvjit fuzz IMAGE [--workers N]      fuzz a guest (docs/fuzzing.md); on Ray with --workers
     hvjit demo                          a greeting guest, its output and exit figures
@@ -29,6 +30,7 @@ STATUS_TIMEOUT = 124
 STATUS_TRIPLE_FAULT = 125
 STATUS_EMULATION_FAILURE = 126
 STATUS_OTHER_EXIT = 127
+STATUS_KILLED = 137  # 128 + SIGKILL: the debugger killed the guest
 
 
 def parse_size(text: str) -> int:
@@ -158,6 +160,15 @@ def run_image(args, out=sys.stdout) -> int:
             sink = out.buffer if hasattr(out, "buffer") else None
             vm.console_sink = (lambda b: (sink.write(b), sink.flush())) if sink else (
                 lambda b: (out.write(b.decode("latin-1")), out.flush()))
+        if args.gdb:
+            outcome = _serve_gdb(vm, args.gdb)
+            if outcome.reason == "killed":
+                print("hvjit: killed by the debugger", file=sys.stderr)
+                return STATUS_KILLED
+            if outcome.reason == "exited":
+                print(f"hvjit: {outcome.exit} (under the debugger)", file=sys.stderr)
+                return _exit_status(outcome.exit)
+            # Detached: the guest runs on as without a debugger.
         stdin_feeder = _feed_stdin(vm) if args.interactive else None
         try:
             if args.snapshot_at:
@@ -226,6 +237,15 @@ def _run_with_snapshot(vm, args):
     vm.snapshot(path)
     print(f"hvjit: snapshot saved to {path}", file=sys.stderr)
     return vm.run(timeout=max(args.timeout - (time.monotonic() - t0), 0.001))
+def _serve_gdb(vm, where: str):
+    """Wait for GDB before the first instruction; the debugger is the watchdog meanwhile."""
+    from .gdbstub import GdbStub, parse_listen_address
+
+    host, port = parse_listen_address(where)
+    with GdbStub(vm, host, port) as stub:
+        host, port = stub.address
+        print(f"hvjit: waiting for gdb on {host}:{port} (target remote {host}:{port})", file=sys.stderr, flush=True)
+        return stub.serve()
 
 
 def _feed_stdin(vm):
@@ -339,7 +359,7 @@ def cmd_bench(args) -> int:
                       f"{r['numba_over_c']:8.3f} {r['python_over_c']:9.3f}")
         return 0
     if args.what == "decode":
-        from .kernels.decode import bench_decode
+        from .benchmarks.decode import bench_decode
 
         result = bench_decode(None, args.seconds)
     else:
@@ -350,7 +370,7 @@ def cmd_bench(args) -> int:
         _print_json(result)
     else:
         for k, v in result.items():
-            print(f"{k:20} {v:,.2f}" if isinstance(v, float) else f"{k:20} {v}")
+            print(f"{k:26} {v:,.2f}" if isinstance(v, float) else f"{k:26} {v}")
     return 0
 
 
@@ -393,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--snapshot-at", nargs=2, metavar=("WHEN", "FILE"),
                      help="save the VM to FILE at WHEN: seconds ('2.5s') or a count of exits ('5000')")
     run.add_argument("--restore", metavar="FILE", help="go on from a snapshot FILE instead of loading an image")
+    run.add_argument("--gdb", metavar="[HOST:]PORT", default=None,
+                     help="wait for GDB (target remote HOST:PORT, loopback only) before the first "
+                     "instruction; --timeout applies only after the debugger detaches")
     run.add_argument("--name", default="guest")
     run.add_argument("--input", metavar="FILE", help="run FILE through the fuzzing harness (docs/fuzzing.md); "
                      "--timeout is then per input")

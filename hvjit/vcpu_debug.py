@@ -6,10 +6,12 @@ module turns it into bhyve's exits: ``MTRAP`` after a single step, ``BPT`` at a 
 
 - a single step at CPL3, and a guest ``int3`` (with software breakpoints enabled) at any CPL,
   come back as ``KVM_EXIT_SHUTDOWN`` — the same exit as a triple fault. They are told apart
-  by what was asked (stepping) and by the 0xCC byte just before RIP (breakpoints);
+  by what was asked (stepping) and by the 0xCC byte just before RIP (breakpoints; in 32-bit
+  protected mode at CPL3, RIP stays on the breakpoint's own int3);
 - a single step at CPL0 and hardware breakpoints at CPL0 come back as ``KVM_EXIT_DEBUG``;
-- hardware breakpoints at CPL3 and data watchpoints at any CPL are not delivered:
-  :func:`host_support` says so, and a watchpoint raises ``UnsupportedError`` there.
+- hardware breakpoints at CPL3 are not delivered, nor are watchpoints at any CPL (CPL0
+  accesses run in KVM's emulator, which does not check data breakpoints): :func:`host_support`
+  says so.
 
 On VMX/SVM hosts everything arrives as ``KVM_EXIT_DEBUG`` (#DB or #BP) as KVM documents.
 
@@ -73,7 +75,8 @@ def host_support(kvm) -> dict[str, str]:
         Capability.BPT_EXIT.value: "yes" + (" (int3 arrives as KVM_EXIT_SHUTDOWN)" if pvm else ""),
         Capability.PAUSE_EXIT.value: "no (KVM handles PAUSE itself; no capability exposes it)",
         "hw_breakpoints": "CPL0 only (not delivered at CPL3)" if pvm else "yes",
-        "watchpoints": "no (data breakpoints are not delivered)" if pvm else "yes",
+        # Measured: CPL0 data accesses run in KVM's instruction emulator, which ignores DR7.
+        "watchpoints": "no (not delivered at CPL3; CPL0 accesses are emulated without them)" if pvm else "yes",
     }
 
 
@@ -287,6 +290,8 @@ def classify(vcpu, exit_: VmExit) -> Optional[VmExit]:
     # KVM_EXIT_SHUTDOWN (PVM's way of reporting a step and an int3).
     regs = vcpu.get_regs()
     rip = int(regs["rip"])
+    if rip in vm.breakpoints and not state.single_step:  # 32-bit protected mode at CPL3:
+        return _stop(vcpu, VmExitCode.BPT, rip, exit_, how=SuspendHow.NONE)  # RIP stays on the int3
     if (vm.breakpoints or state.bpt_exit) and _int3_before(vcpu, rip):
         regs["rip"] = rip - 1  # back onto the breakpoint, as VMX/SVM report it
         vcpu.set_regs(regs)
@@ -297,10 +302,9 @@ def classify(vcpu, exit_: VmExit) -> Optional[VmExit]:
 
 
 def _int3_before(vcpu, rip: int) -> bool:
-    """Is the byte the CPU saw just before ``rip`` an int3 (ours or the guest's)?"""
+    """Is the byte the CPU sees just before ``rip`` an int3 (ours or the guest's)? Read raw,
+    not looked up: a breakpoint taken out to step over its one-byte instruction is not."""
     gla = rip - 1
-    if gla in vcpu.vm.breakpoints:
-        return True
     try:
         return vcpu.read_virtual(gla, 1, raw=True) == bytes([INT3])
     except GuestFault:

@@ -485,6 +485,17 @@ class Vm:
         authorize(self, "run")
         return run_vm(self, timeout=timeout, resume_hlt=resume_hlt)
 
+    def serve_gdb(self, port: int = 0, host: str = "127.0.0.1", **options):
+        """Let GDB debug this VM over TCP (``target remote HOST:PORT``) until it detaches or
+        kills it, or the guest exits; each vCPU is a GDB thread. The VM must be stopped.
+        ``options``: see :class:`hvjit.gdbstub.GdbStub` and its ``serve``. Returns a
+        :class:`hvjit.gdbstub.GdbOutcome`."""
+        from .gdbstub import GdbStub
+
+        serve_options = {k: options.pop(k) for k in ("accept_timeout", "on_listening") if k in options}
+        with GdbStub(self, host, port, **options) as stub:
+            return stub.serve(**serve_options)
+
     def irq_line(self, irq: int, level: int) -> None:
         """Drive an interrupt line (GSI) of the in-kernel irqchip."""
         self._check()
