@@ -5,9 +5,12 @@
               [--snapshot-at WHEN FILE]  save the VM's state at WHEN (2.5s, or a count of exits)
     hvjit run --restore FILE            go on from a saved state
     hvjit run IMAGE --gdb [HOST:]PORT   the same under GDB (target remote), from the first instruction
+    hvjit run IMAGE --input FILE        one input through the fuzzing harness; exits with its class
+    hvjit fuzz IMAGE [--workers N]      fuzz a guest (docs/fuzzing.md); on Ray with --workers
     hvjit demo                          a greeting guest, its output and exit figures
     hvjit bench exits|decode|pagewalk   benchmarks with ratios against references (--json)
     hvjit bench vmexit                  exit micro-benchmark guests under hvjit and QEMU
+    hvjit bench exits --workers N       the exit benchmark on N Ray workers at once
     hvjit msr-probe [--range A-B]       guest-visible (and host, where possible) MSRs
     hvjit trace show|plot FILE          an exit trace (hvjit run --trace FILE): table or PNGs
 """
@@ -284,6 +287,10 @@ def cmd_run(args) -> int:
     args.mode = args.mode or "long"
     if args.memory is None:
         args.memory = 256 << 20 if (args.format == "linux" or args.kernel) else 16 << 20
+    if args.input:
+        from .fuzz.cli import cmd_replay
+
+        return cmd_replay(args)
     return run_image(args)
 
 
@@ -339,6 +346,10 @@ def cmd_demo(args) -> int:
 # ---- bench ------------------------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
+    if args.workers:
+        from .fuzz.cli import cmd_bench_fleet
+
+        return cmd_bench_fleet(args)
     if args.what == "vmexit":
         from .benchmarks.vmexit import cli_main
 
@@ -459,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-size", type=int, default=1 << 16, metavar="N",
                      help="exits kept per vCPU (a ring: the newest N; default 65536)")
     run.add_argument("--name", default="guest")
+    run.add_argument("--input", metavar="FILE", help="run FILE through the fuzzing harness (docs/fuzzing.md); "
+                     "--timeout is then per input")
     run.add_argument("-v", "--verbose", action="store_true", help="print what was loaded where")
     run.add_argument("--json", action="store_true", help="print the exit record, counters and console as JSON")
     run.set_defaults(func=cmd_run)
@@ -474,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=int, default=None, help="timed iterations per test (vmexit: 1000)")
     bench.add_argument("--kinds", default="pio,mmio,hlt", help="exit kinds (bench exits)")
     bench.add_argument("--seconds", type=float, default=2.0, help="time per measurement (decode, pagewalk)")
+    bench.add_argument("--workers", type=int, default=None, help="run on N Ray workers at once (hvjit[fleet])")
+    bench.add_argument("--address", default=None, help="an existing Ray cluster (default: a local one)")
     bench.add_argument("--trace-overhead", action="store_true",
                        help="bench exits: also time the loop tracing off/on against one without tracing code")
     bench.add_argument("--plot", metavar="DIR", default=None,
@@ -486,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-o", "--output", default=None, help="plot: directory for the PNGs (default: beside FILE)")
     tr.add_argument("--top", type=int, default=15, help="how many exit sites to list")
     tr.set_defaults(func=cmd_trace)
+
+    from .fuzz.cli import add_parser as add_fuzz_parser
+
+    add_fuzz_parser(sub, parse_size=parse_size, parse_int=parse_int)
 
     msr = sub.add_parser("msr-probe", help="probe MSRs as a guest (and the host) sees them")
     msr.add_argument("--range", default=None, help="index range A-B (hex), default: KVM's MSR lists")

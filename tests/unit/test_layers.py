@@ -23,7 +23,7 @@ LAYERS = [
                      "hvjit.gdbstub", "hvjit.trace", "hvjit.hooks", "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
     ("management", ["hvjit.handles", "hvjit.objects", "hvjit.factory", "hvjit.gip", "hvjit.session"]),
     ("front", ["hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
-               "hvjit.cli", "hvjit.__main__", "hvjit.trace_plot"]),
+               "hvjit.fuzz", "hvjit.fuzz.*", "hvjit.fleet", "hvjit.cli", "hvjit.__main__", "hvjit.trace_plot"]),
 ]
 # Stricter rooms inside a layer: pure kernels and devices see only the base (and their own package).
 ONLY = {
