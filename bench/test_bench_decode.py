@@ -20,7 +20,8 @@ What each side produces (see hvjit.benchmarks.decode.bench_decode for the exact 
   len, code, op_count, memory base/index/scale/displacement, constant offsets
   (displacement and immediate sizes) and the immediate value.
 
-All rates are medians of repeated runs on the same sample of the corpus.
+All rates are medians of repeated runs (CPU time, the measurements taking turns) on the
+same sample of the corpus.
 """
 
 import os

@@ -49,18 +49,29 @@ def _iced_fields(iced_x86, data: bytes) -> int:
     return count
 
 
-def _median_rate(run, nbytes: int, budget: float, min_runs: int = 3) -> tuple[float, int]:
-    """(median seconds per run, result of the last run): runs until the budget is spent,
-    at least min_runs times."""
-    times = []
-    result = 0
+def _median_times(runs: dict, budget: float, min_rounds: int = 3, turn_seconds: float = 0.02) -> dict:
+    """{name: (median seconds per run, result of the last run)} for the callables in runs,
+    run in turns until the budget (wall time) is spent, at least min_rounds turns each; a
+    turn repeats a fast run for up to turn_seconds. Taking turns spreads every measurement
+    over the same stretch of time. A run's time is the CPU time of this process (user and
+    system, so page faults count): on a shared machine, time spent running other
+    processes is not charged; on an idle one it is the wall time of these single-threaded
+    runs."""
+    times: dict = {name: [] for name in runs}
+    results = {}
     t_end = time.perf_counter() + budget
-    while len(times) < min_runs or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], result
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() < t_end:
+        for name, run in runs.items():
+            turn_end = time.perf_counter() + turn_seconds
+            while True:
+                t0 = time.process_time()
+                results[name] = run()
+                times[name].append(time.process_time() - t0)
+                if time.perf_counter() >= turn_end:
+                    break
+        rounds += 1
+    return {name: (sorted(t)[len(t) // 2], results[name]) for name, t in times.items()}
 
 
 def bench_decode(corpus_bytes: bytes | None = None, seconds: float = 2.0) -> dict:
@@ -68,9 +79,9 @@ def bench_decode(corpus_bytes: bytes | None = None, seconds: float = 2.0) -> dic
 
     corpus_bytes defaults to 4 MB of .text from this machine's binaries. iced decodes in
     Python at a few MB/s, so every measurement runs on the same sample: the whole corpus,
-    or its first N bytes where N lets the slowest (iced with fields) run three times within
-    its share of ``seconds``. Every figure is the median of repeated runs (at least three),
-    wall-clock time.
+    or its first N bytes where N lets the slowest (iced with fields) run about six times in
+    ``seconds``. The measurements take turns over the whole time, and every figure is the
+    median of its runs (at least three) in CPU time (see _median_times).
 
     hvjit's three outputs (``decode_buffer(data, 64, fields=...)``):
       full     one VIE_DTYPE record (72 bytes) an instruction: address, length, status,
@@ -116,12 +127,13 @@ def bench_decode(corpus_bytes: bytes | None = None, seconds: float = 2.0) -> dic
         decode_buffer(buf[:64], fields=fields)  # compile or load from cache outside the timings
     instructions = len(decode_buffer(buf))
 
-    # Size the sample from a probe of the slowest measurement (iced reading fields).
+    # Size the sample from a probe of the slowest measurement (iced reading fields) so that
+    # the turns of all measurements (see _median_times) fit about six times in the budget.
     probe = bytes(buf[: 64 << 10])
     t0 = time.perf_counter()
     _iced_fields(iced_x86, probe)
     probe_rate = len(probe) / max(time.perf_counter() - t0, 1e-9)
-    sample_bytes = int(min(buf.shape[0], max(len(probe), probe_rate * budget * 0.35 / 3)))
+    sample_bytes = int(min(buf.shape[0], max(len(probe), probe_rate * budget / 8)))
     sample = buf[:sample_bytes]
     data = bytes(sample)
     base = np.uint64(0)
@@ -135,14 +147,24 @@ def bench_decode(corpus_bytes: bytes | None = None, seconds: float = 2.0) -> dic
     def kernel_into(out):
         return lambda: decode_buffer_kernel(sample, 0, 64, base, out)
 
-    hvjit_s, hvjit_count = _median_rate(public("full"), sample_bytes, budget * 0.1)
-    kernel_s, kernel_count = _median_rate(kernel_into(full_out), sample_bytes, budget * 0.1)
-    compact_s, _ = _median_rate(public("compact"), sample_bytes, budget * 0.1)
-    kernel_compact_s, _ = _median_rate(kernel_into(compact_out), sample_bytes, budget * 0.05)
-    length_s, _ = _median_rate(public("length"), sample_bytes, budget * 0.1)
-    kernel_length_s, _ = _median_rate(kernel_into(length_out), sample_bytes, budget * 0.05)
-    iced_s, iced_count = _median_rate(lambda: _iced_iterate(iced_x86, data), sample_bytes, budget * 0.15)
-    fields_s, _ = _median_rate(lambda: _iced_fields(iced_x86, data), sample_bytes, budget * 0.35)
+    timings = _median_times({
+        "hvjit": public("full"),
+        "kernel": kernel_into(full_out),
+        "compact": public("compact"),
+        "kernel_compact": kernel_into(compact_out),
+        "length": public("length"),
+        "kernel_length": kernel_into(length_out),
+        "iced": lambda: _iced_iterate(iced_x86, data),
+        "iced_fields": lambda: _iced_fields(iced_x86, data),
+    }, budget)
+    hvjit_s, hvjit_count = timings["hvjit"]
+    kernel_s, kernel_count = timings["kernel"]
+    compact_s = timings["compact"][0]
+    kernel_compact_s = timings["kernel_compact"][0]
+    length_s = timings["length"][0]
+    kernel_length_s = timings["kernel_length"][0]
+    iced_s, iced_count = timings["iced"]
+    fields_s = timings["iced_fields"][0]
 
     def mb_s(seconds_per_run):
         return sample_bytes / seconds_per_run / 1e6
