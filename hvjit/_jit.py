@@ -8,7 +8,8 @@ Numba keys its cache on the caller's source file only, so a changed helper in an
 module could leave a stale cached caller. hvjit therefore keeps its kernels' cache in a
 directory named after a hash of *all* of the package's sources: any edit anywhere gives a
 fresh directory, and stale code can never run. That needs one of Numba's private hooks (the
-cache locator list), so ``pyproject.toml`` pins the Numba versions it was checked with and
+cache locator list), as does naming record types stably across processes (below), so
+``pyproject.toml`` pins the Numba versions they were checked with and
 ``tests/unit/test_jit_cache.py`` checks the keying.
 
 This module is the bottom layer: it imports nothing of hvjit's.
@@ -70,6 +71,18 @@ class _HvjitCacheLocator(caching.UserProvidedCacheLocator):
 
 if _HvjitCacheLocator not in caching.CacheImpl._locator_classes:
     caching.CacheImpl._locator_classes.insert(0, _HvjitCacheLocator)
+
+
+# Numba names a record type in symbols by a per-process counter, so two cached
+# specializations of one kernel for different record dtypes, compiled in different processes,
+# can get the same symbol names; loaded into one process, one then runs the other's code
+# (e.g. writing 72-byte decode records into an 8-byte array). A digest of the layout (fields,
+# offsets, size) names each dtype the same everywhere. Checked by tests/unit/test_decode.py.
+def _record_mangling_args(record):
+    return type(record).__name__, (int.from_bytes(hashlib.sha256(record.name.encode()).digest()[:6], "little"),)
+
+
+types.Record.mangling_args = property(_record_mangling_args)
 
 
 def kernel(*args, **options):

@@ -47,7 +47,6 @@ How it is fast (``_decode_run``; figures and method in ``hvjit.benchmarks.decode
 
 from __future__ import annotations
 
-import hashlib
 from enum import IntEnum
 
 import numpy as np
@@ -239,18 +238,6 @@ def record_dtype(fields="full") -> np.dtype:
     if unknown or not names or len(set(names)) != len(names):
         raise ValueError(f"fields must be distinct VIE_DTYPE field names, got {names!r} (unknown: {unknown})")
     return np.dtype([(name, VIE_DTYPE.fields[name][0]) for name in names])
-
-
-# Numba names a record type in symbols by a per-process counter, so two cached
-# specializations of one kernel for different output dtypes, compiled in different
-# processes, can get the same symbol names; loaded into one process, one then runs the
-# other's code (writing 72-byte records into an 8-byte array). A digest of the layout
-# (fields, offsets, size) names each dtype the same everywhere.
-def _record_mangling_args(record):
-    return type(record).__name__, (int.from_bytes(hashlib.sha256(record.name.encode()).digest()[:6], "little"),)
-
-
-types.Record.mangling_args = property(_record_mangling_args)
 
 
 # Output writers. The decoder stores every field with _put; for an output dtype without
