@@ -38,3 +38,36 @@ def load(vm, source: str, mode: str = "long", cpl: int = 0, at: int = LOAD):
     """Assemble, load at `at`, and put vCPU 0 into `mode` at `cpl` entering there."""
     vm.memory.write(at, assemble(source, at))
     return entry.setup_mode(vm.vcpu(0), mode, at, cpl=cpl)
+
+
+# A long-mode ELF guest with symbols: calls add_two until rbx is 6, then exits with it.
+ELF_ADD_TWO = """
+.globl _start, add_two, finish
+.text
+_start:
+    xor %ebx, %ebx
+again:
+    call add_two
+    cmp $6, %ebx
+    jne again
+    call finish
+add_two:
+    add $2, %ebx
+    ret
+finish:
+    mov %ebx, %eax
+    outl %eax, $0xf4
+    hlt
+"""
+
+
+def build_elf(tmp_path, source: str = ELF_ADD_TWO, bits: int = 64, text: int = 0x200000) -> bytes:
+    """Assemble and link ``source`` with GNU as/ld into an ELF with symbols (text at ``text``)."""
+    import subprocess
+
+    src, obj, out = tmp_path / f"g{bits}.s", tmp_path / f"g{bits}.o", tmp_path / f"g{bits}.elf"
+    src.write_text(source)
+    subprocess.run(["as", f"--{bits}", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64" if bits == 64 else "elf_i386", f"-Ttext={text:#x}", "-e", "_start",
+                    "-o", str(out), str(obj)], check=True)
+    return out.read_bytes()

@@ -3,7 +3,6 @@ software breakpoints by address and by ELF symbol (invisible to reads through hv
 hardware breakpoints, debug registers and capabilities — at CPL3 and CPL0."""
 
 import shutil
-import subprocess
 
 import pytest
 
@@ -13,7 +12,7 @@ from hvjit.asm import assemble
 from hvjit.errors import GuestFault, UnsupportedError
 from hvjit.vcpu_debug import Capability, DebugError, host_support
 
-from .guests import load
+from .guests import build_elf, load
 
 needs_binutils = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
                                     reason="GNU as/ld (binutils) not installed")
@@ -101,38 +100,10 @@ def test_breakpoint_by_address_stops_each_time_and_is_invisible(session, cpl):
     assert vm.memory.view(target, 1)[0] == code[4]
 
 
-ELF_GUEST = """
-.globl _start, add_two, finish
-.text
-_start:
-    xor %ebx, %ebx
-again:
-    call add_two
-    cmp $6, %ebx
-    jne again
-    call finish
-add_two:
-    add $2, %ebx
-    ret
-finish:
-    mov %ebx, %eax
-    outl %eax, $0xf4
-    hlt
-"""
-
-
-def _elf(tmp_path) -> bytes:
-    (tmp_path / "g.s").write_text(ELF_GUEST)
-    subprocess.run(["as", "--64", "-o", str(tmp_path / "g.o"), str(tmp_path / "g.s")], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x200000", "-e", "_start", "-o", str(tmp_path / "g.elf"),
-                    str(tmp_path / "g.o")], check=True)
-    return (tmp_path / "g.elf").read_bytes()
-
-
 @needs_binutils
 def test_breakpoint_by_symbol_reports_the_symbol(session, tmp_path):
     vm = session.create_vm("elfbp", memory=8 << 20)
-    loaders.load(vm, _elf(tmp_path), format="elf", mode="long", cpl=3)
+    loaders.load(vm, build_elf(tmp_path), format="elf", mode="long", cpl=3)
     v = vm.vcpu(0)
     bp = v.add_breakpoint("add_two")
     assert bp.symbol == "add_two" and bp.gla == vm.symbols.lookup("add_two")

@@ -25,7 +25,7 @@ from hvjit.gdb_protocol import PACKET_SIZE, checksum, frame
 from hvjit.gdbstub import GdbStub, GdbStubError
 from hvjit.vcpu_debug import host_support
 
-from .guests import load
+from .guests import build_elf, load
 
 needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed (.ci/apt-packages)")
 needs_binutils = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
@@ -59,12 +59,8 @@ counter: .long 0
 
 
 def _elf(tmp_path, bits: int = 64):
-    src, obj, out = tmp_path / f"g{bits}.s", tmp_path / f"g{bits}.o", tmp_path / f"g{bits}.elf"
-    src.write_text(GUEST)
-    subprocess.run(["as", f"--{bits}", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64" if bits == 64 else "elf_i386", "-Ttext=0x200000", "-e", "_start",
-                    "-o", str(out), str(obj)], check=True)
-    return out
+    build_elf(tmp_path, GUEST, bits)
+    return tmp_path / f"g{bits}.elf"
 
 
 def _guest_vm(session, name, elf, *, mode="long", cpl=3):

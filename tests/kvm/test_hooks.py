@@ -2,7 +2,6 @@
 kind, and memory hooks that make RAM pages exit (all accesses, or only writes)."""
 
 import shutil
-import subprocess
 
 import pytest
 
@@ -10,7 +9,7 @@ from hvjit import loaders
 from hvjit.abi import VmExitCode
 from hvjit.hooks import HookError
 
-from .guests import load
+from .guests import build_elf, load
 
 needs_binutils = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
                                     reason="GNU as/ld (binutils) not installed")
@@ -58,34 +57,12 @@ def test_a_users_breakpoint_still_stops_where_a_code_hook_is(session):
     assert TARGET in vm.breakpoints  # the user's breakpoint stays
 
 
-ELF_GUEST = """
-.globl _start, add_two, finish
-.text
-_start:
-    xor %ebx, %ebx
-again:
-    call add_two
-    cmp $6, %ebx
-    jne again
-    call finish
-add_two:
-    add $2, %ebx
-    ret
-finish:
-    mov %ebx, %eax
-    outl %eax, $0xf4
-    hlt
-"""
 
 
 @needs_binutils
 def test_code_hook_on_a_symbol(session, tmp_path):
-    (tmp_path / "g.s").write_text(ELF_GUEST)
-    subprocess.run(["as", "--64", "-o", str(tmp_path / "g.o"), str(tmp_path / "g.s")], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x200000", "-e", "_start", "-o", str(tmp_path / "g.elf"),
-                    str(tmp_path / "g.o")], check=True)
     vm = session.create_vm("hooksym", memory=8 << 20)
-    loaders.load(vm, (tmp_path / "g.elf").read_bytes(), format="elf", mode="long", cpl=3)
+    loaders.load(vm, build_elf(tmp_path), format="elf", mode="long", cpl=3)
     calls = []
     vm.hook_code("add_two", lambda vcpu, address: calls.append(vcpu.get_register("rbx")))
     assert vm.run(timeout=30).code == 6
