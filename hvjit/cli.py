@@ -127,6 +127,8 @@ def run_image(args, out=sys.stdout) -> int:
     irqchip = args.irqchip or real_guest or args.cpus > 1
     with Session() as s:
         vm = s.create_vm(args.name, memory=args.memory, vcpus=args.cpus, irqchip=irqchip)
+        for name in args.device or ():
+            vm.add_device(name)
         info = loaders.load(
             vm, data, format=fmt, cmdline=args.append or "", initrd=args.initrd,
             modules=args.module or (), name=args.kernel or args.image,  # argv[0], as QEMU's -kernel
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--interactive", action="store_true", help="feed stdin to the guest's COM1")
     run.add_argument("--no-extract", action="store_true",
                      help="boot a bzImage as is, even where ring 0 is emulated (PVM)")
+    run.add_argument("--device", action="append", metavar="NAME",
+                     help="attach a device by name (repeatable; pc-testdev, pci-testdev and the PC "
+                     "platform devices are there already)")
     run.add_argument("--name", default="guest")
     run.add_argument("-v", "--verbose", action="store_true", help="print what was loaded where")
     run.add_argument("--json", action="store_true", help="print the exit record, counters and console as JSON")
