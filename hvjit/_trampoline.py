@@ -101,6 +101,8 @@ int hvt_vcpu_set_mp_state(int fd, const struct kvm_mp_state *state);
 int hvt_msr_host_read(int cpu, uint32_t index, uint64_t *value);
 int hvt_msr_host_write(int cpu, uint32_t index, uint64_t value);
 
+int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired);
+
 int hvt_loop_reference(int vcpu_fd, struct kvm_run *run, uint64_t max_exits, uint16_t stop_port, struct hvt_loop_stats *stats);
 """
 

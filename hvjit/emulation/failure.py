@@ -1,7 +1,8 @@
 """What happens when KVM cannot run an instruction (KVM_EXIT_INTERNAL_ERROR).
 
 ``handle_emulation_failure(vcpu, exit_)`` fetches the instruction at RIP through the guest's
-page tables (KVM's bytes from the exit info are the fall-back), decodes it and either
+page tables (the bytes KVM captured with the exit win where they disagree: another vCPU may
+have rewritten the code since), decodes it and either
 emulates it in user space — returning None, so the run loop resumes the guest — or returns
 the exit with a typed :class:`~hvjit.exits.EmulationReport` (rip, mode, bytes, decoded text,
 reason). Emulated, each counted in ``vcpu.emulation_counts`` under the OpClass name:
@@ -12,6 +13,8 @@ reason). Emulated, each counted in ``vcpu.emulation_counts`` under the OpClass n
 - data instructions run by ``hvjit.kernels.emulate`` against guest memory (page walk, RAM or
   a Python MMIO handler): CMPXCHG8B/16B, MOVBE, POPCNT and the MMIO set (MOV, MOVZX,
   MOVSX, MOVS, STOS, ADD, OR, ADC, SBB, AND, SUB, XOR, CMP, TEST, BT, PUSH, POP, group 1);
+  a locked one (LOCK prefix, cmpxchg8b/16b) writes back with a compare-and-swap against what
+  it read and runs again when its operand changed meanwhile (:mod:`.atomic`);
 - the x87/SSE/XSAVE state instructions, with architectural checks and faults injected
   (#UD, #NM, #GP(0), #MF; RIP left on the instruction): ``xsetbv`` (XCR0 validated against
   CPUID 0xD.0, set with KVM_SET_XCRS), ``xgetbv`` (the real XCR0; ECX=1 gives XCR0 & XINUSE
@@ -43,11 +46,13 @@ from ..exits import EmulationReport, VmExit
 from ..kernels import emulate as E
 from ..kernels.decode import OpClass, decode
 from ..kernels.format import format_instruction
+from .atomic import compare_and_swap
 from .guest import (
     Fault,
     GuestAccessError,
     NotEmulated,
     chunks,
+    cpl,
     cpu_mode,
     disassemble_text,
     fetch_code,
@@ -62,6 +67,7 @@ from .guest import (
 from .xstate import fpu_handler
 
 MAX_REP_ITERATIONS = 4096  # per exit; a longer REP string resumes the guest mid-way
+MAX_LOCKED_RETRIES = 1000  # a locked operand that keeps changing under the emulation
 RFLAGS_AC = 1 << 18
 MSR_IA32_TSC = 0x10
 MSR_TSC_AUX = 0xC0000103
@@ -136,7 +142,7 @@ def _cache_line_op(f: Failure) -> Optional[VmExit]:
 
 def _smap_ac(f: Failure) -> Optional[VmExit]:
     """CLAC/STAC toggle EFLAGS.AC; ring 0 only (#UD elsewhere)."""
-    if int(f.sregs["cs"]["dpl"]) != 0:
+    if cpl(f.sregs, f.regs) != 0:
         f.fault(6)
         return None
     if int(f.rec["op_class"]) == OpClass.CLAC:
@@ -180,6 +186,36 @@ def _state_instruction(f: Failure) -> Optional[VmExit]:
     return None
 
 
+def _locked(rec) -> bool:
+    """Whether the instruction's memory read-modify-write must be atomic: a LOCK prefix, or
+    cmpxchg8b/16b (Linux's slab allocator runs them locked on shared freelists)."""
+    return bool(rec["lock"]) or int(rec["op_class"]) in (OpClass.CMPXCHG8B, OpClass.CMPXCHG16B)
+
+
+class _Changed(Exception):
+    """A locked operand changed between the instruction's read and its write-back."""
+
+
+def _write_back(vcpu, pieces, mops, mdata, read_data, n: int, locked: bool) -> None:
+    """Store the instruction's results; a locked read-modify-write as a compare-and-swap
+    against what it read (plainly where that cannot be done, as KVM does)."""
+    for i in range(n):
+        kind = int(mops[i, 2])
+        if not kind & E.MemKind.WRITE:
+            continue
+        data = mdata[i, :int(mops[i, 1])].tobytes()
+        if locked and kind & E.MemKind.READ and len(pieces[i]) == 1:
+            swapped = compare_and_swap(vcpu.vm.memory, pieces[i][0][0], read_data[i], data)
+            if swapped is False:
+                raise _Changed()
+            if swapped:
+                continue
+        at = 0
+        for gpa, sz in pieces[i]:
+            write_phys(vcpu, gpa, data[at:at + sz])
+            at += sz
+
+
 def _data_instruction(f: Failure) -> Optional[VmExit]:
     """Data instructions: the kernel's plan / read / execute / write protocol on guest memory."""
     vcpu, rec, regs, sregs, bitness = f.vcpu, f.rec, f.regs, f.sregs, f.bitness
@@ -189,33 +225,41 @@ def _data_instruction(f: Failure) -> Optional[VmExit]:
     mops, mdata, info = E.new_buffers()
     kw, mem = paging_registers(vcpu, sregs, regs)
     kw["set_ad"] = True
+    locked = _locked(rec)
     status = E.EmulateStatus.REPEAT
     iterations = 0
+    retries = 0
     try:
         while status == E.EmulateStatus.REPEAT and iterations < MAX_REP_ITERATIONS:
+            before = file.copy()
             n = int(E.step(rec, file, bitness, seg_bases, stack_asz, mops, mdata, info, E.PHASE_PLAN))
             if n < 0:
                 status = E.EmulateStatus(-n)
                 break
-            pieces = []
+            pieces, read_data = [], []
             for i in range(n):
                 gla, size, mkind = (int(x) for x in mops[i])
                 access = 1 if mkind & E.MemKind.WRITE else 0
                 pieces.append(chunks(vcpu, kw, mem, gla, size, access))  # faults before any effect
+                data = b""
                 if mkind & E.MemKind.READ:
                     data = b"".join(read_phys(vcpu, gpa, sz) for gpa, sz in pieces[i])
                     mdata[i, :size] = np.frombuffer(data, np.uint8)
+                read_data.append(data)
             status = E.EmulateStatus(int(E.step(rec, file, bitness, seg_bases, stack_asz, mops, mdata, info,
                                                 E.PHASE_EXECUTE)))
             if status not in (E.EmulateStatus.OK, E.EmulateStatus.REPEAT):
                 break
-            for i in range(n):
-                if int(mops[i, 2]) & E.MemKind.WRITE:
-                    data = mdata[i, :int(mops[i, 1])].tobytes()
-                    at = 0
-                    for gpa, sz in pieces[i]:
-                        write_phys(vcpu, gpa, data[at:at + sz])
-                        at += sz
+            try:
+                _write_back(vcpu, pieces, mops, mdata, read_data, n, locked)
+            except _Changed:
+                retries += 1
+                count_emulated(vcpu, "locked_retry")
+                if retries > MAX_LOCKED_RETRIES:
+                    return f.report(f"not emulated: its locked operand changed {retries} times under it")
+                file[:] = before  # start over on the new value, as the CPU's locked access would
+                status = E.EmulateStatus.REPEAT
+                continue
             iterations += 1
     except GuestAccessError as e:
         return f.report(f"not emulated: {e}")
@@ -274,7 +318,10 @@ def handle_emulation_failure(vcpu, exit_: VmExit) -> Optional[VmExit]:
                       f"KVM: {name}")
     cs_base = int(sregs["cs"]["base"]) if bitness != 64 else 0
     wrap = (1 << 64) - 1 if bitness == 64 else 0xFFFFFFFF
-    code = fetch_code(vcpu, (cs_base + rip) & wrap, 15, sregs, regs) or kvm_code
+    code = fetch_code(vcpu, (cs_base + rip) & wrap, 15, sregs, regs)
+    if kvm_code and code[:len(kvm_code)] != kvm_code:
+        # What KVM failed on wins: another vCPU may have rewritten the code since.
+        code = kvm_code + code[len(kvm_code):]
     if not code:
         return report(vcpu, exit_, rip, mode, b"", "(no instruction bytes)",
                       "instruction unreadable (no guest mapping, no bytes from KVM)")

@@ -95,6 +95,15 @@ HVT_EXPORT int hvt_vcpu_set_mp_state(int vcpu_fd, const struct kvm_mp_state *sta
 HVT_EXPORT int hvt_msr_host_read(int cpu, uint32_t index, uint64_t *value);
 HVT_EXPORT int hvt_msr_host_write(int cpu, uint32_t index, uint64_t value);
 
+/* ---- mem.c: atomic operations on guest RAM --------------------------------------------- */
+/*
+ * Compare-and-swap of the `size` bytes at `addr` (1, 2, 4, 8 or 16, naturally aligned): they
+ * become *desired if they equal *expected. Returns 1 when swapped, 0 when not (*expected then
+ * holds what was there), -EINVAL for a bad size or alignment. A locked cmpxchg (cmpxchg16b
+ * for 16), atomic against vCPUs running on the same memory.
+ */
+HVT_EXPORT int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired);
+
 /* ---- loop.c: the C reference exit loop (for benchmarks) -------------------------------- */
 struct hvt_loop_stats {
     uint64_t exits;      /* exits handled by the loop */
