@@ -296,3 +296,23 @@ def test_page_tables_above_the_first_segment(session):
     if vcpu.emulation_counts:  # KVM handed it to hvjit, whose walk read the high tables
         assert vcpu.emulation_counts == {"cmpxchg16b": 1}
         assert mem.read_u64(pd_high) & 0x60 == 0x60  # accessed and dirty, set by that walk
+
+
+def test_the_bytes_kvm_captured_win_over_memory(session):
+    """Memory at RIP no longer holds what KVM failed on (another vCPU rewrote it): hvjit
+    runs the instruction KVM reported, not the one it would fetch now."""
+    from hvjit.abi import KvmExit, KvmInternalError
+    from hvjit.emulation import handle_emulation_failure
+    from hvjit.exits import VmExit
+
+    vm = session.create_vm("kvmbytes", memory=2 << 20)
+    vcpu = _setup(vm, ".code64\n popcnt %rbx, %r12\n hlt\n")  # what memory holds now
+    vcpu.set_registers(rbx=0xFF, r12=0, r13=0)
+    ran = assemble(".code64\n popcnt %rbx, %r13\n", 0)  # what KVM saw: same length
+    raw = bytes([len(ran)]) + ran + b"\x90" * (15 - len(ran))
+    info = (1, int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
+    exit_ = VmExit(exitcode=VmExitCode.EMULATION_FAILURE, rip=CODE, kvm_reason=KvmExit.INTERNAL_ERROR,
+                   suberror=KvmInternalError.EMULATION, info=info)
+    assert handle_emulation_failure(vcpu, exit_) is None
+    r = vcpu.get_registers("r12", "r13", "rip")
+    assert (r["r12"], r["r13"], r["rip"]) == (0, 8, CODE + len(ran))
