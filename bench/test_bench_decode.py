@@ -4,12 +4,16 @@ and the Numba cold-compile vs warm-cache cost of the decode module.
 Figures go to benchmark.extra_info; nothing here asserts on time.
 Run: PYTHONPATH=. python -m pytest bench/test_bench_decode.py --benchmark-only -s
 
-What each side produces (see hvjit.kernels.decode.bench_decode for the exact code):
+What each side produces (see hvjit.benchmarks.decode.bench_decode for the exact code):
 
 * hvjit: ``decode_buffer(bytes, 64)``, one VIE_DTYPE record per instruction (length,
   prefixes, REX/VEX/EVEX fields, opcode, ModRM/SIB, memory base/index/scale/displacement,
   immediates and their sizes, operand/address size, OpClass), and the kernel alone
   (``decode_buffer_kernel``) into a preallocated record array.
+* hvjit compact and length-only: ``decode_buffer(bytes, 64, fields="compact")`` (8-byte
+  COMPACT_DTYPE records: length, status, opcode map and byte, OpClass, ModRM, operand
+  size) and ``fields="length"`` (a uint8 length an instruction); the kernel alone likewise.
+  ``compact_over_iced`` and ``length_over_iced`` are their public calls over iced iterating.
 * iced (reference 1, ``iced_mb_s``): ``for _ in iced_x86.Decoder(64, data)``, reading
   nothing — iced's fastest Python use and the conservative reference.
 * iced (reference 2, ``iced_fields_mb_s``): the same loop reading the comparable fields:
@@ -26,8 +30,9 @@ import sys
 import numpy as np
 import pytest
 
-from hvjit.kernels.corpus import text_corpus
-from hvjit.kernels.decode import bench_decode, decode_buffer
+from hvjit.benchmarks.corpus import text_corpus
+from hvjit.benchmarks.decode import bench_decode
+from hvjit.kernels.decode import decode_buffer
 
 iced_x86 = pytest.importorskip("iced_x86")
 
@@ -38,7 +43,8 @@ SECONDS = float(os.environ.get("HVJIT_BENCH_DECODE_SECONDS", "6"))
 @pytest.fixture(scope="module")
 def corpus() -> np.ndarray:
     data = np.frombuffer(text_corpus(int(CORPUS_MB * (1 << 20))), dtype=np.uint8)
-    decode_buffer(data[:64])  # compile / load the kernels outside the timings
+    for fields in ("full", "compact", "length"):
+        decode_buffer(data[:64], fields=fields)  # compile / load the kernels outside the timings
     return data
 
 

@@ -42,6 +42,9 @@ struct kvm_mp_state;
 struct kvm_msr_filter;
 struct kvm_irq_routing_entry;
 struct kvm_xcrs;
+struct kvm_irqchip;
+struct kvm_pit_state2;
+struct kvm_clock_data;
 struct hvt_loop_stats;
 
 int hvt_sys_open(const char *path);
@@ -70,6 +73,13 @@ int hvt_vm_irq_line(int vm_fd, uint32_t irq, uint32_t level);
 int hvt_vm_set_gsi_routing(int vm_fd, const struct kvm_irq_routing_entry *entries, int count);
 int hvt_vm_enable_cap(int vm_fd, uint32_t cap, uint64_t arg0, uint64_t arg1);
 int hvt_vm_set_msr_filter(int vm_fd, struct kvm_msr_filter *filter);
+int hvt_vm_get_irqchip(int vm_fd, struct kvm_irqchip *chip);
+int hvt_vm_set_irqchip(int vm_fd, const struct kvm_irqchip *chip);
+int hvt_vm_get_pit2(int vm_fd, struct kvm_pit_state2 *pit);
+int hvt_vm_set_pit2(int vm_fd, const struct kvm_pit_state2 *pit);
+int hvt_vm_get_clock(int vm_fd, struct kvm_clock_data *clock);
+int hvt_vm_set_clock(int vm_fd, const struct kvm_clock_data *clock);
+int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
 
 int hvt_vcpu_create(int vm_fd, int id, int mmap_size, struct kvm_run **run_out);
 int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size);
@@ -97,11 +107,21 @@ int hvt_vcpu_set_xcrs(int fd, const struct kvm_xcrs *xcrs);
 int hvt_vcpu_get_lapic(int fd, struct kvm_lapic_state *lapic);
 int hvt_vcpu_get_mp_state(int fd, struct kvm_mp_state *state);
 int hvt_vcpu_set_mp_state(int fd, const struct kvm_mp_state *state);
+int hvt_vcpu_set_lapic(int fd, const struct kvm_lapic_state *lapic);
+int hvt_vcpu_get_cpuid(int fd, struct kvm_cpuid_entry2 *entries, int max);
+int hvt_vcpu_inject_nmi(int fd);
+int hvt_vcpu_inject_interrupt(int fd, uint32_t vector);
+int hvt_vcpu_set_tsc_khz(int fd, uint32_t khz);
+int hvt_vcpu_has_attr(int fd, uint32_t group, uint64_t attr);
+int hvt_vcpu_get_attr(int fd, uint32_t group, uint64_t attr, void *value);
+int hvt_vcpu_set_attr(int fd, uint32_t group, uint64_t attr, const void *value);
+
+int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap, uint64_t npages, uint64_t page_size);
+int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired);
 
 int hvt_msr_host_read(int cpu, uint32_t index, uint64_t *value);
 int hvt_msr_host_write(int cpu, uint32_t index, uint64_t value);
 
-int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired);
 
 int hvt_loop_reference(int vcpu_fd, struct kvm_run *run, uint64_t max_exits, uint16_t stop_port, struct hvt_loop_stats *stats);
 """

@@ -71,6 +71,18 @@ KVM_DEBUGREGS_DTYPE = np.dtype([("db", "<u8", (4,)), ("dr6", "<u8"), ("dr7", "<u
 KVM_MP_STATE_DTYPE = np.dtype([("mp_state", "<u4")])
 KVM_LAPIC_STATE_DTYPE = np.dtype([("regs", "u1", (1024,))])
 
+# VM-wide state of the in-kernel devices and kvmclock.
+KVM_IRQCHIP_DTYPE = np.dtype([("chip_id", "<u4"), ("pad", "<u4"), ("chip", "u1", (512,))])
+KVM_PIT_CHANNEL_STATE_DTYPE = np.dtype([
+    ("count", "<u4"), ("latched_count", "<u2"), ("count_latched", "u1"), ("status_latched", "u1"),
+    ("status", "u1"), ("read_state", "u1"), ("write_state", "u1"), ("write_latch", "u1"),
+    ("rw_mode", "u1"), ("mode", "u1"), ("bcd", "u1"), ("gate", "u1"), ("count_load_time", "<i8"),
+])
+KVM_PIT_STATE2_DTYPE = np.dtype([("channels", KVM_PIT_CHANNEL_STATE_DTYPE, (3,)), ("flags", "<u4"),
+                                 ("reserved", "<u4", (9,))])
+KVM_CLOCK_DATA_DTYPE = np.dtype([("clock", "<u8"), ("flags", "<u4"), ("pad0", "<u4"), ("realtime", "<u8"),
+                                 ("host_tsc", "<u8"), ("pad", "<u4", (4,))])
+
 KVM_IRQ_ROUTING_ENTRY_DTYPE = np.dtype({
     "names": ["gsi", "type", "flags", "irqchip", "pin"],
     "formats": ["<u4"] * 5,
@@ -79,6 +91,14 @@ KVM_IRQ_ROUTING_ENTRY_DTYPE = np.dtype({
 })
 KVM_IRQ_ROUTING_IRQCHIP = 1
 KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
+
+# KVM_X86_SET_MSR_FILTER: ``bitmap`` is a host pointer (one bit per MSR from ``base``, 1 = allow).
+KVM_MSR_FILTER_RANGE_DTYPE = np.dtype([("flags", "<u4"), ("nmsrs", "<u4"), ("base", "<u4"),
+                                       ("bitmap", "<u8")], align=True)
+KVM_MSR_FILTER_MAX_RANGES = 16
+KVM_MSR_FILTER_DTYPE = np.dtype([("flags", "<u4"),
+                                 ("ranges", KVM_MSR_FILTER_RANGE_DTYPE, (KVM_MSR_FILTER_MAX_RANGES,))],
+                                align=True)
 
 HVT_LOOP_STATS_DTYPE = np.dtype([
     (n, "<u8") for n in ("exits", "pio", "mmio", "hlt", "last_reason", "last_port", "last_data")
@@ -136,7 +156,11 @@ _KVM_RUN_FIELDS = [
     ("kvm_valid_regs", "kvm_valid_regs", "<u8", 288),
     ("kvm_dirty_regs", "kvm_dirty_regs", "<u8", 296),
     ("sync_regs", "s.regs.regs", KVM_REGS_DTYPE, 304),
+    ("sync_sregs", "s.regs.sregs", KVM_SREGS_DTYPE, 448),
+    ("sync_events", "s.regs.events", KVM_VCPU_EVENTS_DTYPE, 760),
 ]
+# kvm_valid_regs / kvm_dirty_regs bits (KVM_CAP_SYNC_REGS): state carried in kvm_run itself.
+KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, KVM_SYNC_X86_EVENTS = 1, 2, 4
 KVM_RUN_SIZE = 2352  # sizeof(struct kvm_run) on x86-64
 KVM_RUN_DTYPE = np.dtype({
     "names": [f[0] for f in _KVM_RUN_FIELDS],
@@ -147,6 +171,7 @@ KVM_RUN_DTYPE = np.dtype({
 C_NAMES = {
     "kvm_run": {f[0]: f[1] for f in _KVM_RUN_FIELDS},
     "kvm_irq_routing_entry": {"irqchip": "u.irqchip.irqchip", "pin": "u.irqchip.pin"},
+    "kvm_irqchip": {"chip": "chip.dummy"},
 }
 
 # C struct name for each dtype, for the layout test and for documentation.
@@ -164,8 +189,14 @@ C_STRUCTS = {
     "kvm_mp_state": KVM_MP_STATE_DTYPE,
     "kvm_xcrs": KVM_XCRS_DTYPE,
     "kvm_lapic_state": KVM_LAPIC_STATE_DTYPE,
+    "kvm_irqchip": KVM_IRQCHIP_DTYPE,
+    "kvm_pit_channel_state": KVM_PIT_CHANNEL_STATE_DTYPE,
+    "kvm_pit_state2": KVM_PIT_STATE2_DTYPE,
+    "kvm_clock_data": KVM_CLOCK_DATA_DTYPE,
     "hvt_loop_stats": HVT_LOOP_STATS_DTYPE,
     "kvm_irq_routing_entry": KVM_IRQ_ROUTING_ENTRY_DTYPE,
+    "kvm_msr_filter_range": KVM_MSR_FILTER_RANGE_DTYPE,
+    "kvm_msr_filter": KVM_MSR_FILTER_DTYPE,
     "kvm_run": KVM_RUN_DTYPE,
 }
 

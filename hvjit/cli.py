@@ -2,6 +2,9 @@
 
     hvjit info [--json]                 KVM availability, flavour, caps, TSC, CPU
     hvjit run IMAGE [options]           run a flat binary; serial output to stdout
+              [--snapshot-at WHEN FILE]  save the VM's state at WHEN (2.5s, or a count of exits)
+    hvjit run --restore FILE            go on from a saved state
+    hvjit run IMAGE --gdb [HOST:]PORT   the same under GDB (target remote), from the first instruction
     hvjit demo                          a greeting guest, its output and exit figures
     hvjit bench exits|decode|pagewalk   benchmarks with ratios against references (--json)
     hvjit bench vmexit                  exit micro-benchmark guests under hvjit and QEMU
@@ -24,6 +27,7 @@ STATUS_TIMEOUT = 124
 STATUS_TRIPLE_FAULT = 125
 STATUS_EMULATION_FAILURE = 126
 STATUS_OTHER_EXIT = 127
+STATUS_KILLED = 137  # 128 + SIGKILL: the debugger killed the guest
 
 
 def parse_size(text: str) -> int:
@@ -54,9 +58,12 @@ def _print_json(obj) -> None:
 
 def cmd_info(args) -> int:
     from .system import Kvm, cpu_model, cpu_vendor, detect_flavour
+    from .vcpu_debug import host_support
 
     try:
-        info = Kvm.instance().info()
+        kvm = Kvm.instance()
+        info = kvm.info()
+        info["debug"] = host_support(kvm)
     except KvmUnavailableError as e:
         info = {"available": False, "reason": str(e), "flavour": detect_flavour(),
                 "cpu_vendor": cpu_vendor(), "cpu_model": cpu_model()}
@@ -74,6 +81,9 @@ def cmd_info(args) -> int:
     print(f"TSC:          {info['tsc_khz']} kHz" if info["tsc_khz"] else "TSC:          (not reported)")
     print(f"MSRs:         {info['msr_index_count']} saved by KVM, {info['feature_msr_count']} feature MSRs; "
           f"host /dev/cpu/N/msr {'present' if info['host_msr_device'] else 'absent'}")
+    controls = ", ".join(f"{k} {({True: 'yes', False: 'no'}).get(v, v)}" for k, v in info["vcpu_controls"].items())
+    print(f"vCPU control: {controls}")
+    print("debugging:    " + "; ".join(f"{k} {v}" for k, v in info["debug"].items()))
     caps = ", ".join(f"{k}" + (f"={v}" if v != 1 else "") for k, v in sorted(info["capabilities"].items()))
     print(f"capabilities: {caps}")
     return 0
@@ -121,21 +131,26 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 def run_image(args, out=sys.stdout) -> int:
     from . import Session, loaders
+    from .vm import Vm
 
-    data, fmt, notes = _image_and_format(args)
+    data, fmt, notes = _image_and_format(args) if not args.restore else (b"", "snapshot", [])
     real_guest = fmt in ("multiboot", "linux")
     irqchip = args.irqchip or real_guest or args.cpus > 1
     with Session() as s:
-        vm = s.create_vm(args.name, memory=args.memory, vcpus=args.cpus, irqchip=irqchip)
-        for name in args.device or ():
-            vm.add_device(name)
-        info = loaders.load(
-            vm, data, format=fmt, cmdline=args.append or "", initrd=args.initrd,
-            modules=args.module or (), name=args.kernel or args.image,  # argv[0], as QEMU's -kernel
-            gpa=args.gpa if fmt == "flat" else None, entry=args.entry,
-            mode=None if real_guest else (args.mode if fmt == "flat" or args.mode_given else None),
-            cpl=0 if real_guest else args.cpl,
-        )
+        if args.restore:
+            vm = Vm.restore(s, args.restore, name=args.name)
+            info = f"restored from {args.restore}"
+        else:
+            vm = s.create_vm(args.name, memory=args.memory, vcpus=args.cpus, irqchip=irqchip)
+            for name in args.device or ():
+                vm.add_device(name)
+            info = loaders.load(
+                vm, data, format=fmt, cmdline=args.append or "", initrd=args.initrd,
+                modules=args.module or (), name=args.kernel or args.image,  # argv[0], as QEMU's -kernel
+                gpa=args.gpa if fmt == "flat" else None, entry=args.entry,
+                mode=None if real_guest else (args.mode if fmt == "flat" or args.mode_given else None),
+                cpl=0 if real_guest else args.cpl,
+            )
         if not args.json:
             for note in notes:
                 print(f"hvjit: {note}", file=sys.stderr)
@@ -144,9 +159,21 @@ def run_image(args, out=sys.stdout) -> int:
             sink = out.buffer if hasattr(out, "buffer") else None
             vm.console_sink = (lambda b: (sink.write(b), sink.flush())) if sink else (
                 lambda b: (out.write(b.decode("latin-1")), out.flush()))
+        if args.gdb:
+            outcome = _serve_gdb(vm, args.gdb)
+            if outcome.reason == "killed":
+                print("hvjit: killed by the debugger", file=sys.stderr)
+                return STATUS_KILLED
+            if outcome.reason == "exited":
+                print(f"hvjit: {outcome.exit} (under the debugger)", file=sys.stderr)
+                return _exit_status(outcome.exit)
+            # Detached: the guest runs on as without a debugger.
         stdin_feeder = _feed_stdin(vm) if args.interactive else None
         try:
-            result = vm.run(timeout=args.timeout)
+            if args.snapshot_at:
+                result = _run_with_snapshot(vm, args)
+            else:
+                result = vm.run(timeout=args.timeout)
         except KeyboardInterrupt:
             # vm.run stopped and joined every vCPU before letting Ctrl-C through.
             counters = [v.stats() for v in vm.vcpus]
@@ -170,6 +197,54 @@ def run_image(args, out=sys.stdout) -> int:
             if result.exit.report is not None:
                 print(f"hvjit: {result.exit.report}", file=sys.stderr)
     return status
+
+
+def _run_with_snapshot(vm, args):
+    """Run to the --snapshot-at point (seconds "2.5s", or at least N exits), save, go on."""
+    import threading
+
+    from .abi import VmExitCode
+    from .run_loop import C_EXITS
+
+    when, path = args.snapshot_at
+    t0 = time.monotonic()
+    if when.endswith("s"):
+        first = vm.run(timeout=min(float(when[:-1]), args.timeout))
+        stopped = first.exitcode == VmExitCode.TIMEOUT
+    else:
+        # Exits are counted by the vCPUs' run loops; a watcher stops the VM once the count is
+        # reached (a few exits late: it looks every millisecond).
+        exits, done = int(when), threading.Event()
+
+        def watch():
+            while not done.wait(0.001):
+                if sum(int(v.counters[C_EXITS]) for v in vm.vcpus) >= exits:
+                    for v in vm.vcpus:
+                        v.kick()
+                    return
+
+        watcher = threading.Thread(target=watch, name="hvjit-snapshot-at", daemon=True)
+        watcher.start()
+        try:
+            first = vm.run(timeout=args.timeout)
+        finally:
+            done.set()
+            watcher.join()
+        stopped = first.exitcode == VmExitCode.BOGUS
+    if not stopped:
+        return first  # the guest finished before the snapshot point
+    vm.snapshot(path)
+    print(f"hvjit: snapshot saved to {path}", file=sys.stderr)
+    return vm.run(timeout=max(args.timeout - (time.monotonic() - t0), 0.001))
+def _serve_gdb(vm, where: str):
+    """Wait for GDB before the first instruction; the debugger is the watchdog meanwhile."""
+    from .gdbstub import GdbStub, parse_listen_address
+
+    host, port = parse_listen_address(where)
+    with GdbStub(vm, host, port) as stub:
+        host, port = stub.address
+        print(f"hvjit: waiting for gdb on {host}:{port} (target remote {host}:{port})", file=sys.stderr, flush=True)
+        return stub.serve()
 
 
 def _feed_stdin(vm):
@@ -275,7 +350,7 @@ def cmd_bench(args) -> int:
                       f"{r['numba_over_c']:8.3f} {r['python_over_c']:9.3f}")
         return 0
     if args.what == "decode":
-        from .kernels.decode import bench_decode
+        from .benchmarks.decode import bench_decode
 
         result = bench_decode(None, args.seconds)
     else:
@@ -286,7 +361,7 @@ def cmd_bench(args) -> int:
         _print_json(result)
     else:
         for k, v in result.items():
-            print(f"{k:20} {v:,.2f}" if isinstance(v, float) else f"{k:20} {v}")
+            print(f"{k:26} {v:,.2f}" if isinstance(v, float) else f"{k:26} {v}")
     return 0
 
 
@@ -329,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", action="append", metavar="NAME",
                      help="attach a device by name (repeatable; pc-testdev, pci-testdev and the PC "
                      "platform devices are there already)")
+    run.add_argument("--snapshot-at", nargs=2, metavar=("WHEN", "FILE"),
+                     help="save the VM to FILE at WHEN: seconds ('2.5s') or a count of exits ('5000')")
+    run.add_argument("--restore", metavar="FILE", help="go on from a snapshot FILE instead of loading an image")
+    run.add_argument("--gdb", metavar="[HOST:]PORT", default=None,
+                     help="wait for GDB (target remote HOST:PORT, loopback only) before the first "
+                     "instruction; --timeout applies only after the debugger detaches")
     run.add_argument("--name", default="guest")
     run.add_argument("-v", "--verbose", action="store_true", help="print what was loaded where")
     run.add_argument("--json", action="store_true", help="print the exit record, counters and console as JSON")

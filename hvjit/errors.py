@@ -134,3 +134,21 @@ class EmulationError(HvjitError):
 
 class GuestTimeoutError(HvjitError, TimeoutError):
     """The guest ran past the user's timeout (the watchdog kicked it out)."""
+
+
+class SnapshotError(HvjitError):
+    """A snapshot cannot be taken, read or restored: a corrupt, truncated or foreign file, a
+    version this hvjit does not read, a VM that does not match, or state KVM refuses."""
+
+
+class InjectionError(HvjitError, ValueError):
+    """An event cannot be injected: an invalid vector or error code, an event the vCPU
+    cannot take now, or a way of injecting that the VM's configuration excludes."""
+
+
+class CpuidError(HvjitError, ValueError):
+    """An unknown CPUID feature name, one KVM derives itself, or a leaf the vCPU lacks."""
+
+
+class MsrTrapError(HvjitError, ValueError):
+    """An MSR that cannot be trapped (x2APIC range, not 32-bit) or too many filter ranges."""

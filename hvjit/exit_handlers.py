@@ -16,7 +16,6 @@ import numpy as np
 
 from . import vcpu_debug
 from .abi import KvmExit, VmExitCode
-from .emulation import handle_emulation_failure
 from .errors import KvmError
 from .exits import VmExit
 
@@ -95,6 +94,8 @@ def _debug_stop(vcpu, rec) -> Optional[VmExit]:
 
 def _emulation_failure(vcpu, rec) -> Optional[VmExit]:
     """KVM could not run an instruction: emulate it, or return the exit with a typed report."""
+    from .emulation import handle_emulation_failure  # the decoder loads on the first failure
+
     return handle_emulation_failure(vcpu, to_caller(vcpu, rec))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -32,6 +32,9 @@ class MemorySegment:
     host_address: int
     array: np.ndarray  # uint8 view of the whole segment
     handle: int = 0  # the session's handle for it
+    # Pages the host wrote (or handed out a writable view of) since dirty tracking last
+    # looked: KVM's dirty log sees only the guest's writes. None while nobody tracks.
+    host_dirty: Optional[np.ndarray] = None
 
     @property
     def end(self) -> int:
@@ -98,13 +101,22 @@ class GuestMemory:
 
     def view(self, gpa: int, length: int) -> np.ndarray:
         """A writable uint8 numpy view of guest memory (no copy)."""
+        return self._view(gpa, length, written=True)
+
+    def _view(self, gpa: int, length: int, written: bool) -> np.ndarray:
         s = self.find(gpa, length)
         off = gpa - s.gpa
+        if written and s.host_dirty is not None and length > 0:
+            s.host_dirty[off // PAGE_SIZE : (off + length - 1) // PAGE_SIZE + 1] = True
         return s.array[off : off + length]
+
+    def read_raw(self, gpa: int, length: int) -> bytes:
+        """A copy of guest memory as the CPU sees it (software breakpoints included)."""
+        return self._view(gpa, length, written=False).tobytes()
 
     def read(self, gpa: int, length: int) -> bytes:
         """A copy of guest memory, as the guest wrote it (software breakpoints hidden)."""
-        data = self.view(gpa, length).tobytes()
+        data = self._view(gpa, length, written=False).tobytes()
         if self.patches:
             data = self._unpatch(gpa, data)
         return data
@@ -142,21 +154,21 @@ class GuestMemory:
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
         self.view(gpa, length)[:] = value
 
-    def _scalar(self, gpa: int, dtype) -> np.ndarray:
+    def _scalar(self, gpa: int, dtype, written: bool = True) -> np.ndarray:
         size = np.dtype(dtype).itemsize
-        return self.view(gpa, size).view(dtype)
+        return self._view(gpa, size, written).view(dtype)
 
     def read_u8(self, gpa: int) -> int:
-        return int(self._scalar(gpa, "<u1")[0])
+        return int(self._scalar(gpa, "<u1", False)[0])
 
     def read_u16(self, gpa: int) -> int:
-        return int(self._scalar(gpa, "<u2")[0])
+        return int(self._scalar(gpa, "<u2", False)[0])
 
     def read_u32(self, gpa: int) -> int:
-        return int(self._scalar(gpa, "<u4")[0])
+        return int(self._scalar(gpa, "<u4", False)[0])
 
     def read_u64(self, gpa: int) -> int:
-        return int(self._scalar(gpa, "<u8")[0])
+        return int(self._scalar(gpa, "<u8", False)[0])
 
     def write_u8(self, gpa: int, value: int) -> None:
         self._scalar(gpa, "<u1")[0] = value

@@ -17,6 +17,7 @@ until they are released or the interpreter exits.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -35,6 +36,7 @@ from hvjit.errors import (
     VersionMismatchError,
 )
 from hvjit.handles import DEFAULT_MAX_HANDLES, HandleKind, HandleTable
+from hvjit.vcpu_lifecycle import ACTING_SESSION
 
 if TYPE_CHECKING:
     import uuid
@@ -231,6 +233,7 @@ class Session:
             os.getgid() if gid is None else gid,
             max_handles,
         )
+        self._acting_tokens: list = []  # `with session:` makes it the acting session
         _ensure_reaper()
         _open_states[self._state.serial] = self._state
         self._finalizer = weakref.finalize(self, _on_abandoned, self._state)
@@ -293,10 +296,26 @@ class Session:
 
     def __enter__(self) -> Session:
         self._state.check_open()
+        self._acting_tokens.append(ACTING_SESSION.set(self))
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            if self._acting_tokens:
+                ACTING_SESSION.reset(self._acting_tokens.pop())
+
+    @contextlib.contextmanager
+    def acting(self):
+        """Act for this session without closing it afterwards: inside, a restricted session
+        may use the control plane (run, pause, step, inject, ...) only on its own VMs."""
+        self._state.check_open()
+        token = ACTING_SESSION.set(self)
+        try:
+            yield self
+        finally:
+            ACTING_SESSION.reset(token)
 
     # -- handles -----------------------------------------------------------------------------
 

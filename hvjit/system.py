@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from . import _trampoline as _t
+from . import tsc
 from .abi import KVM_CPUID_ENTRY2_DTYPE, KVM_MSR_ENTRY_DTYPE, Cap
 from .errors import KvmUnavailableError
 
@@ -61,23 +63,30 @@ def cpu_model() -> str:
     return "unknown"
 
 
+@contextmanager
+def scratch_vcpu(kvm: "Kvm") -> Iterator[Optional[int]]:
+    """A throwaway VM's vCPU fd for probing (None if KVM would not create one)."""
+    vm_fd = _t.lib.hvt_vm_create(kvm.fd, 0)
+    if vm_fd < 0:
+        yield None
+        return
+    run = _t.ffi.new("struct kvm_run **")
+    fd = _t.lib.hvt_vcpu_create(vm_fd, 0, kvm.vcpu_mmap_size, run)
+    try:
+        yield fd if fd >= 0 else None
+    finally:
+        if fd >= 0:
+            _t.lib.hvt_vcpu_destroy(fd, run[0], kvm.vcpu_mmap_size)
+        _t.lib.hvt_sys_close(vm_fd)
+
+
 def probe_tsc_khz(kvm: "Kvm") -> Optional[int]:
     """The guest TSC frequency KVM reports, from a throwaway VM and vCPU (None if not offered)."""
     if not kvm.has(Cap.GET_TSC_KHZ):
         return None
-    vm_fd = _t.lib.hvt_vm_create(kvm.fd, 0)
-    if vm_fd < 0:
-        return None
-    try:
-        run = _t.ffi.new("struct kvm_run **")
-        fd = _t.lib.hvt_vcpu_create(vm_fd, 0, kvm.vcpu_mmap_size, run)
-        if fd < 0:
-            return None
-        khz = _t.lib.hvt_vcpu_get_tsc_khz(fd)
-        _t.lib.hvt_vcpu_destroy(fd, run[0], kvm.vcpu_mmap_size)
-        return khz if khz > 0 else None
-    finally:
-        _t.lib.hvt_sys_close(vm_fd)
+    with scratch_vcpu(kvm) as fd:
+        khz = _t.lib.hvt_vcpu_get_tsc_khz(fd) if fd is not None else -1
+    return khz if khz > 0 else None
 
 
 class Kvm:
@@ -191,6 +200,20 @@ class Kvm:
         n = _t.check(_t.lib.hvt_sys_get_feature_msrs(self.fd, _t.ptr(entries), len(entries)), "KVM_GET_MSRS(features)")
         return {int(e["index"]): int(e["data"]) for e in entries[:n]}
 
+    @cached_property
+    def vcpu_controls(self) -> dict[str, object]:
+        """What the vCPU control plane can use on this host (events, TSC, MSR traps)."""
+        with scratch_vcpu(self) as fd:
+            tsc_offset = tsc.probe_offset(fd) if fd is not None else "absent"
+        return {
+            "nmi": self.has(Cap.USER_NMI),
+            "exception_payload": self.has(Cap.EXCEPTION_PAYLOAD),
+            "triple_fault_event": self.has(Cap.X86_TRIPLE_FAULT_EVENT),
+            "tsc_khz": self.has(Cap.TSC_CONTROL),
+            "tsc_offset": tsc_offset,  # applied / ignored (accepted, not kept) / absent
+            "msr_filter": self.has(Cap.X86_MSR_FILTER) and self.has(Cap.X86_USER_SPACE_MSR),
+        }
+
     def info(self) -> dict:
         """What ``hvjit info`` prints."""
         return {
@@ -206,4 +229,5 @@ class Kvm:
             "msr_index_count": len(self.msr_index_list()),
             "feature_msr_count": len(self.feature_msr_index_list()),
             "host_msr_device": os.path.exists("/dev/cpu/0/msr"),
+            "vcpu_controls": self.vcpu_controls,
         }

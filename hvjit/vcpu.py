@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _trampoline as _t
-from . import exit_handlers, run_loop, vcpu_debug, watchdog
+from . import cpuid, exit_handlers, run_loop, tsc, vcpu_debug, vcpu_events, watchdog
 from .abi import (
     GPR_NAMES,
     KVM_CPUID_ENTRY2_DTYPE,
@@ -37,10 +37,9 @@ from .abi import (
     SuspendHow,
     VmExitCode,
 )
-from .emulation import guest
 from .errors import KvmError, ObjectDestroyedError, RegisterError
 from .exits import VmExit
-from .vcpu_lifecycle import Request, RunControl, VcpuBusyError, VcpuState, ensure_kick_signal
+from .vcpu_lifecycle import Request, RunControl, VcpuBusyError, VcpuState, authorize, ensure_kick_signal
 
 Vm = Any  # hvjit.vm.Vm: not imported, the VM imports this module
 
@@ -149,9 +148,11 @@ class Vcpu:
         if self.destroyed:
             raise ObjectDestroyedError(f"vcpu {self.index} of VM {self.vm.name!r} was destroyed")
 
-    def _check_access(self) -> None:
-        """Before a state ioctl: alive, and not running in another thread (it would block)."""
+    def _check_access(self, what: str = "vCPU state") -> None:
+        """Before a state ioctl: alive, allowed for the acting session, and not running in
+        another thread (it would block)."""
         self._check()
+        authorize(self.vm, what)
         self._control.check_state_access()
 
     def _destroy(self, wait: float = DESTROY_WAIT) -> bool:
@@ -420,6 +421,7 @@ class Vcpu:
         """Make the current run (in another thread) return a BOGUS exit as soon as possible;
         False when no run is active (a later run is not affected)."""
         self._check()
+        authorize(self.vm, "stop")
         return self._control.request(Request.STOP)
 
     kick = stop  # bhyve's word for it
@@ -430,6 +432,7 @@ class Vcpu:
         parked (VcpuBusyError if it does not within ``timeout``: a Python handler that
         does not return)."""
         self._check()
+        authorize(self.vm, "pause")
         self._control.request(Request.PAUSE)
         if not self._control.wait_parked_or_idle(timeout):
             raise VcpuBusyError(f"vcpu {self.index} did not pause within {timeout} s")
@@ -437,6 +440,7 @@ class Vcpu:
     def resume(self) -> None:
         """Let a paused vCPU run again."""
         self._check()
+        authorize(self.vm, "resume")
         self._control.resume()
 
     def run(self, *, timeout: Optional[float] = None, resume_hlt: bool = False,
@@ -451,6 +455,7 @@ class Vcpu:
         """
         self._check()
         self.vm._check()
+        authorize(self.vm, "run")
         ensure_kick_signal()
         control = self._control
         control.enter()  # before the compile: a stop during it ends this run too
@@ -535,7 +540,7 @@ class Vcpu:
     def set_capability(self, cap, on: bool) -> None:
         """Turn a capability on or off; UnsupportedError (naming the host's flavour) where the
         host cannot provide it. Takes effect at the vCPU's next entry into the guest."""
-        self._check()
+        self._check_access("set_capability")
         vcpu_debug.set_capability(self, cap, on)
 
     def step(self, n: int = 1, *, timeout: Optional[float] = 10.0) -> VmExit:
@@ -548,12 +553,11 @@ class Vcpu:
         before = state.single_step
         vcpu_debug.set_capability(self, vcpu_debug.Capability.MTRAP_EXIT, True)
         try:
-            ex = None
             for _ in range(n):
                 ex = self.run(timeout=timeout)
                 if ex.exitcode != VmExitCode.MTRAP:
                     break
-            return ex
+            return ex  # n >= 1: the loop ran
         finally:
             state.single_step = before
             state.dirty = True
@@ -610,11 +614,15 @@ class Vcpu:
         #PF error code where a page is not mapped). ``raw``: as the CPU sees them (with
         software breakpoints)."""
         self._check_access()
+        from .emulation import guest  # the decoder and page walker load on first use
+
         return guest.read_virtual(self, gla, length, raw=raw)
 
     def write_virtual(self, gla: int, data: bytes) -> None:
         """Write through the current paging; nothing is written if any page would fault."""
         self._check_access()
+        from .emulation import guest  # the decoder and page walker load on first use
+
         guest.write_virtual(self, gla, data)
 
     # ---- looking at the guest ------------------------------------------------------------
@@ -623,11 +631,15 @@ class Vcpu:
         """``count`` instructions from ``rip`` (default: the current one), fetched through
         the guest's page tables: a list of (address, bytes, Intel-syntax text)."""
         self._check()
+        from .emulation import guest  # the decoder and page walker load on first use
+
         return guest.disassemble(self, rip, count)
 
     def translate(self, gla: int, access: str = "r"):
         """Walk this vCPU's page tables for ``gla`` (``access``: "r", "w" or "x")."""
         self._check()
+        from .emulation import guest  # the decoder and page walker load on first use
+
         return guest.translate(self, gla, access)
 
     # ---- statistics ----------------------------------------------------------------------
@@ -653,6 +665,51 @@ class Vcpu:
         for kind, n in self.emulation_counts.items():
             d[f"emulated_{kind}"] = n
         return d
+
+    # ---- events, CPUID by name, TSC (hvjit.vcpu_events, hvjit.cpuid, hvjit.tsc) ---------------
+
+    def inject_exception(self, vector: int, error_code: Optional[int] = None, cr2: Optional[int] = None):
+        """Deliver exception ``vector`` at the next entry (32-255: as a software interrupt);
+        ``cr2`` for a #PF. Combines with an event in flight as x86 does (#DF, triple fault):
+        returns what will be delivered. See :mod:`hvjit.vcpu_events`."""
+        return vcpu_events.inject_exception(self, vector, error_code, cr2)
+
+    def inject_nmi(self) -> None:
+        """Queue an NMI (KVM_NMI)."""
+        vcpu_events.inject_nmi(self)
+
+    def inject_extint(self, vector: int):
+        """An external interrupt (KVM_INTERRUPT); only for a VM without an in-kernel irqchip."""
+        return vcpu_events.inject_extint(self, vector)
+
+    def get_intinfo(self) -> vcpu_events.IntInfo:
+        """The exception, interrupt and NMI being delivered or pending."""
+        return vcpu_events.get_intinfo(self)
+
+    def set_intinfo(self, info: vcpu_events.IntInfo) -> None:
+        vcpu_events.set_intinfo(self, info)
+
+    def get_cpuid(self) -> np.ndarray:
+        """The CPUID table KVM answers this vCPU's intercepted ``cpuid`` from (KVM_GET_CPUID2)."""
+        return cpuid.get_cpuid(self)
+
+    def cpuid_features(self) -> set[str]:
+        """The named feature bits (:data:`hvjit.cpuid.FEATURES`) set in :meth:`get_cpuid`."""
+        return cpuid.features(self.get_cpuid())
+
+    def set_cpuid_features(self, **flags: bool) -> None:
+        """Set (True) or clear (False) feature bits by name, e.g. ``avx=False, movbe=True``."""
+        cpuid.set_features(self, **flags)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        tsc.set_khz(self, khz)
+
+    def get_tsc_offset(self) -> int:
+        return tsc.get_offset(self)
+
+    def set_tsc_offset(self, offset: int) -> None:
+        """Guest TSC = host TSC + ``offset``; UnsupportedError where KVM does not apply it."""
+        tsc.set_offset(self, offset)
 
     def __repr__(self) -> str:
         state = "destroyed" if self.destroyed else f"fd={self.fd}"

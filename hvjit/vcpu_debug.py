@@ -6,9 +6,12 @@ module turns it into bhyve's exits: ``MTRAP`` after a single step, ``BPT`` at a 
 
 - a single step at CPL3, and a guest ``int3`` (with software breakpoints enabled) at any CPL,
   come back as ``KVM_EXIT_SHUTDOWN`` — the same exit as a triple fault. They are told apart
-  by what was asked (stepping) and by the 0xCC byte just before RIP (breakpoints);
+  by what was asked (stepping) and by the 0xCC byte just before RIP (breakpoints; in 32-bit
+  protected mode at CPL3, RIP stays on the breakpoint's own int3);
 - a single step at CPL0 and hardware breakpoints at CPL0 come back as ``KVM_EXIT_DEBUG``;
-- hardware breakpoints at CPL3 are not delivered: :func:`host_support` says so.
+- hardware breakpoints at CPL3 are not delivered, nor are watchpoints at any CPL (CPL0
+  accesses run in KVM's emulator, which does not check data breakpoints): :func:`host_support`
+  says so.
 
 On VMX/SVM hosts everything arrives as ``KVM_EXIT_DEBUG`` (#DB or #BP) as KVM documents.
 
@@ -28,7 +31,6 @@ import numpy as np
 
 from . import _trampoline as _t
 from .abi import KVM_DEBUGREGS_DTYPE, KVM_GUEST_DEBUG_DTYPE, Cap, KvmExit, SuspendHow, VmExitCode
-from .emulation.guest import symbolize
 from .errors import GuestFault, HvjitError, UnsupportedError
 from .exits import VmExit
 
@@ -73,7 +75,8 @@ def host_support(kvm) -> dict[str, str]:
         Capability.BPT_EXIT.value: "yes" + (" (int3 arrives as KVM_EXIT_SHUTDOWN)" if pvm else ""),
         Capability.PAUSE_EXIT.value: "no (KVM handles PAUSE itself; no capability exposes it)",
         "hw_breakpoints": "CPL0 only (not delivered at CPL3)" if pvm else "yes",
-        "watchpoints": "CPL0 only (not delivered at CPL3)" if pvm else "yes",
+        # Measured: CPL0 data accesses run in KVM's instruction emulator, which ignores DR7.
+        "watchpoints": "no (not delivered at CPL3; CPL0 accesses are emulated without them)" if pvm else "yes",
     }
 
 
@@ -190,6 +193,17 @@ def resolve(vcpu, where: Address) -> tuple[int, str]:
     return int(where), symbolize(vcpu.vm, int(where))
 
 
+def symbolize(vm, address: int) -> str:
+    """The ELF symbol (``name+0x..``) at a guest address, or "" where none is known."""
+    symbols = vm.symbols
+    if symbols is None:
+        return ""
+    try:
+        return symbols.symbolize(address)
+    except Exception:  # noqa: BLE001 - an address outside every symbol: no name
+        return ""
+
+
 def add_breakpoint(vcpu, where: Address) -> Breakpoint:
     """Patch an int3 at ``where`` (linear address through this vCPU's paging, or a symbol)."""
     _require_guest_debug(vcpu, "software breakpoints")
@@ -225,6 +239,8 @@ def add_hw(vcpu, where: Address, kind: str = "x", length: int = 1) -> int:
     _require_guest_debug(vcpu, "hardware breakpoints")
     if kind not in HW_KINDS:
         raise DebugError(f"kind must be one of {sorted(HW_KINDS)}, not {kind!r}")
+    if kind != "x" and host_support(vcpu.vm.kvm)["watchpoints"].startswith("no"):
+        raise UnsupportedError("watchpoints", vcpu.vm.kvm.flavour, "this KVM does not deliver data breakpoints")
     if kind == "x":
         length = 1
     if length not in HW_LENGTHS:
@@ -274,6 +290,8 @@ def classify(vcpu, exit_: VmExit) -> Optional[VmExit]:
     # KVM_EXIT_SHUTDOWN (PVM's way of reporting a step and an int3).
     regs = vcpu.get_regs()
     rip = int(regs["rip"])
+    if rip in vm.breakpoints and not state.single_step:  # 32-bit protected mode at CPL3:
+        return _stop(vcpu, VmExitCode.BPT, rip, exit_, how=SuspendHow.NONE)  # RIP stays on the int3
     if (vm.breakpoints or state.bpt_exit) and _int3_before(vcpu, rip):
         regs["rip"] = rip - 1  # back onto the breakpoint, as VMX/SVM report it
         vcpu.set_regs(regs)
@@ -284,10 +302,9 @@ def classify(vcpu, exit_: VmExit) -> Optional[VmExit]:
 
 
 def _int3_before(vcpu, rip: int) -> bool:
-    """Is the byte the CPU saw just before ``rip`` an int3 (ours or the guest's)?"""
+    """Is the byte the CPU sees just before ``rip`` an int3 (ours or the guest's)? Read raw,
+    not looked up: a breakpoint taken out to step over its one-byte instruction is not."""
     gla = rip - 1
-    if gla in vcpu.vm.breakpoints:
-        return True
     try:
         return vcpu.read_virtual(gla, 1, raw=True) == bytes([INT3])
     except GuestFault:

@@ -18,14 +18,29 @@ this safe:
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import _trampoline as _t
 from .abi import SuspendHow
-from .errors import HvjitError
+from .errors import AccessDeniedError, HvjitError
+
+# The session the current code acts for (set by ``with session:`` / ``session.acting()``).
+# A restricted session may drive only its own VMs; see :func:`authorize`.
+ACTING_SESSION: contextvars.ContextVar[Any] = contextvars.ContextVar("hvjit_acting_session", default=None)
+
+
+def authorize(vm, what: str) -> None:
+    """Refuse a control-plane call on ``vm`` made for a restricted session that does not own it."""
+    acting = ACTING_SESSION.get()
+    if acting is None or not getattr(acting, "restricted", False):
+        return
+    if vm._session is not acting:
+        raise AccessDeniedError(f"{what}: a restricted session may control only its own VMs "
+                                f"(VM {vm.name!r} belongs to another session)")
 
 # How often a waiting teardown or pause kicks again (a signal can land just before KVM_RUN
 # re-enters; immediate_exit covers that, this covers a run stuck in a slow Python handler).
@@ -159,42 +174,28 @@ class RunControl:
             self.pause_requested = False
             self.changed.notify_all()
 
+    def _kick_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Kick the run every KICK_INTERVAL until ``done()`` (lock held); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.kick_locked()
+            self.changed.wait(min(left, KICK_INTERVAL))
+        return True
+
     def wait_parked_or_idle(self, timeout: float) -> bool:
         """After a pause request: wait until the run parks (or no run is active)."""
-        deadline = time.monotonic() + timeout
         with self.lock:
-            while self.thread is not None and not self.parked:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.kick_locked()
-                self.changed.wait(min(left, KICK_INTERVAL))
-            return True
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no run is active, kicking it meanwhile; False if one still is."""
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while self.thread is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.kick_locked()
-                self.changed.wait(min(left, KICK_INTERVAL))
-            return True
+            return self._kick_until(lambda: self.thread is None or self.parked, timeout)
 
     def release_when_idle(self, release: Callable[[], None], timeout: float) -> bool:
         """Call ``release`` once no run is active: now (True) or, if a run is still active
         after ``timeout`` or is the caller itself, when that run leaves (False)."""
         me = threading.get_ident()
-        deadline = time.monotonic() + timeout
         with self.lock:
-            while self.thread is not None and self.thread != me:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.kick_locked()
-                self.changed.wait(min(left, KICK_INTERVAL))
+            self._kick_until(lambda: self.thread is None or self.thread == me, timeout)
             if self.thread is not None:
                 self.on_last_exit = release
                 return False

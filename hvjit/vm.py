@@ -12,7 +12,7 @@ import threading
 from typing import Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
-from . import interrupts
+from . import interrupts, msr_filter, reset, snapshot
 from .abi import Cap, SuspendHow
 from .devices import catalog
 from .devices.bus import IoBus
@@ -33,9 +33,10 @@ from .memory import (
     allocate_segment,
     validate_layout,
 )
+from .snapshot import Snapshot
 from .system import Kvm
 from .vcpu import Vcpu
-from .vcpu_lifecycle import Request, VcpuBusyError
+from .vcpu_lifecycle import Request, VcpuBusyError, authorize
 from .vcpu_threads import RunResult, run_vm
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
@@ -85,6 +86,9 @@ class Vm:
         self.bus = IoBus()
         self.devices: list = []
         self._syncing: list = []  # devices whose sync() runs when the loop drains
+        self.device_specs: list[tuple[str, dict]] = []  # (factory name, config) of each device
+        self.default_devices = devices
+        self._dirty = None  # hvjit.dirty.DirtyTracker, once a snapshot is taken
         self._msr_handlers: dict = {}
         self._msr_exits = 0
         self.uart: Optional[Uart16550] = None
@@ -163,6 +167,7 @@ class Vm:
         The device belongs to the VM's session: it is detached when the VM is destroyed.
         """
         self._check()
+        authorize(self, "add_device")
         device = self._device_class(name)(**config)
         device.attach(self.bus, self.memory)
         bus = self.bus
@@ -170,6 +175,7 @@ class Vm:
         self.devices.append(device)
         if callable(getattr(device, "sync", None)):
             self._syncing.append(device)  # its native handler asks for Python with ACT_DRAIN
+        self.device_specs.append((name, dict(config)))
         return device
 
     def _device_class(self, name: str) -> type:
@@ -277,6 +283,7 @@ class Vm:
         loader rewrites what it needs. Every vCPU must be stopped (no run active).
         """
         self._check()
+        authorize(self, "reinit")
         if any(v._control.thread is not None for v in self.vcpus):
             raise VcpuBusyError(f"VM {self.name!r}: stop every vCPU before reinit")
         n = len(self.vcpus)
@@ -314,6 +321,7 @@ class Vm:
         """Park every vCPU; returns once each running one has parked. Runs stay active
         (``vm.run`` does not return) until :meth:`resume`."""
         self._check()
+        authorize(self, "pause")
         self._paused = True
         for v in self.vcpus:
             v._control.request(Request.PAUSE)
@@ -324,6 +332,7 @@ class Vm:
     def resume(self) -> None:
         """Let every vCPU run again after :meth:`pause` (or per-vCPU pauses)."""
         self._check()
+        authorize(self, "resume")
         self._paused = False
         for v in self.vcpus:
             v._control.resume()
@@ -332,6 +341,7 @@ class Vm:
         """Host-side suspend (bhyve's vm_suspend): every vCPU's run returns a SUSPENDED exit
         with ``how``, now and at every later run, until :meth:`reinit`."""
         self._check()
+        authorize(self, "suspend")
         self._suspend_how = SuspendHow(how)
         for v in self.vcpus:
             v._control.request(Request.SUSPEND, self._suspend_how)
@@ -421,6 +431,17 @@ class Vm:
     def msr_handler(self, index: int):
         return self._msr_handlers.get(index)
 
+    _msr_traps: Optional[msr_filter.MsrTraps] = None
+
+    def trap_msrs(self, handlers: dict, *, read: bool = True, write: bool = True) -> None:
+        """Send the guest's RDMSR (``read``) and WRMSR (``write``) of these MSRs to Python,
+        also those KVM would handle itself: ``{index: handler}`` with handlers as for
+        :meth:`add_msr_handler`; a None handler stops trapping that MSR. See
+        :mod:`hvjit.msr_filter`."""
+        self._check()
+        authorize(self, "trap_msrs")
+        msr_filter.trap(self, handlers, read=read, write=write)
+
     def _drain_devices(self) -> None:
         for device in self._syncing:
             device.sync()
@@ -468,7 +489,19 @@ class Vm:
         emulation failure) or at ``timeout`` seconds; the other vCPUs are kicked out.
         """
         self._check()
+        authorize(self, "run")
         return run_vm(self, timeout=timeout, resume_hlt=resume_hlt)
+
+    def serve_gdb(self, port: int = 0, host: str = "127.0.0.1", **options):
+        """Let GDB debug this VM over TCP (``target remote HOST:PORT``) until it detaches or
+        kills it, or the guest exits; each vCPU is a GDB thread. The VM must be stopped.
+        ``options``: see :class:`hvjit.gdbstub.GdbStub` and its ``serve``. Returns a
+        :class:`hvjit.gdbstub.GdbOutcome`."""
+        from .gdbstub import GdbStub
+
+        serve_options = {k: options.pop(k) for k in ("accept_timeout", "on_listening") if k in options}
+        with GdbStub(self, host, port, **options) as stub:
+            return stub.serve(**serve_options)
 
     def irq_line(self, irq: int, level: int) -> None:
         """Drive an interrupt line (GSI) of the in-kernel irqchip."""
@@ -484,6 +517,28 @@ class Vm:
         """Guest-linear to guest-physical through vCPU ``vcpu``'s page tables (a page-walk
         ``Translation``: gpa, page size, or the #PF error code a CPU would raise)."""
         return self.vcpu(vcpu).translate(gla, access=access)
+
+    # ---- snapshots (hvjit.snapshot, hvjit.reset) ----------------------------------------
+
+    def snapshot(self, path=None) -> Snapshot:
+        """The whole state of this stopped (or paused) VM; also written to ``path`` if given.
+
+        Turns on dirty-page tracking, so :meth:`reset_to` copies back only what changed.
+        """
+        snap = reset.take(self)
+        if path is not None:
+            snap.save(path)
+        return snap
+
+    @classmethod
+    def restore(cls, session, source, *, name: Optional[str] = None) -> "Vm":
+        """A new VM in ``session`` from a :class:`Snapshot` or a snapshot file (any process)."""
+        return snapshot.restore(cls, session, source, name)
+
+    def reset_to(self, snap: Snapshot, *, privileged: bool = True) -> reset.ResetStats:
+        """Put this VM back into ``snap``'s state in place (see :mod:`hvjit.reset`)."""
+        self._check()
+        return reset.reset_to(self, snap, privileged=privileged)
 
     def __repr__(self) -> str:
         state = "destroyed" if self.destroyed else f"fd={self.fd}"

@@ -1,6 +1,36 @@
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+
+APT_PACKAGES = Path(__file__).resolve().parent.parent / ".ci" / "apt-packages"
+
+
+def _missing_debian_packages() -> list[str]:
+    if not APT_PACKAGES.exists() or shutil.which("dpkg-query") is None:
+        return []
+    wanted = [line.strip() for line in APT_PACKAGES.read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    missing = []
+    for name in wanted:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", name], capture_output=True, text=True)
+        if "install ok installed" not in out.stdout:
+            missing.append(name)
+    return missing
+
+
+def pytest_sessionstart(session):
+    """Install the Debian peers the tests use (QEMU, gdb, binutils) where we may: the test
+    command must work on a fresh machine. Elsewhere the tests that need them say what is missing."""
+    missing = _missing_debian_packages()
+    if not missing or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env, check=False, timeout=1200,
+                   stdout=subprocess.DEVNULL)
 
 
 def kvm_unusable_reason():

@@ -19,12 +19,12 @@ from typing import Callable
 
 import numpy as np
 
-from . import _trampoline as _t
-from . import entry
-from .abi import HVT_LOOP_STATS_DTYPE, KvmExit, VmExitCode
-from .asm import assemble
-from .devices.testdev import IOMEM_GPA
-from .system import Kvm, cpu_model, cpu_vendor
+from .. import _trampoline as _t
+from .. import entry
+from ..abi import HVT_LOOP_STATS_DTYPE, KvmExit, VmExitCode
+from ..asm import assemble
+from ..devices.testdev import IOMEM_GPA
+from ..system import Kvm, cpu_model, cpu_vendor, probe_tsc_khz
 
 GUEST_GPA = 0x1000
 STOP_PORT = 0xF4
@@ -153,7 +153,6 @@ def measure(session, kind: str, exits: int = 20000, rounds: int = 5) -> dict:
 
 
 def host_info(kvm: Kvm) -> dict:
-    from .vm import probe_tsc_khz
 
     return {"flavour": kvm.flavour, "cpu": cpu_model(), "cpu_vendor": cpu_vendor(),
             "tsc_khz": probe_tsc_khz(kvm), "api_version": kvm.api_version}

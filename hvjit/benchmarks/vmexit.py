@@ -361,8 +361,7 @@ def run_qemu(qemu: str, image: Path, tests, iterations: int, *, timeout: Optiona
 # ---- the comparison ----------------------------------------------------------------------------
 
 def host_info() -> dict:
-    from ..system import Kvm, cpu_model, cpu_vendor
-    from ..vm import probe_tsc_khz
+    from ..system import Kvm, cpu_model, cpu_vendor, probe_tsc_khz
 
     kvm = Kvm.instance()
     return {"flavour": kvm.flavour, "cpu": cpu_model(), "cpu_vendor": cpu_vendor(),

@@ -8,6 +8,8 @@ come back to Python (the slow path).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -171,6 +173,13 @@ class IoBus:
         return None
 
 
+@functools.cache
+def handlers_take_buffer(cls) -> bool:
+    """Whether a native class's handlers are given the buffer row (and so may write it)."""
+    handlers = [h for h in (cls.port_io, cls.mmio_io) if h is not None]
+    return any("buf" in inspect.signature(getattr(h, "py_func", h)).parameters for h in handlers)
+
+
 class PortDevice:
     """A native device that claims ``port_count`` ports from ``port`` on one bus slot.
 
@@ -206,6 +215,23 @@ class PortDevice:
 
     def _claim(self, bus: IoBus, memory) -> None:
         bus.claim_ports(self.slot, self.port, self.port_count)
+
+    # ---- snapshots (hvjit.snapshot) -------------------------------------------------------
+    # The state and buffer rows are saved by the bus; a device adds only its Python-side
+    # fields, and says which part of its buffer its handler can change while the guest runs.
+
+    def snapshot_state(self) -> dict:
+        """Python-side fields that change after attach, as JSON-able values."""
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        """Take back what :meth:`snapshot_state` returned (the rows are restored by the bus)."""
+
+    def buffer_changes(self, saved: np.ndarray) -> list[tuple[int, int]]:
+        """Byte ranges of the buffer row the handlers may have written since the state row
+        was ``saved``: what a reset must copy back. Every byte unless the device knows better;
+        none when no handler takes the buffer."""
+        return [(0, kinds.BUFFER_BYTES)] if handlers_take_buffer(type(self)) else []
 
     def detach(self, bus: IoBus) -> None:
         if self.slot:

@@ -312,6 +312,9 @@ class Cmos(PortDevice):
         state[S_BASE_NS] = self.time_ns if self.time_ns is not None else time.time_ns()
         state[S_OFFSET_S] = 0
 
+    def buffer_changes(self, saved: np.ndarray) -> list[tuple[int, int]]:
+        return [(0, CMOS_SIZE)]  # the guest writes CMOS RAM only
+
     def read(self, index: int) -> int:
         """A register as the guest reads it (for tests and monitors)."""
         return int(_read_register(self.bus.state(self.slot), self.bus.buffer(self.slot), np.int64(index)))

@@ -196,6 +196,23 @@ class FwCfg(PortDevice):
             raise FwCfgError(f"fw_cfg content is {total} bytes; the device buffer holds "
                              f"{kinds.BUFFER_BYTES}")
 
+    # ---- snapshots -----------------------------------------------------------------------
+
+    def snapshot_state(self) -> dict:
+        return {"files": {k: v.decode("latin-1") for k, v in self.files.items()},
+                "cmdline": None if self.cmdline is None else self.cmdline.decode("latin-1"),
+                "memory_size": self._memory_size}
+
+    def restore_state(self, state: dict) -> None:
+        # The buffer and state rows already hold the laid-out items: no _sync here.
+        self.files = {str(k): str(v).encode("latin-1") for k, v in state["files"].items()}
+        cmdline = state["cmdline"]
+        self.cmdline = None if cmdline is None else str(cmdline).encode("latin-1")
+        self._memory_size = int(state["memory_size"])
+
+    def buffer_changes(self, saved: np.ndarray) -> list[tuple[int, int]]:
+        return []  # the guest only reads the items; Python rewrites them (see snapshot_state)
+
     # ---- device --------------------------------------------------------------------------
 
     def attach(self, bus, memory=None) -> None:

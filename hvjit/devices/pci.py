@@ -226,6 +226,21 @@ class PciHost(PortDevice):
         base = device * FUNCTION_STRIDE
         return self.bus.buffer(self.slot)[base:base + CONFIG_SIZE].tobytes()
 
+    def buffer_changes(self, saved: np.ndarray) -> list[tuple[int, int]]:
+        # The configuration spaces in use; the write masks after them never change.
+        return [(d * FUNCTION_STRIDE, d * FUNCTION_STRIDE + CONFIG_SIZE) for d in (0, *sorted(self.functions))]
+
+    def snapshot_state(self) -> dict:
+        """Where each device's BARs are mapped (the bus claims live outside the rows)."""
+        return {"mapped": sorted([d, i, a] for (d, i), a in self._mapped.items() if d in self.functions)}
+
+    def restore_state(self, state: dict) -> None:
+        with self._lock:
+            for device, index, address in state.get("mapped", []):
+                function = self.functions.get(device)
+                if function is not None and index < len(function.bars):
+                    self._mapped[(device, index)] = function.map_bar(index, address)
+
     @property
     def config(self) -> bytes:
         """The host bridge's configuration space as it is now."""

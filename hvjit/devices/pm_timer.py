@@ -127,12 +127,25 @@ def host_tsc_hz() -> int:
     """The host TSC frequency in Hz, measured once against the monotonic clock (~50 ms)."""
     global _tsc_hz_cache
     if not _tsc_hz_cache:
-        t0, c0 = time.perf_counter_ns(), rdtsc()
+        t0, c0 = _bracketed_tsc()
         time.sleep(0.05)
-        t1, c1 = time.perf_counter_ns(), rdtsc()
+        t1, c1 = _bracketed_tsc()
         # Rounded to kHz, as KVM reports it.
         _tsc_hz_cache = round((c1 - c0) * 1e6 / (t1 - t0)) * 1000
     return _tsc_hz_cache
+
+
+def _bracketed_tsc() -> tuple[int, int]:
+    """(ns, tsc) read together: of a few tries, the one least disturbed by preemption."""
+    best = None
+    for _ in range(8):
+        before = time.perf_counter_ns()
+        tsc = rdtsc()
+        after = time.perf_counter_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, (before + after) // 2, tsc)
+    assert best is not None
+    return best[1], best[2]
 
 
 class PmTimer(PortDevice):

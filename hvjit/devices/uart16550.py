@@ -203,6 +203,15 @@ class Uart16550(PortDevice):
         _update_irq_level(state)
         return n
 
+    def buffer_changes(self, saved: np.ndarray) -> list[tuple[int, int]]:
+        """Only the transmit ring between the saved and the current head was written."""
+        size = kinds.BUFFER_BYTES
+        start, end = int(saved[S_TX_HEAD]), int(self.bus.state(self.slot)[S_TX_HEAD])
+        if end < start or end - start >= size:  # the ring went round, or the head moved back
+            return [(0, size)]
+        a, b = start % size, end % size
+        return [(a, b)] if a <= b else [(a, size), (0, b)]
+
     def irq_change(self) -> "Optional[int]":
         """The level to tell the irqchip if it changed outside a guest access, else None."""
         state = self.bus.state(self.slot)

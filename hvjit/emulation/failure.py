@@ -41,6 +41,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .. import vcpu_debug
 from ..abi import KvmInternalError, VmExitCode
 from ..exits import EmulationReport, VmExit
 from ..kernels import emulate as E
@@ -61,7 +62,6 @@ from .guest import (
     instruction_bytes,
     paging_registers,
     read_phys,
-    symbolize,
     write_phys,
 )
 from .xstate import fpu_handler
@@ -127,7 +127,7 @@ def _software_interrupt(f: Failure) -> Optional[VmExit]:
     if is_int3 and (f.rip in f.vcpu.vm.breakpoints or f.vcpu._debug.bpt_exit):
         # A breakpoint (ours, or any int3 under BPT_EXIT): the host's, not the guest's IDT's.
         return replace(f.exit, exitcode=VmExitCode.BPT, rip=f.rip, report=None,
-                       symbol=symbolize(f.vcpu.vm, f.rip))
+                       symbol=vcpu_debug.symbolize(f.vcpu.vm, f.rip))
     vector = 3 if is_int3 else int(f.rec["imm"]) & 0xFF
     inject_vector(f.vcpu, vector)
     f.complete()

@@ -123,7 +123,7 @@ def read_virtual(vcpu, gla: int, n: int, *, raw: bool = False) -> bytes:
     for gpa, size in _pieces(vcpu, gla, n, 0):
         if not memory.is_mapped(gpa, size):
             raise GuestAccessError(f"guest-linear {gla:#x} maps to {gpa:#x}, which is not RAM")
-        out += memory.view(gpa, size).tobytes() if raw else memory.read(gpa, size)
+        out += memory.read_raw(gpa, size) if raw else memory.read(gpa, size)
     return bytes(out)
 
 
@@ -141,21 +141,10 @@ def write_virtual(vcpu, gla: int, data: bytes) -> None:
         at += size
 
 
-def symbolize(vm, address: int) -> str:
-    """The ELF symbol (``name+0x..``) at a guest address, or "" where none is known."""
-    symbols = vm.symbols
-    if symbols is None:
-        return ""
-    try:
-        return symbols.symbolize(address)
-    except Exception:  # noqa: BLE001 - an address outside every symbol: no name
-        return ""
-
-
 def read_phys(vcpu, gpa: int, n: int, *, raw: bool = False) -> bytes:
     memory = vcpu.vm.memory
     if memory.is_mapped(gpa, n):
-        return memory.view(gpa, n).tobytes() if raw else memory.read(gpa, n)
+        return memory.read_raw(gpa, n) if raw else memory.read(gpa, n)
     handler = vcpu.vm.bus.mmio_handler(gpa, n)
     if handler is None:
         raise GuestAccessError(f"MMIO read at {gpa:#x} ({n} bytes) has no Python handler")

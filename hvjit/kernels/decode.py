@@ -3,6 +3,12 @@
 One instruction becomes one record of ``VIE_DTYPE``: prefixes, REX/VEX/EVEX/XOP fields,
 opcode map and byte, ModRM/SIB, the memory operand (base, index, scale, displacement),
 immediates, operand and address sizes, and an ``OpClass`` a VM-exit handler dispatches on.
+Callers that need less choose it (``decode_buffer(..., fields=...)``): the 8-byte
+``COMPACT_DTYPE`` (length, status, opcode map and byte, OpClass, ModRM, operand size), the
+lengths alone, or any subset of ``VIE_DTYPE``'s fields (``record_dtype``). Every output
+comes from the same decoder body, compiled once per output dtype: stores to fields the
+output lacks are dropped at compile time (``_put``), and with them the work that only fed
+them, so the compact and length-only kernels run at about twice the full record's rate.
 
 The decoder is a *length and operand* decoder, permissive about semantics: it flags as
 INVALID only what has no defined length (undefined opcodes, opcodes removed from 64-bit
@@ -14,7 +20,7 @@ Numba does no bounds checking: every input byte is read through an explicit chec
 the buffer end and the 15-byte limit, so a short or hostile buffer gives TRUNCATED/INVALID
 and never an over-read.
 
-How it is fast (``_decode_run``; figures and method in ``bench_decode``):
+How it is fast (``_decode_run``; figures and method in ``hvjit.benchmarks.decode``):
 
 * One compiled loop. The decoder is written out inside the loop of ``_decode_run`` rather
   than called per instruction (a Numba-inlined call increfs/decrefs both arrays for every
@@ -27,9 +33,11 @@ How it is fast (``_decode_run``; figures and method in ``bench_decode``):
   one-byte or 0F map; about 95% of compiled x86-64 code): ``_FAST_OPCODE`` says whether an
   opcode qualifies and has a ModRM byte, ``_FAST_FORM[.., ModRM.reg]`` gives operand size,
   immediate size and OpClass. It needs 24 bytes of slack so all its reads are in bounds
-  without per-byte checks, and stores the record as nine 8-byte words when ``out`` is
-  contiguous and aligned. Everything else (and the last 24 bytes of a buffer) goes through
-  the general path; tests check that both paths give identical records.
+  without per-byte checks, and stores a full record as nine 8-byte words (a compact one as
+  one word) when ``out`` is contiguous and aligned. Everything else (and the last 24 bytes
+  of a buffer) goes through the general path; tests check that both paths give identical
+  records. About 6% of real 64-bit code takes the general path (66/F2/F3 and segment
+  prefixes, VEX), at roughly three times the fast path's cost per instruction.
 * Displacement and immediate come from one 8-byte window each (the byte loads are merged),
   masked and sign-extended by table; prefix kinds and immediate sizes are table lookups.
 * The general path stores each record field as soon as it is final, so few values stay
@@ -38,10 +46,14 @@ How it is fast (``_decode_run``; figures and method in ``bench_decode``):
 
 from __future__ import annotations
 
-import time
+import hashlib
 from enum import IntEnum
 
 import numpy as np
+from numba.core import cgutils, types
+from numba.core.errors import TypingError
+from numba.extending import lower_builtin, overload, type_callable
+from numba.np.numpy_support import as_dtype
 
 from hvjit._jit import kernel
 from hvjit.kernels.decode_tables import (
@@ -87,6 +99,8 @@ from hvjit.kernels.decode_tables import (
 
 __all__ = [
     "VIE_DTYPE",
+    "COMPACT_DTYPE",
+    "record_dtype",
     "DecodeStatus",
     "OpClass",
     "VexKind",
@@ -98,7 +112,6 @@ __all__ = [
     "decode_buffer_kernel",
     "decode_buffer",
     "decode",
-    "bench_decode",
 ]
 
 MAX_INSTRUCTION_LENGTH = 15
@@ -196,6 +209,132 @@ for _word, _names in enumerate(_WORD_LAYOUT):
     for _byte, _name in enumerate(_names):
         assert VIE_DTYPE.fields[_name][1] == 8 * _word + (0 if len(_names) == 1 else _byte), _name
 
+# The compact record: what instruction-mix statistics, boundary scans and branch finding
+# need, in one 8-byte word (fields and meanings as in VIE_DTYPE).
+COMPACT_FIELDS = ("length", "status", "opcode_map", "opcode", "op_class", "modrm", "has_modrm", "operand_size")
+COMPACT_DTYPE = np.dtype([(name, VIE_DTYPE.fields[name][0]) for name in COMPACT_FIELDS])
+assert COMPACT_DTYPE.itemsize == 8  # one word, field k in byte k (the fast path's store)
+# What the kernel writes for fields="length": a record of the length alone (a uint8 view).
+_LENGTH_RECORD = np.dtype([("length", np.uint8)])
+
+
+def record_dtype(fields="full") -> np.dtype:
+    """The output dtype of ``decode_buffer(..., fields=fields)``.
+
+    "full" is VIE_DTYPE, "compact" COMPACT_DTYPE, "length" uint8 (lengths only); a sequence
+    of VIE_DTYPE field names gives a packed record of those fields, in that order.
+    """
+    if isinstance(fields, str):
+        if fields == "full":
+            return VIE_DTYPE
+        if fields == "compact":
+            return COMPACT_DTYPE
+        if fields == "length":
+            return np.dtype(np.uint8)
+        raise ValueError(f'fields must be "full", "compact", "length" or a sequence of VIE_DTYPE field names, '
+                         f"not {fields!r}")
+    names = tuple(fields)
+    unknown = [name for name in names if not isinstance(name, str) or name not in VIE_DTYPE.fields]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"fields must be distinct VIE_DTYPE field names, got {names!r} (unknown: {unknown})")
+    return np.dtype([(name, VIE_DTYPE.fields[name][0]) for name in names])
+
+
+# Numba names a record type in symbols by a per-process counter, so two cached
+# specializations of one kernel for different output dtypes, compiled in different
+# processes, can get the same symbol names; loaded into one process, one then runs the
+# other's code (writing 72-byte records into an 8-byte array). A digest of the layout
+# (fields, offsets, size) names each dtype the same everywhere.
+def _record_mangling_args(record):
+    return type(record).__name__, (int.from_bytes(hashlib.sha256(record.name.encode()).digest()[:6], "little"),)
+
+
+types.Record.mangling_args = property(_record_mangling_args)
+
+
+# Output writers. The decoder stores every field with _put; for an output dtype without
+# that field the store vanishes at compile time, and LLVM then drops the work that only
+# fed it. So one decoder body serves the full record, the compact one and length-only.
+def _put(rec, name, value):
+    """rec[name] = value if rec's dtype has that field."""
+    if name in rec.dtype.names:
+        rec[name] = value
+
+
+# Jitted, _put is lowered straight to the store (or to nothing): a typed builtin rather
+# than an @overload, which would compile a function for each of its ~130 call signatures.
+@type_callable(_put)
+def _type_put(context):
+    def typer(rec, name, value):
+        if isinstance(rec, types.Record) and isinstance(name, types.StringLiteral):
+            return types.none
+
+    return typer
+
+
+@lower_builtin(_put, types.Record, types.StringLiteral, types.Any)
+def _lower_put(context, builder, sig, args):
+    rec_type, name_type, value_type = sig.args
+    field = name_type.literal_value
+    if field in rec_type.fields:  # as numba's own record setattr
+        field_type = rec_type.typeof(field)
+        pointer = cgutils.get_record_member(builder, args[0], rec_type.offset(field),
+                                            context.get_data_type(field_type))
+        value = context.cast(builder, args[2], value_type, field_type)
+        context.pack_value(builder, field_type, value, pointer, align=None if rec_type.aligned else 1)
+    return context.get_dummy_value()
+
+
+# What the fast path can store as whole 8-byte words (contiguous, 8-byte aligned outputs:
+# always, for arrays numpy allocates): full records as nine words (see _WORD_LAYOUT),
+# compact ones as one (COMPACT_FIELDS, byte by byte). Other outputs go field by field.
+_OUT_FIELDS, _OUT_FULL, _OUT_COMPACT = 0, 1, 2
+
+
+def _output_kind(out) -> int:
+    """_OUT_FULL, _OUT_COMPACT or _OUT_FIELDS for out's dtype (a constant, jitted); raises
+    TypeError for records with fields the decoder does not produce (they would be left
+    uninitialized)."""
+    dtype = out.dtype
+    if dtype.names is None or any(VIE_DTYPE.fields.get(name, (None,))[0] != dtype.fields[name][0]
+                                  for name in dtype.names):
+        raise TypeError(f"output records must hold VIE_DTYPE fields with their types, not {dtype}")
+    return _OUT_FULL if dtype == VIE_DTYPE else _OUT_COMPACT if dtype == COMPACT_DTYPE else _OUT_FIELDS
+
+
+@overload(_output_kind)
+def _output_kind_jit(out):
+    if not (isinstance(out, types.Array) and isinstance(out.dtype, types.Record)):
+        raise TypingError(f"output must be a record array, not {out}")
+    try:
+        kind = _output_kind(np.empty(0, dtype=as_dtype(out.dtype)))
+    except TypeError as exc:
+        raise TypingError(str(exc)) from None
+    return lambda out: kind
+
+
+def _record_words(out):
+    """Full or compact records as 8-byte words when out is contiguous and 8-byte aligned;
+    otherwise an empty array."""
+    if out.dtype in (VIE_DTYPE, COMPACT_DTYPE) and out.strides[0] == out.dtype.itemsize and (out.ctypes.data & 7) == 0:
+        return out.view(np.uint64)
+    return np.empty(0, dtype=np.uint64)
+
+
+@overload(_record_words)
+def _record_words_jit(out):
+    dtype = as_dtype(out.dtype)
+    if dtype != VIE_DTYPE and dtype != COMPACT_DTYPE:
+        return lambda out: np.empty(0, dtype=np.uint64)
+    record_bytes = dtype.itemsize
+
+    def words(out):
+        packed = out.strides[0] == record_bytes and (out.ctypes.data & 7) == 0
+        return (out if packed else np.empty(0, dtype=dtype)).view(np.uint64)
+
+    return words
+
+
 _OK = np.uint8(DecodeStatus.OK)
 _TRUNCATED = np.uint8(DecodeStatus.TRUNCATED)
 _INVALID = np.uint8(DecodeStatus.INVALID)
@@ -257,50 +396,50 @@ _SIGN_BIT = np.array([0] + [1 << (8 * k - 1) for k in range(1, 8)] + [0], dtype=
 def _fail(out, out_index, address, status, length):
     """Store a record for an instruction that did not decode."""
     rec = out[out_index]
-    rec["address"] = address
-    rec["disp"] = 0
-    rec["imm"] = 0
-    rec["imm2"] = 0
-    rec["length"] = length
-    rec["status"] = status
-    rec["lock"] = 0
-    rec["rep"] = 0
-    rec["repne"] = 0
-    rec["opsize_prefix"] = 0
-    rec["addrsize_prefix"] = 0
-    rec["segment"] = -1
-    rec["rex"] = 0
-    rec["rex_w"] = 0
-    rec["rex_r"] = 0
-    rec["rex_x"] = 0
-    rec["rex_b"] = 0
-    rec["vex"] = 0
-    rec["vex_vvvv"] = 0
-    rec["vex_l"] = 0
-    rec["vex_pp"] = 0
-    rec["vex_map"] = 0
-    rec["evex_aaa"] = 0
-    rec["evex_z"] = 0
-    rec["evex_b"] = 0
-    rec["opcode_map"] = 0
-    rec["opcode"] = 0
-    rec["opcode_offset"] = 0
-    rec["has_modrm"] = 0
-    rec["modrm"] = 0
-    rec["mod"] = 0
-    rec["reg"] = 0
-    rec["rm"] = 0
-    rec["has_sib"] = 0
-    rec["sib"] = 0
-    rec["scale"] = 1
-    rec["index_reg"] = -1
-    rec["base_reg"] = -1
-    rec["disp_bytes"] = 0
-    rec["imm_bytes"] = 0
-    rec["imm2_bytes"] = 0
-    rec["operand_size"] = 0
-    rec["address_size"] = 0
-    rec["op_class"] = 0
+    _put(rec, "address", address)
+    _put(rec, "disp", 0)
+    _put(rec, "imm", 0)
+    _put(rec, "imm2", 0)
+    _put(rec, "length", length)
+    _put(rec, "status", status)
+    _put(rec, "lock", 0)
+    _put(rec, "rep", 0)
+    _put(rec, "repne", 0)
+    _put(rec, "opsize_prefix", 0)
+    _put(rec, "addrsize_prefix", 0)
+    _put(rec, "segment", -1)
+    _put(rec, "rex", 0)
+    _put(rec, "rex_w", 0)
+    _put(rec, "rex_r", 0)
+    _put(rec, "rex_x", 0)
+    _put(rec, "rex_b", 0)
+    _put(rec, "vex", 0)
+    _put(rec, "vex_vvvv", 0)
+    _put(rec, "vex_l", 0)
+    _put(rec, "vex_pp", 0)
+    _put(rec, "vex_map", 0)
+    _put(rec, "evex_aaa", 0)
+    _put(rec, "evex_z", 0)
+    _put(rec, "evex_b", 0)
+    _put(rec, "opcode_map", 0)
+    _put(rec, "opcode", 0)
+    _put(rec, "opcode_offset", 0)
+    _put(rec, "has_modrm", 0)
+    _put(rec, "modrm", 0)
+    _put(rec, "mod", 0)
+    _put(rec, "reg", 0)
+    _put(rec, "rm", 0)
+    _put(rec, "has_sib", 0)
+    _put(rec, "sib", 0)
+    _put(rec, "scale", 1)
+    _put(rec, "index_reg", -1)
+    _put(rec, "base_reg", -1)
+    _put(rec, "disp_bytes", 0)
+    _put(rec, "imm_bytes", 0)
+    _put(rec, "imm2_bytes", 0)
+    _put(rec, "operand_size", 0)
+    _put(rec, "address_size", 0)
+    _put(rec, "op_class", 0)
     return length
 
 
@@ -460,8 +599,13 @@ _build_fast_tables()
 @kernel
 def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
     """Decode buf[offset:] into out[out_index:], at most max_records records; return the
-    number written. base is the address of buf[0] (uint64). An INVALID record covers one
-    byte and decoding resumes at the next; a TRUNCATED record ends the run.
+    number written and the offset after the last record. base is the address of buf[0]
+    (uint64). An INVALID record covers one byte and decoding resumes at the next; a
+    TRUNCATED record ends the run.
+
+    out holds VIE_DTYPE records or records of some of its fields (COMPACT_DTYPE,
+    record_dtype); each output dtype is a compilation of its own, without the stores (see
+    _put) and the work for fields the output lacks.
 
     The decoder body is written out inside the loop (not an inlined call, which would
     incref/decref both arrays per instruction); every value in it is int64, so nothing is
@@ -470,10 +614,11 @@ def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
     """
     n = buf.shape[0]
     mode64 = 1 if bitness == 64 else 0
-    # The fast path stores whole 8-byte words when out is contiguous and 8-byte aligned
-    # (always, for arrays numpy allocates); otherwise it stores field by field.
-    packed = out.strides[0] == _RECORD_BYTES and (out.ctypes.data & 7) == 0
-    words = (out if packed else np.empty(0, dtype=VIE_DTYPE)).view(np.uint64)
+    # The fast path stores whole words when it can (see _OUT_FULL); each output dtype has
+    # its own compilation, in which output_kind is a constant.
+    output_kind = _output_kind(out)
+    words = _record_words(out)
+    packed = output_kind != _OUT_FIELDS and words.shape[0] != 0
     end = min(out_index + max_records, out.shape[0])
     i = out_index
     while i < end and offset < n:
@@ -570,13 +715,19 @@ def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
                         sign = _SIGN_BIT[imm_bytes]
                         imm = ((raw & _BYTE_MASK[imm_bytes]) ^ sign) - sign
                         total = p + imm_bytes - start
+                        if packed and output_kind == _OUT_COMPACT:  # one store, not eight
+                            words[i] = np.uint64(total | (opcode_map << 16) | (b << 24) | (((form >> 16) & 0xFF) << 32)
+                                                 | (modrm << 40) | (((eligible >> 2) & 1) << 48)
+                                                 | (((form >> shift) & 0xF) << 56))  # status OK
+                            result = total
+                            break
                         if packed:  # nine 8-byte stores (see _WORD_LAYOUT) instead of 44 field stores
                             w = i * 9
                             words[w] = address
                             words[w + 1] = np.uint64(disp)
                             words[w + 2] = np.uint64(imm)
                             words[w + 3] = np.uint64(0)
-                            words[w + 4] = np.uint64(total | (0xFF << 56))  # status OK, no prefix, segment -1
+                            words[w + 4] = np.uint64(total | -(1 << 56))  # status OK, no prefix, segment -1 (0xFF)
                             words[w + 5] = np.uint64(rex | (rex_w << 8) | (rex_r << 16) | (rex_x << 24) | (rex_b << 32))
                             words[w + 6] = np.uint64((opcode_map << 40) | (b << 48) | (opcode_offset << 56))
                             words[w + 7] = np.uint64(((eligible >> 2) & 1) | (modrm << 8) | (mod << 16) | (reg << 24)
@@ -587,50 +738,50 @@ def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
                             result = total
                             break
                         rec = out[i]
-                        rec["address"] = address
-                        rec["disp"] = disp
-                        rec["imm"] = imm
-                        rec["imm2"] = 0
-                        rec["length"] = total
-                        rec["status"] = _OK
-                        rec["lock"] = 0
-                        rec["rep"] = 0
-                        rec["repne"] = 0
-                        rec["opsize_prefix"] = 0
-                        rec["addrsize_prefix"] = 0
-                        rec["segment"] = -1
-                        rec["rex"] = rex
-                        rec["rex_w"] = rex_w
-                        rec["rex_r"] = rex_r
-                        rec["rex_x"] = rex_x
-                        rec["rex_b"] = rex_b
-                        rec["vex"] = 0
-                        rec["vex_vvvv"] = 0
-                        rec["vex_l"] = 0
-                        rec["vex_pp"] = 0
-                        rec["vex_map"] = 0
-                        rec["evex_aaa"] = 0
-                        rec["evex_z"] = 0
-                        rec["evex_b"] = 0
-                        rec["opcode_map"] = opcode_map
-                        rec["opcode"] = b
-                        rec["opcode_offset"] = opcode_offset
-                        rec["has_modrm"] = (eligible >> 2) & 1
-                        rec["modrm"] = modrm
-                        rec["mod"] = mod
-                        rec["reg"] = reg
-                        rec["rm"] = rm
-                        rec["has_sib"] = has_sib
-                        rec["sib"] = sib
-                        rec["scale"] = scale
-                        rec["index_reg"] = index_reg
-                        rec["base_reg"] = base_reg
-                        rec["disp_bytes"] = disp_bytes
-                        rec["imm_bytes"] = imm_bytes
-                        rec["imm2_bytes"] = 0
-                        rec["operand_size"] = (form >> shift) & 0xF
-                        rec["address_size"] = 8 if mode64 else 4
-                        rec["op_class"] = (form >> 16) & 0xFF
+                        _put(rec, "address", address)
+                        _put(rec, "disp", disp)
+                        _put(rec, "imm", imm)
+                        _put(rec, "imm2", 0)
+                        _put(rec, "length", total)
+                        _put(rec, "status", _OK)
+                        _put(rec, "lock", 0)
+                        _put(rec, "rep", 0)
+                        _put(rec, "repne", 0)
+                        _put(rec, "opsize_prefix", 0)
+                        _put(rec, "addrsize_prefix", 0)
+                        _put(rec, "segment", -1)
+                        _put(rec, "rex", rex)
+                        _put(rec, "rex_w", rex_w)
+                        _put(rec, "rex_r", rex_r)
+                        _put(rec, "rex_x", rex_x)
+                        _put(rec, "rex_b", rex_b)
+                        _put(rec, "vex", 0)
+                        _put(rec, "vex_vvvv", 0)
+                        _put(rec, "vex_l", 0)
+                        _put(rec, "vex_pp", 0)
+                        _put(rec, "vex_map", 0)
+                        _put(rec, "evex_aaa", 0)
+                        _put(rec, "evex_z", 0)
+                        _put(rec, "evex_b", 0)
+                        _put(rec, "opcode_map", opcode_map)
+                        _put(rec, "opcode", b)
+                        _put(rec, "opcode_offset", opcode_offset)
+                        _put(rec, "has_modrm", (eligible >> 2) & 1)
+                        _put(rec, "modrm", modrm)
+                        _put(rec, "mod", mod)
+                        _put(rec, "reg", reg)
+                        _put(rec, "rm", rm)
+                        _put(rec, "has_sib", has_sib)
+                        _put(rec, "sib", sib)
+                        _put(rec, "scale", scale)
+                        _put(rec, "index_reg", index_reg)
+                        _put(rec, "base_reg", base_reg)
+                        _put(rec, "disp_bytes", disp_bytes)
+                        _put(rec, "imm_bytes", imm_bytes)
+                        _put(rec, "imm2_bytes", 0)
+                        _put(rec, "operand_size", (form >> shift) & 0xF)
+                        _put(rec, "address_size", 8 if mode64 else 4)
+                        _put(rec, "op_class", (form >> 16) & 0xFF)
                         result = total
                         break
 
@@ -679,14 +830,14 @@ def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
             # Fields go into the record as soon as they are final (nothing stays live for a
             # store at the end); a failure overwrites the whole record.
             rec = out[i]
-            rec["address"] = address
-            rec["lock"] = lock
-            rec["rep"] = rep
-            rec["repne"] = repne
-            rec["opsize_prefix"] = opsize_prefix
-            rec["addrsize_prefix"] = addrsize_prefix
-            rec["segment"] = segment
-            rec["rex"] = rex
+            _put(rec, "address", address)
+            _put(rec, "lock", lock)
+            _put(rec, "rep", rep)
+            _put(rec, "repne", repne)
+            _put(rec, "opsize_prefix", opsize_prefix)
+            _put(rec, "addrsize_prefix", addrsize_prefix)
+            _put(rec, "segment", segment)
+            _put(rec, "rex", rex)
             rex_w = (rex >> 3) & 1
             rex_r = (rex >> 2) & 1
             rex_x = (rex >> 1) & 1
@@ -808,20 +959,20 @@ def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
 
             opcode = b
             opcode_offset = pos - start
-            rec["rex_w"] = rex_w
-            rec["rex_r"] = rex_r
-            rec["rex_x"] = rex_x
-            rec["rex_b"] = rex_b
-            rec["vex"] = vex
-            rec["vex_vvvv"] = vex_vvvv
-            rec["vex_l"] = vex_l
-            rec["vex_pp"] = vex_pp
-            rec["vex_map"] = vex_map
-            rec["evex_aaa"] = evex_aaa
-            rec["evex_z"] = evex_z
-            rec["evex_b"] = evex_b
-            rec["opcode_map"] = opcode_map
-            rec["opcode_offset"] = opcode_offset
+            _put(rec, "rex_w", rex_w)
+            _put(rec, "rex_r", rex_r)
+            _put(rec, "rex_x", rex_x)
+            _put(rec, "rex_b", rex_b)
+            _put(rec, "vex", vex)
+            _put(rec, "vex_vvvv", vex_vvvv)
+            _put(rec, "vex_l", vex_l)
+            _put(rec, "vex_pp", vex_pp)
+            _put(rec, "vex_map", vex_map)
+            _put(rec, "evex_aaa", evex_aaa)
+            _put(rec, "evex_z", evex_z)
+            _put(rec, "evex_b", evex_b)
+            _put(rec, "opcode_map", opcode_map)
+            _put(rec, "opcode_offset", opcode_offset)
             pos += 1
 
             # Table lookup: flags give ModRM presence, immediate kind and mode rules.
@@ -948,17 +1099,17 @@ def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
                     elif mod == 2:
                         disp_bytes = 4
 
-            rec["has_modrm"] = has_modrm
-            rec["modrm"] = modrm
-            rec["mod"] = mod
-            rec["reg"] = reg
-            rec["rm"] = rm
-            rec["has_sib"] = has_sib
-            rec["sib"] = sib
-            rec["scale"] = scale
-            rec["index_reg"] = index_reg
-            rec["base_reg"] = base_reg
-            rec["address_size"] = address_size
+            _put(rec, "has_modrm", has_modrm)
+            _put(rec, "modrm", modrm)
+            _put(rec, "mod", mod)
+            _put(rec, "reg", reg)
+            _put(rec, "rm", rm)
+            _put(rec, "has_sib", has_sib)
+            _put(rec, "sib", sib)
+            _put(rec, "scale", scale)
+            _put(rec, "index_reg", index_reg)
+            _put(rec, "base_reg", base_reg)
+            _put(rec, "address_size", address_size)
 
             # Group opcodes: validity, LOCK, immediates and operand sizes depend on ModRM.reg.
             reg3 = (modrm >> 3) & 7
@@ -1010,8 +1161,8 @@ def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
                 if vex == 4 and disp_bytes == 1:
                     disp *= _evex_disp8_scale(opcode_map, opcode, vex_pp, rex_w, vex_l, evex_b)
             pos += disp_bytes
-            rec["disp"] = disp
-            rec["disp_bytes"] = disp_bytes
+            _put(rec, "disp", disp)
+            _put(rec, "disp_bytes", disp_bytes)
 
             imm_bytes = _IMM_BYTES[mode64, imm_kind, operand_size]
             imm2_bytes = _IMM2_BYTES[imm_kind]
@@ -1095,15 +1246,15 @@ def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
             elif op_class == _OC_CMPXCHG8B:
                 operand_size = 8
 
-            rec["imm"] = imm
-            rec["imm2"] = imm2
-            rec["length"] = total
-            rec["status"] = _OK
-            rec["opcode"] = opcode
-            rec["imm_bytes"] = imm_bytes
-            rec["imm2_bytes"] = imm2_bytes
-            rec["operand_size"] = operand_size
-            rec["op_class"] = op_class
+            _put(rec, "imm", imm)
+            _put(rec, "imm2", imm2)
+            _put(rec, "length", total)
+            _put(rec, "status", _OK)
+            _put(rec, "opcode", opcode)
+            _put(rec, "imm_bytes", imm_bytes)
+            _put(rec, "imm2_bytes", imm2_bytes)
+            _put(rec, "operand_size", operand_size)
+            _put(rec, "op_class", op_class)
             result = total
             break
 
@@ -1115,8 +1266,9 @@ def _decode_run(buf, offset, bitness, base, out, out_index, max_records):
             offset += 1
         else:
             _fail(out, i - 1, address, _TRUNCATED, n - offset)
+            offset = n
             break
-    return i - out_index
+    return i - out_index, offset
 
 
 @kernel
@@ -1133,9 +1285,9 @@ def decode_one(buf, offset, bitness, address, out, out_index):
     if offset < 0 or offset >= buf.shape[0]:
         return _fail(out, out_index, np.uint64(address), _TRUNCATED, 0)
     # int64 arguments (not literals) so this reuses decode_buffer_kernel's compilation.
-    _decode_run(buf, np.int64(offset), np.int64(bitness), np.uint64(address) - np.uint64(offset), out,
-                np.int64(out_index), np.int64(1))
-    return np.int64(out[out_index]["length"])
+    _, end = _decode_run(buf, np.int64(offset), np.int64(bitness), np.uint64(address) - np.uint64(offset), out,
+                         np.int64(out_index), np.int64(1))
+    return end - offset
 
 
 @kernel
@@ -1145,9 +1297,14 @@ def decode_buffer_kernel(buf, offset, bitness, address, out):
     address is the linear address of buf[0]. An INVALID record covers one byte and decoding
     resumes at the next; a TRUNCATED record ends the run. Stops early when out is full: the
     caller resumes at the end of the last record.
+
+    out holds VIE_DTYPE records, or records of some of its fields (COMPACT_DTYPE, or
+    ``record_dtype(names)``; lengths only: ``record_dtype(["length"])``); each dtype is
+    compiled (and cached) on first use.
     """
-    return _decode_run(buf, np.int64(offset), np.int64(bitness), np.uint64(address), out, np.int64(0),
-                       np.int64(out.shape[0]))
+    count, _ = _decode_run(buf, np.int64(offset), np.int64(bitness), np.uint64(address), out, np.int64(0),
+                           np.int64(out.shape[0]))
+    return count
 
 
 _BITNESSES = (16, 32, 64)
@@ -1173,30 +1330,40 @@ def _check_mode(bitness, address) -> None:
         raise ValueError(f"address must be an integer in [0, 2**64), not {address!r}")
 
 
-def decode_buffer(data, bitness: int = 64, address: int = 0) -> np.ndarray:
-    """Decode every instruction in data; returns a VIE_DTYPE record array.
+def decode_buffer(data, bitness: int = 64, address: int = 0, fields="full") -> np.ndarray:
+    """Decode every instruction in data, one record per instruction.
+
+    fields chooses the record (``record_dtype(fields)``):
+      "full"     VIE_DTYPE, every field (the default)
+      "compact"  COMPACT_DTYPE: length, status, opcode_map, opcode, op_class, modrm,
+                 has_modrm, operand_size in 8 bytes; several times faster than "full"
+      "length"   a uint8 array of instruction lengths (the boundaries only; the status
+                 is in "compact")
+      names      a sequence of VIE_DTYPE field names: a record of those fields. Each new
+                 choice compiles its kernel once (seconds; cached across processes).
+    Every mode decodes the same way: the values are those of the full record.
 
     Undecodable bytes give one-byte INVALID records; a cut-off last instruction gives a
     final TRUNCATED record covering the remaining bytes.
     """
     buf = _as_uint8_array(data)
     _check_mode(bitness, address)
+    dtype = record_dtype(fields)
+    lengths_only = dtype.names is None
+    n = buf.shape[0]
     chunks = []
     offset = 0
-    base = np.uint64(address)
-    while offset < buf.shape[0]:
-        # x86 code averages 3-4 bytes per instruction; a full chunk just means another pass.
-        out = np.empty((buf.shape[0] - offset) // 3 + 16, dtype=VIE_DTYPE)
-        count = decode_buffer_kernel(buf, offset, int(bitness), base, out)
-        records = out[:count]
-        chunks.append(records)
-        last = records[count - 1]
-        if last["status"] == DecodeStatus.TRUNCATED:
-            break
-        offset = (int(last["address"]) - int(address)) % (1 << 64) + int(last["length"])
+    while offset < n:
+        # x86 code averages 3-4 bytes per instruction: a full chunk just means another pass.
+        # Lengths take a byte a record, so room for every byte costs little.
+        capacity = n - offset if lengths_only else (n - offset) // 3 + 16
+        out = np.empty(capacity, dtype=dtype)
+        count, offset = _decode_run(buf, offset, int(bitness), np.uint64(address),
+                                    out.view(_LENGTH_RECORD) if lengths_only else out, 0, capacity)
+        chunks.append(out[:count])
     if len(chunks) == 1:
         return chunks[0]
-    return np.concatenate(chunks) if chunks else np.empty(0, dtype=VIE_DTYPE)
+    return np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype)
 
 
 def decode(data, bitness: int = 64, address: int = 0):
@@ -1206,132 +1373,3 @@ def decode(data, bitness: int = 64, address: int = 0):
     out = np.empty(1, dtype=VIE_DTYPE)
     decode_one(buf, 0, int(bitness), np.uint64(address), out, 0)
     return out[0]
-
-
-def _iced_iterate(iced_x86, data: bytes) -> int:
-    """iced reference 1: iterate the Decoder, read nothing (each step still builds a fully
-    decoded Instruction object; this is iced's fastest Python use)."""
-    count = 0
-    for _ in iced_x86.Decoder(64, data):
-        count += 1
-    return count
-
-
-def _iced_fields(iced_x86, data: bytes) -> int:
-    """iced reference 2: iterate and read what an hvjit record gives for the same
-    instruction: length, the instruction code (opcode and operation), operand count, memory
-    base / index / scale / displacement, displacement and immediate sizes (constant offsets)
-    and the immediate value (from the bytes at its offset, sign-extended like hvjit's imm)."""
-    decoder = iced_x86.Decoder(64, data)
-    constant_offsets = decoder.get_constant_offsets
-    count = 0
-    position = 0
-    for instr in decoder:
-        length = instr.len
-        _code = instr.code
-        _operands = instr.op_count
-        _base = instr.memory_base
-        _index = instr.memory_index
-        _scale = instr.memory_index_scale
-        _disp = instr.memory_displacement
-        offsets = constant_offsets(instr)
-        _disp_bytes = offsets.displacement_size
-        imm_bytes = offsets.immediate_size
-        if imm_bytes:
-            at = position + offsets.immediate_offset
-            _imm = int.from_bytes(data[at : at + imm_bytes], "little", signed=True)
-        position += length
-        count += 1
-    return count
-
-
-def _median_rate(run, nbytes: int, budget: float, min_runs: int = 3) -> tuple[float, int]:
-    """(median seconds per run, result of the last run): runs until the budget is spent,
-    at least min_runs times."""
-    times = []
-    result = 0
-    t_end = time.perf_counter() + budget
-    while len(times) < min_runs or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], result
-
-
-def bench_decode(corpus_bytes: bytes | None = None, seconds: float = 2.0) -> dict:
-    """Decode throughput of hvjit and of iced-x86's Python Decoder on the same bytes (64-bit).
-
-    corpus_bytes defaults to 4 MB of .text from this machine's binaries. iced decodes in
-    Python at a few MB/s, so all four measurements run on the same sample: the whole corpus,
-    or its first N bytes where N lets the slowest (iced with fields) run three times within
-    its share of ``seconds``. Every figure is the median of repeated runs (at least three).
-
-    hvjit produces one VIE_DTYPE record per instruction: address, length, status, prefixes,
-    REX/VEX/EVEX/XOP fields, opcode map and byte, ModRM/SIB, memory base/index/scale and
-    displacement, immediates and their sizes, operand/address size and an OpClass.
-
-    Keys:
-      corpus_bytes, instructions   the corpus and hvjit's record count for it
-      sample_bytes                 bytes every rate below was measured on
-      hvjit_mb_s, hvjit_instr_s    ``decode_buffer(sample)``: the public call, end to end
-                                   (allocates and fills the record array)
-      hvjit_kernel_mb_s, hvjit_kernel_instr_s, hvjit_ns_per_instr
-                                   ``decode_buffer_kernel`` into a preallocated array
-      iced_mb_s, iced_instr_s      **iced iterating only**: ``for _ in Decoder(64, data)``
-                                   reading nothing — iced's fastest Python use, the
-                                   conservative reference
-      iced_fields_mb_s, iced_fields_instr_s
-                                   iced iterating and reading the comparable fields
-                                   (see _iced_fields): same information as hvjit's record
-      hvjit_over_iced              hvjit_mb_s / iced_mb_s
-      hvjit_over_iced_fields       hvjit_mb_s / iced_fields_mb_s
-    """
-    from hvjit.kernels.corpus import require_iced, text_corpus
-
-    iced_x86 = require_iced()
-    if corpus_bytes is None:
-        corpus_bytes = text_corpus(4 << 20)
-    buf = _as_uint8_array(corpus_bytes)
-    if buf.shape[0] == 0:
-        raise ValueError("empty corpus")
-    budget = max(float(seconds), 0.04)
-    decode_buffer(buf[:64])  # compile or load from cache outside the timings
-    instructions = len(decode_buffer(buf))
-
-    # Size the sample from a probe of the slowest measurement (iced reading fields).
-    probe = bytes(buf[: 64 << 10])
-    t0 = time.perf_counter()
-    _iced_fields(iced_x86, probe)
-    probe_rate = len(probe) / max(time.perf_counter() - t0, 1e-9)
-    sample_bytes = int(min(buf.shape[0], max(len(probe), probe_rate * budget * 0.45 / 3)))
-    sample = buf[:sample_bytes]
-    data = bytes(sample)
-    out = np.empty(sample_bytes // 2 + 16, dtype=VIE_DTYPE)
-    base = np.uint64(0)
-
-    hvjit_s, hvjit_count = _median_rate(lambda: len(decode_buffer(sample)), sample_bytes, budget * 0.2)
-    kernel_s, kernel_count = _median_rate(lambda: decode_buffer_kernel(sample, 0, 64, base, out),
-                                          sample_bytes, budget * 0.2)
-    iced_s, iced_count = _median_rate(lambda: _iced_iterate(iced_x86, data), sample_bytes, budget * 0.15)
-    fields_s, _ = _median_rate(lambda: _iced_fields(iced_x86, data), sample_bytes, budget * 0.45)
-
-    hvjit_mb_s = sample_bytes / hvjit_s / 1e6
-    iced_mb_s = sample_bytes / iced_s / 1e6
-    iced_fields_mb_s = sample_bytes / fields_s / 1e6
-    return {
-        "corpus_bytes": int(buf.shape[0]),
-        "instructions": int(instructions),
-        "sample_bytes": sample_bytes,
-        "hvjit_mb_s": hvjit_mb_s,
-        "hvjit_instr_s": hvjit_count / hvjit_s,
-        "hvjit_kernel_mb_s": sample_bytes / kernel_s / 1e6,
-        "hvjit_kernel_instr_s": kernel_count / kernel_s,
-        "hvjit_ns_per_instr": kernel_s / max(kernel_count, 1) * 1e9,
-        "iced_mb_s": iced_mb_s,
-        "iced_instr_s": iced_count / iced_s,
-        "iced_fields_mb_s": iced_fields_mb_s,
-        "iced_fields_instr_s": iced_count / fields_s,
-        "hvjit_over_iced": hvjit_mb_s / iced_mb_s,
-        "hvjit_over_iced_fields": hvjit_mb_s / iced_fields_mb_s,
-    }

@@ -105,15 +105,24 @@ def _inflate_zstd(data: bytes, room: Callable[[], int]) -> Iterator[bytes]:
         import zstandard
     except ImportError:
         raise LoaderError("this bzImage is zstd-compressed: install the 'zstandard' package") from None
-    # The stream reader, unlike decompressobj, bounds each read's output. It stops at the end of
-    # the first frame (the kernel appends its size after it); a truncated frame ends early
-    # without an error, and the ELF loader then finds the image short.
-    reader = zstandard.ZstdDecompressor().stream_reader(data)
+    # read_to_iter bounds each piece (OUTPUT_STEP) and stops at the end of the first frame:
+    # the kernel appends its size after it, which is not ours to decode. A truncated frame
+    # yields nothing more and raises nothing: that is a truncation.
+    # (The extractor checks the cap after every piece, so ``room`` is not needed here.)
+    del room
+    produced = 0
     try:
-        while out := reader.read(room()):
+        for out in zstandard.ZstdDecompressor().read_to_iter(data, write_size=OUTPUT_STEP):
+            produced += len(out)
             yield out
     except zstandard.ZstdError as e:
         raise LoaderError(f"bzImage payload (zstd) does not decompress: {e}") from None
+    try:
+        expected = zstandard.frame_content_size(data)
+    except zstandard.ZstdError:
+        expected = -1  # no usable header: the decoder above already said what it could
+    if expected > 0 and produced < expected:
+        raise _Truncated
 
 
 def extract_vmlinux(image: bytes, *, max_size: int = DEFAULT_MAX_VMLINUX) -> bytes:

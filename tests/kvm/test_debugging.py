@@ -206,3 +206,27 @@ def test_guest_virtual_access_faults_with_the_error_code(session):
     with pytest.raises(GuestFault) as e:
         v.read_virtual(0x7FFF_0000_0000, 4)  # not mapped by hvjit's page tables
     assert e.value.translation.error_code & 1 == 0  # not-present
+
+
+def test_watchpoint_reports_the_write_where_the_host_delivers_it(session):
+    vm = session.create_vm("watch", memory=2 << 20)
+    load(vm, """
+.code64
+    movl $1, 0x5000
+    movl $2, 0x5008
+    movl $3, 0x5008
+    mov $9, %eax
+    outl %eax, $0xf4
+""", "long", 0)
+    v = vm.vcpu(0)
+    if host_support(vm.kvm)["watchpoints"].startswith("no"):  # measured: PVM never delivers them
+        with pytest.raises(UnsupportedError) as e:
+            v.add_watchpoint(0x5008, 4, "w")
+        assert e.value.flavour == vm.kvm.flavour
+        return
+    slot = v.add_watchpoint(0x5008, 4, "w")
+    ex = vm.run(timeout=10)
+    assert ex.exitcode == VmExitCode.DB and ex.info[:2] == (slot, 0x5008), str(ex)
+    assert vm.memory.read_u32(0x5008) == 2  # a data breakpoint traps after the write
+    v.remove_hw(slot)
+    assert vm.run(timeout=10).code == 9

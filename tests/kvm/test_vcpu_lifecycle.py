@@ -251,3 +251,20 @@ def test_ctrl_c_stops_every_vcpu_and_exits_130(tmp_path):
     assert rc == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert elapsed < 2.0  # a generous bound for process exit; the stop itself is checked above
+
+
+def test_a_restricted_session_drives_only_its_own_vms(session):
+    from hvjit.errors import AccessDeniedError
+
+    theirs = _spinning_vm(session, "theirs", vcpus=1)
+    load_exit(theirs, 2)
+    with hvjit.Session(restricted=True) as mine:
+        own = mine.create_vm("own", memory=2 << 20)
+        load_exit(own, 6)
+        assert own.run(timeout=10).code == 6  # its own VM: everything allowed
+        for call in (theirs.run, theirs.pause, theirs.resume, theirs.vcpu(0).step,
+                     lambda: theirs.vcpu(0).get_register("rip"), lambda: theirs.vcpu(0).add_breakpoint(0x3000),
+                     lambda: theirs.add_device("port-sink")):
+            with pytest.raises(AccessDeniedError):
+                call()
+    assert theirs.run(timeout=10).code == 2  # untouched, and usable by its owner

@@ -102,7 +102,8 @@ def test_measure_document(session):
         assert t["hvjit"]["best_cycles_per_iter"] <= max(t["hvjit"]["samples"])
         if doc["qemu"]["available"]:
             assert t["qemu"]["status"] == "ok", t["qemu"]
-            assert t["ratio"] == pytest.approx(t["hvjit"]["cycles_per_iter"] / t["qemu"]["cycles_per_iter"], rel=1e-2)
+            # The document rounds the ratio to 3 decimals.
+            assert t["ratio"] == pytest.approx(t["hvjit"]["cycles_per_iter"] / t["qemu"]["cycles_per_iter"], abs=6e-4)
         else:
             assert t["qemu"]["status"] == "not installed" and t["ratio"] is None
     assert "pio-read" in vmexit.format_table(doc)

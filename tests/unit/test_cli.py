@@ -46,3 +46,6 @@ def test_bench_decode_json_schema():
     r = _bench("decode")
     assert {"corpus_bytes", "instructions", "hvjit_mb_s", "iced_mb_s", "hvjit_over_iced"} <= set(r)
     assert r["hvjit_over_iced"] == pytest.approx(r["hvjit_mb_s"] / r["iced_mb_s"], rel=1e-6)
+    assert {"hvjit_compact_mb_s", "hvjit_length_mb_s", "hvjit_kernel_compact_mb_s", "hvjit_kernel_length_mb_s",
+            "compact_over_iced", "length_over_iced"} <= set(r)
+    assert r["compact_over_iced"] == pytest.approx(r["hvjit_compact_mb_s"] / r["iced_mb_s"], rel=1e-6)

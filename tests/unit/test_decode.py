@@ -1,5 +1,6 @@
 """Unit tests of the x86 decoder kernel: hand-checked encodings, random and mutated byte
-streams against iced-x86, truncation, the 15-byte limit and the Python wrappers."""
+streams against iced-x86, truncation, the 15-byte limit, the compact and length-only
+outputs against the full record, and the Python wrappers."""
 
 import os
 import subprocess
@@ -8,9 +9,11 @@ import textwrap
 
 import numpy as np
 import pytest
+from numba.core.errors import TypingError
 
-from hvjit.kernels.corpus import compare_with_iced, text_corpus
+from hvjit.benchmarks.corpus import compare_with_iced, text_corpus
 from hvjit.kernels.decode import (
+    COMPACT_DTYPE,
     REG_NONE,
     REG_RIP,
     VIE_DTYPE,
@@ -22,6 +25,7 @@ from hvjit.kernels.decode import (
     decode_buffer,
     decode_buffer_kernel,
     decode_one,
+    record_dtype,
 )
 
 iced_x86 = pytest.importorskip("iced_x86")
@@ -206,6 +210,9 @@ def test_every_cut_point_is_truncated(hex_bytes, bitness):
         assert record["length"] == cut
         records = decode_buffer(piece, bitness)
         assert len(records) == 1 and records[0]["status"] == DecodeStatus.TRUNCATED
+        compact = decode_buffer(piece, bitness, fields="compact")
+        assert compact.tolist() == [(cut, DecodeStatus.TRUNCATED, 0, 0, 0, 0, 0, 0)]
+        assert decode_buffer(piece, bitness, fields="length").tolist() == [cut]
         assert iced_x86.Decoder(bitness, full[:cut]).decode().is_invalid
 
 
@@ -217,6 +224,10 @@ def test_buffer_continues_after_invalid_and_stops_at_truncated():
     assert [int(r["address"]) for r in records] == [0x1000, 0x1001, 0x1002, 0x1003]
     assert [int(r["length"]) for r in records] == [1, 1, 1, 2]
     assert len(decode_buffer(b"", 64)) == 0
+    for fields in ("compact", "length", ["op_class"]):
+        assert decode_buffer(b"", 64, fields=fields).dtype == record_dtype(fields)
+        assert len(decode_buffer(b"", 64, fields=fields)) == 0
+    assert decode_buffer(data.replace(b" ", b""), 64, fields="length").tolist() == [1, 1, 1, 2]
 
 
 def test_buffer_wrapper_grows_past_its_first_chunk():
@@ -224,6 +235,10 @@ def test_buffer_wrapper_grows_past_its_first_chunk():
     records = decode_buffer(data, 32)
     assert len(records) == 1000
     assert np.array_equal(records["address"], np.arange(1000, dtype=np.uint64))
+    compact = decode_buffer(data + b"\x06", 64, fields="compact")  # ends on an INVALID byte
+    assert len(compact) == 1001 and compact.dtype == COMPACT_DTYPE
+    assert set(compact["opcode"][:1000].tolist()) == {0x90} and compact[1000]["status"] == DecodeStatus.INVALID
+    assert decode_buffer(data, 64, fields=["length", "address"])["address"][-1] == 999
 
 
 def test_kernels_reject_out_of_range_indices():
@@ -327,18 +342,23 @@ BOUNDSCHECK_SCRIPT = textwrap.dedent(
     import numpy as np
     from numba.core import config
     assert config.BOUNDSCHECK, "NUMBA_BOUNDSCHECK did not reach numba"
-    from hvjit.kernels.corpus import compare_with_iced, text_corpus
-    from hvjit.kernels.decode import DecodeStatus, decode, decode_buffer
+    from hvjit.benchmarks.corpus import compare_with_iced, text_corpus
+    from hvjit.kernels.decode import decode_buffer
 
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, 30_000, dtype=np.uint8).tobytes() + text_corpus(30_000)
     for bitness in (64, 32, 16):
         report = compare_with_iced(data, bitness)
         assert report.disagreements == 0, report.summary()
-        # Every suffix and prefix of a random window, as exact-size arrays.
+        full = decode_buffer(data, bitness)
+        compact = decode_buffer(data, bitness, fields="compact")
+        assert all(np.array_equal(compact[name], full[name]) for name in compact.dtype.names)
+        assert np.array_equal(decode_buffer(data, bitness, fields="length"), full["length"])
+        # Every suffix and prefix of a random window, as exact-size arrays, in every output.
         for cut in range(1, 40):
-            decode_buffer(np.frombuffer(data[:cut], np.uint8).copy(), bitness)
-            decode_buffer(np.frombuffer(data[-cut:], np.uint8).copy(), bitness)
+            for fields in ("full", "compact", "length"):
+                decode_buffer(np.frombuffer(data[:cut], np.uint8).copy(), bitness, fields=fields)
+                decode_buffer(np.frombuffer(data[-cut:], np.uint8).copy(), bitness, fields=fields)
     print("ok")
     """
 )
@@ -353,14 +373,77 @@ def test_no_out_of_bounds_access_under_numba_boundscheck(tmp_path):
     assert result.stdout.strip().endswith("ok")
 
 
+CACHED_OUTPUTS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from hvjit.kernels.decode import decode_buffer_kernel, record_dtype
+
+    buf = np.frombuffer(bytes.fromhex("4889e5c390") * 100, dtype=np.uint8)
+    for fields in sys.argv[1:]:
+        out = np.zeros(len(buf), dtype=record_dtype(fields))
+        count = decode_buffer_kernel(buf, 0, 64, np.uint64(0), out)
+        print(fields, count, int(out["length"][:count].sum()))
+    """
+)
+
+
+def test_outputs_cached_by_different_processes_load_together(tmp_path):
+    """Each output dtype compiled and cached in its own process, then both loaded into one:
+    their kernels must not take each other's symbols (see _record_mangling_args)."""
+    env = dict(os.environ, HVJIT_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run(*fields):
+        result = subprocess.run([sys.executable, "-c", CACHED_OUTPUTS_SCRIPT, *fields], env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.split("\n")[:-1]
+
+    assert run("full") == ["full 300 500"]
+    assert run("compact") == ["compact 300 500"]
+    assert run("full", "compact") == ["full 300 500", "compact 300 500"]
+
+
+PYTHON_MODE_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from numba.core import config
+    assert config.DISABLE_JIT, "NUMBA_DISABLE_JIT did not reach numba"
+    from hvjit.kernels.decode import decode_buffer
+
+    data = bytes.fromhex(DATA)
+    for bitness in (64, 16):
+        for fields in ("full", "compact", "length", ("op_class", "disp")):
+            print(decode_buffer(data, bitness, 0x1000, fields=fields).tobytes().hex())
+    """
+)
+
+
+def test_python_mode_gives_the_same_records(small_corpus):
+    """The decoder as plain Python (NUMBA_DISABLE_JIT=1): _put and the word stores have
+    Python fallbacks that must give the compiled records byte for byte."""
+    rng = np.random.default_rng(8)
+    data = small_corpus[:1500] + rng.integers(0, 256, 500, dtype=np.uint8).tobytes()
+    expected = [decode_buffer(data, bitness, 0x1000, fields=fields).tobytes().hex()
+                for bitness in (64, 16) for fields in ("full", "compact", "length", ("op_class", "disp"))]
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    script = PYTHON_MODE_SCRIPT.replace("DATA", repr(data.hex()))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == expected
+
+
 def test_bench_decode_reports_both_decoders():
-    from hvjit.kernels.decode import bench_decode
+    from hvjit.benchmarks.decode import bench_decode
 
     result = bench_decode(text_corpus(64 << 10), seconds=0.2)
     assert result["corpus_bytes"] == 64 << 10
     assert result["instructions"] > 8_000
     assert result["hvjit_mb_s"] > 0 and result["iced_mb_s"] > 0
     assert result["hvjit_over_iced"] == pytest.approx(result["hvjit_mb_s"] / result["iced_mb_s"])
+    for mode in ("compact", "length"):
+        assert result[f"hvjit_kernel_{mode}_mb_s"] > 0
+        assert result[f"{mode}_over_iced"] == pytest.approx(result[f"hvjit_{mode}_mb_s"] / result["iced_mb_s"])
 
 
 @pytest.mark.parametrize("bitness", [64, 32])
@@ -384,6 +467,60 @@ def test_fast_path_matches_general_path(small_corpus, bitness):
     assert checked > 10_000
 
 
+# The outputs other than "full": the presets, and field choices whose fields the fast
+# path packs into different words.
+PARTIAL_OUTPUTS = ["compact", "length", ["op_class", "length"], ["disp", "base_reg", "imm", "status", "sib"]]
+
+
+def _assert_partial_outputs_match_full(data: bytes, bitness: int, address: int = 0x7000):
+    full = decode_buffer(data, bitness, address)
+    for fields in PARTIAL_OUTPUTS:
+        part = decode_buffer(data, bitness, address, fields=fields)
+        assert part.dtype == record_dtype(fields) and len(part) == len(full), fields
+        if fields == "length":
+            assert np.array_equal(part, full["length"])
+            continue
+        for name in part.dtype.names:
+            assert np.array_equal(part[name], full[name]), (fields, name)
+
+
+@pytest.mark.parametrize("bitness", [64, 32, 16])
+def test_compact_and_length_outputs_match_the_full_record(small_corpus, bitness):
+    """Every output decodes the same way; each field equals the full record's, on real code,
+    mutated instructions and random bytes (fast and general path, INVALID and TRUNCATED)."""
+    rng = np.random.default_rng(31 + bitness)
+    data = (small_corpus + _mutations(rng, small_corpus, 20_000)
+            + rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes() + b"\x48\x8b")
+    _assert_partial_outputs_match_full(data, bitness)
+
+
+def test_partial_outputs_match_on_short_and_hostile_buffers():
+    """Exact-size buffers (no slack: the general path's bounds checks) cut at every length."""
+    rng = np.random.default_rng(5)
+    pieces = [bytes.fromhex(h.replace(" ", "")) for h, _ in LONG_INSTRUCTIONS]
+    pieces += [rng.integers(0, 256, 40, dtype=np.uint8).tobytes() for _ in range(20)]
+    for piece in pieces:
+        for cut in range(1, len(piece) + 1):
+            for bitness in (64, 32, 16):
+                _assert_partial_outputs_match_full(np.frombuffer(piece[:cut], np.uint8).copy(), bitness)
+
+
+def test_output_choices_are_checked():
+    assert record_dtype() == VIE_DTYPE and record_dtype("compact").itemsize == 8
+    assert record_dtype("length") == np.uint8
+    assert record_dtype(("status", "length")).names == ("status", "length")
+    for bad in ("short", ["nope"], [], ["length", "length"], [3]):
+        with pytest.raises(ValueError):
+            decode_buffer(b"\x90", 64, fields=bad)
+    buf = np.frombuffer(b"\x90" * 4, dtype=np.uint8)
+    # Outputs the decoder cannot fill completely are refused at compile time.
+    for dtype in ([("length", np.uint16)], [("length", np.uint8), ("bogus", np.uint8)], np.uint8):
+        with pytest.raises(TypingError):
+            decode_buffer_kernel(buf, 0, 64, np.uint64(0), np.zeros(4, dtype=dtype))
+    lengths = np.zeros(4, dtype=record_dtype(["length"]))
+    assert decode_buffer_kernel(buf, 0, 64, np.uint64(0), lengths) == 4 and lengths["length"].tolist() == [1] * 4
+
+
 def test_strided_and_misaligned_outputs_get_the_same_records(small_corpus):
     buf = np.frombuffer(small_corpus[:100_000], dtype=np.uint8)
     expected = decode_buffer(buf, 64, address=0x4000)
@@ -394,6 +531,9 @@ def test_strided_and_misaligned_outputs_get_the_same_records(small_corpus):
     misaligned = raw[3 : 3 + len(expected) * VIE_DTYPE.itemsize].view(VIE_DTYPE)
     assert decode_buffer_kernel(buf, 0, 64, np.uint64(0x4000), misaligned) == len(expected)
     assert misaligned.tobytes() == expected.tobytes()
+    compact = np.zeros(2 * len(expected) + 2, dtype=COMPACT_DTYPE)[1::2]
+    assert decode_buffer_kernel(buf, 0, 64, np.uint64(0x4000), compact) == len(expected)
+    assert all(np.array_equal(compact[: len(expected)][name], expected[name]) for name in COMPACT_DTYPE.names)
 
 
 def test_addresses_wrap_at_the_top_of_the_address_space():

@@ -3,7 +3,7 @@
 The default run decodes HVJIT_DECODE_CORPUS_MB (default 1) MB of real 64-bit code, and the
 same bytes again in 32- and 16-bit mode (iced decodes any byte stream in any mode). Set
 HVJIT_DECODE_CORPUS_MB=30 for the full run. What counts as agreement is documented in
-hvjit.kernels.corpus (compare_with_iced); in short:
+hvjit.benchmarks.corpus (compare_with_iced); in short:
 
 * every instruction iced decodes must be OK in hvjit with the same length, displacement
   (value and size), immediates (value and size), memory base/index/scale and, for
@@ -19,7 +19,7 @@ import os
 
 import pytest
 
-from hvjit.kernels.corpus import compare_with_iced, text_corpus
+from hvjit.benchmarks.corpus import compare_with_iced, text_corpus
 
 pytest.importorskip("iced_x86")
 

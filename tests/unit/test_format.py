@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from hvjit.kernels.corpus import text_corpus
+from hvjit.benchmarks.corpus import text_corpus
 from hvjit.kernels.decode import decode, decode_buffer
 from hvjit.kernels.format import format_instruction
 

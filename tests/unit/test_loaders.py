@@ -838,6 +838,10 @@ def compress(kind: str, data: bytes, zeros: int = 0) -> bytes:
     the 4-byte size appended), without holding the zeros in memory."""
     if kind == "gzip":
         c = zlib.compressobj(9, wbits=16 + zlib.MAX_WBITS)
+    elif kind == "zstd":
+        import zstandard
+
+        c = zstandard.ZstdCompressor(write_content_size=True).compressobj(size=len(data) + zeros)
     else:
         c = lzma.LZMACompressor(format=lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE,
                                 **({"check": lzma.CHECK_CRC32} if kind == "xz" else {}), preset=0)
@@ -966,7 +970,7 @@ def test_extraction_peak_memory_stays_near_the_output(bombs):
     assert peak < len(out) * 1.2 + lbz.OUTPUT_STEP, peak
 
 
-@pytest.mark.parametrize("kind, seed", [("gzip", 11), ("xz", 12), ("lzma", 13)])
+@pytest.mark.parametrize("kind, seed", [("gzip", 11), ("xz", 12), ("lzma", 13), ("zstd", 14)])
 def test_fuzz_bzimage_extraction(kind, seed):
     """Random corruptions of a bzImage's header fields and compressed payload: the extraction and
     the boot of what it gives either work or raise LoaderError, and nothing outgrows the cap."""

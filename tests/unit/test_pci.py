@@ -238,3 +238,16 @@ def test_with_numba_boundscheck(tmp_path):
         env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+def test_bar_mappings_follow_a_snapshot_back(m):
+    m.write(2, 0x10, 0xD0000000)
+    saved = m.host.snapshot_state()
+    assert [2, 0, 0xD0000000] in saved["mapped"] and [2, 1, 0xC000] in saved["mapped"]
+    m.write(2, 0x10, 0xE0000000)  # moved after the snapshot
+    assert [tuple(r) for r in m.bus.mmio_table()] == [(0xE0000000, 0xE0001000, m.dev.slot)]
+    m.host.restore_state(saved)  # (the bus restores the configuration spaces themselves)
+    assert [tuple(r) for r in m.bus.mmio_table()] == [(0xD0000000, 0xD0001000, m.dev.slot)]
+    assert m.dev.bar_addresses[0] == 0xD0000000
+    assert m.host.buffer_changes(m.state) == [(0, 256), (2 * p.FUNCTION_STRIDE, 2 * p.FUNCTION_STRIDE + 256)]
+    assert m.dev.buffer_changes(m.state) == [(0, t.SIZES_AT)]

@@ -54,6 +54,16 @@ HVT_EXPORT int hvt_vm_set_gsi_routing(int vm_fd, const struct kvm_irq_routing_en
                                       int count);
 HVT_EXPORT int hvt_vm_enable_cap(int vm_fd, uint32_t cap, uint64_t arg0, uint64_t arg1);
 HVT_EXPORT int hvt_vm_set_msr_filter(int vm_fd, struct kvm_msr_filter *filter);
+/* chip->chip_id selects the PIC master, PIC slave or IOAPIC. */
+HVT_EXPORT int hvt_vm_get_irqchip(int vm_fd, struct kvm_irqchip *chip);
+HVT_EXPORT int hvt_vm_set_irqchip(int vm_fd, const struct kvm_irqchip *chip);
+HVT_EXPORT int hvt_vm_get_pit2(int vm_fd, struct kvm_pit_state2 *pit);
+HVT_EXPORT int hvt_vm_set_pit2(int vm_fd, const struct kvm_pit_state2 *pit);
+/* kvmclock: the guest's clock in ns (KVM_GET_CLOCK / KVM_SET_CLOCK). */
+HVT_EXPORT int hvt_vm_get_clock(int vm_fd, struct kvm_clock_data *clock);
+HVT_EXPORT int hvt_vm_set_clock(int vm_fd, const struct kvm_clock_data *clock);
+/* KVM_GET_DIRTY_LOG: one bit a page of `slot`, written to `bitmap`; KVM clears its own log. */
+HVT_EXPORT int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
 
 /* ---- vcpu.c ---------------------------------------------------------------------------- */
 /* Creates vCPU `id` and maps its kvm_run page (*run_out, mmap_size bytes). Returns the fd. */
@@ -89,13 +99,24 @@ HVT_EXPORT int hvt_vcpu_set_xcrs(int vcpu_fd, const struct kvm_xcrs *xcrs);
 HVT_EXPORT int hvt_vcpu_get_lapic(int vcpu_fd, struct kvm_lapic_state *lapic);
 HVT_EXPORT int hvt_vcpu_get_mp_state(int vcpu_fd, struct kvm_mp_state *state);
 HVT_EXPORT int hvt_vcpu_set_mp_state(int vcpu_fd, const struct kvm_mp_state *state);
+HVT_EXPORT int hvt_vcpu_set_lapic(int vcpu_fd, const struct kvm_lapic_state *lapic);
+/* KVM_GET_CPUID2: what KVM_SET_CPUID2 set. Returns the count, or -E2BIG if max is too small. */
+HVT_EXPORT int hvt_vcpu_get_cpuid(int vcpu_fd, struct kvm_cpuid_entry2 *entries, int max);
+/* KVM_NMI: queue an NMI. */
+HVT_EXPORT int hvt_vcpu_inject_nmi(int vcpu_fd);
+/* KVM_INTERRUPT: an external interrupt (without an in-kernel PIC; -ENXIO with one). */
+HVT_EXPORT int hvt_vcpu_inject_interrupt(int vcpu_fd, uint32_t vector);
+HVT_EXPORT int hvt_vcpu_set_tsc_khz(int vcpu_fd, uint32_t khz);
+/* KVM_{HAS,GET,SET}_DEVICE_ATTR on the vCPU fd (e.g. group 0 = KVM_VCPU_TSC_CTRL). */
+HVT_EXPORT int hvt_vcpu_has_attr(int vcpu_fd, uint32_t group, uint64_t attr);
+HVT_EXPORT int hvt_vcpu_get_attr(int vcpu_fd, uint32_t group, uint64_t attr, void *value);
+HVT_EXPORT int hvt_vcpu_set_attr(int vcpu_fd, uint32_t group, uint64_t attr, const void *value);
 
-/* ---- msr.c: host MSRs through /dev/cpu/N/msr ------------------------------------------- */
-/* -ENOENT when the msr driver is absent; -EIO when the MSR faulted (#GP). */
-HVT_EXPORT int hvt_msr_host_read(int cpu, uint32_t index, uint64_t *value);
-HVT_EXPORT int hvt_msr_host_write(int cpu, uint32_t index, uint64_t value);
-
-/* ---- mem.c: atomic operations on guest RAM --------------------------------------------- */
+/* ---- mem.c: guest memory seen from the host -------------------------------------------- */
+/* Copy every page whose bit is set in `bitmap` (bit i = page i) from src to dst; returns how
+ * many pages were copied. */
+HVT_EXPORT int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap,
+                                  uint64_t npages, uint64_t page_size);
 /*
  * Compare-and-swap of the `size` bytes at `addr` (1, 2, 4, 8 or 16, naturally aligned): they
  * become *desired if they equal *expected. Returns 1 when swapped, 0 when not (*expected then
@@ -103,6 +124,11 @@ HVT_EXPORT int hvt_msr_host_write(int cpu, uint32_t index, uint64_t value);
  * for 16), atomic against vCPUs running on the same memory.
  */
 HVT_EXPORT int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired);
+
+/* ---- msr.c: host MSRs through /dev/cpu/N/msr ------------------------------------------- */
+/* -ENOENT when the msr driver is absent; -EIO when the MSR faulted (#GP). */
+HVT_EXPORT int hvt_msr_host_read(int cpu, uint32_t index, uint64_t *value);
+HVT_EXPORT int hvt_msr_host_write(int cpu, uint32_t index, uint64_t value);
 
 /* ---- loop.c: the C reference exit loop (for benchmarks) -------------------------------- */
 struct hvt_loop_stats {

@@ -180,3 +180,60 @@ int hvt_vcpu_set_mp_state(int fd, const struct kvm_mp_state *state)
 {
     return ioctl_rc(ioctl(fd, KVM_SET_MP_STATE, state));
 }
+
+int hvt_vcpu_set_lapic(int fd, const struct kvm_lapic_state *lapic)
+{
+    return ioctl_rc(ioctl(fd, KVM_SET_LAPIC, lapic));
+}
+
+int hvt_vcpu_get_cpuid(int fd, struct kvm_cpuid_entry2 *entries, int max)
+{
+    if (max < 0)
+        return -EINVAL;
+    struct kvm_cpuid2 *c = calloc(1, sizeof(*c) + (size_t)max * sizeof(*entries));
+    if (!c)
+        return -ENOMEM;
+    c->nent = (uint32_t)max;
+    int rc = ioctl_rc(ioctl(fd, KVM_GET_CPUID2, c));
+    if (rc == 0) {
+        memcpy(entries, c->entries, (size_t)c->nent * sizeof(*entries));
+        rc = (int)c->nent;
+    }
+    free(c);
+    return rc;
+}
+
+int hvt_vcpu_inject_nmi(int fd)
+{
+    return ioctl_rc(ioctl(fd, KVM_NMI, 0));
+}
+
+int hvt_vcpu_inject_interrupt(int fd, uint32_t vector)
+{
+    struct kvm_interrupt irq = {.irq = vector};
+    return ioctl_rc(ioctl(fd, KVM_INTERRUPT, &irq));
+}
+
+int hvt_vcpu_set_tsc_khz(int fd, uint32_t khz)
+{
+    return ioctl_rc(ioctl(fd, KVM_SET_TSC_KHZ, (unsigned long)khz));
+}
+
+/* KVM_{HAS,GET,SET}_DEVICE_ATTR on a vCPU fd; `value` points at the attribute's data. */
+int hvt_vcpu_has_attr(int fd, uint32_t group, uint64_t attr)
+{
+    struct kvm_device_attr a = {.group = group, .attr = attr};
+    return ioctl_rc(ioctl(fd, KVM_HAS_DEVICE_ATTR, &a));
+}
+
+int hvt_vcpu_get_attr(int fd, uint32_t group, uint64_t attr, void *value)
+{
+    struct kvm_device_attr a = {.group = group, .attr = attr, .addr = (uint64_t)(uintptr_t)value};
+    return ioctl_rc(ioctl(fd, KVM_GET_DEVICE_ATTR, &a));
+}
+
+int hvt_vcpu_set_attr(int fd, uint32_t group, uint64_t attr, const void *value)
+{
+    struct kvm_device_attr a = {.group = group, .attr = attr, .addr = (uint64_t)(uintptr_t)value};
+    return ioctl_rc(ioctl(fd, KVM_SET_DEVICE_ATTR, &a));
+}

@@ -90,3 +90,42 @@ int hvt_vm_set_msr_filter(int vm_fd, struct kvm_msr_filter *filter)
 {
     return ioctl_rc(ioctl(vm_fd, KVM_X86_SET_MSR_FILTER, filter));
 }
+
+int hvt_vm_get_irqchip(int vm_fd, struct kvm_irqchip *chip)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_GET_IRQCHIP, chip));
+}
+
+int hvt_vm_set_irqchip(int vm_fd, const struct kvm_irqchip *chip)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_SET_IRQCHIP, chip));
+}
+
+int hvt_vm_get_pit2(int vm_fd, struct kvm_pit_state2 *pit)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_GET_PIT2, pit));
+}
+
+int hvt_vm_set_pit2(int vm_fd, const struct kvm_pit_state2 *pit)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_SET_PIT2, pit));
+}
+
+int hvt_vm_get_clock(int vm_fd, struct kvm_clock_data *clock)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_GET_CLOCK, clock));
+}
+
+int hvt_vm_set_clock(int vm_fd, const struct kvm_clock_data *clock)
+{
+    return ioctl_rc(ioctl(vm_fd, KVM_SET_CLOCK, clock));
+}
+
+int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap)
+{
+    struct kvm_dirty_log log;
+    memset(&log, 0, sizeof(log));
+    log.slot = slot;
+    log.dirty_bitmap = bitmap;
+    return ioctl_rc(ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log));
+}

@@ -209,7 +209,6 @@ def compare_with_iced(data: bytes, bitness: int, max_examples: int = 20) -> Comp
 
     iced_x86 = require_iced()
     OpKind = iced_x86.OpKind
-    RegisterExt = iced_x86.RegisterExt
     no_more_bytes = iced_x86.DecoderError.NO_MORE_BYTES
 
     records = decode_buffer(data, bitness)

@@ -1,0 +1,139 @@
+"""Which guest pages changed: KVM's dirty log for the guest's writes, plus hvjit's own.
+
+A :class:`DirtyTracker` turns on ``KVM_MEM_LOG_DIRTY_PAGES`` for every memory slot of a VM
+and, on :meth:`~DirtyTracker.collect`, reads (and so clears) KVM's bitmap of each slot with
+``KVM_GET_DIRTY_LOG``. KVM logs only writes by the guest: writes through ``vm.memory``
+(loaders, emulation, a fuzzer placing its input) are flagged per page by
+:class:`~hvjit.memory.GuestMemory` in each segment's ``host_dirty`` and folded in here.
+
+Bitmaps are KVM's layout: uint64 words, bit ``i % 64`` of word ``i // 64`` is page ``i`` of
+the segment. They are keyed by the segment's position in guest-physical order (not by KVM
+slot number), so snapshots of VMs with the same layout can be compared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _trampoline as _t
+from .errors import HvjitError
+from .memory import PAGE_SIZE, MemorySegment
+
+KVM_MEM_LOG_DIRTY_PAGES = 1
+KVM_MEM_READONLY = 2
+
+Bitmaps = dict[int, np.ndarray]  # segment index (guest-physical order) -> bitmap
+
+
+def bitmap_words(size: int) -> int:
+    return (size // PAGE_SIZE + 63) // 64
+
+
+def empty_bitmaps(segments) -> Bitmaps:
+    return {k: np.zeros(bitmap_words(s.size), np.uint64) for k, s in enumerate(segments)}
+
+
+def full_bitmaps(segments) -> Bitmaps:
+    out = {}
+    for k, s in enumerate(segments):
+        out[k] = pack(np.ones(s.size // PAGE_SIZE, bool))
+    return out
+
+
+def pack(pages: np.ndarray) -> np.ndarray:
+    """A bool per page -> a KVM-layout bitmap."""
+    words = (len(pages) + 63) // 64
+    padded = np.zeros(words * 64, bool)
+    padded[: len(pages)] = pages
+    return np.packbits(padded, bitorder="little").view("<u8").astype(np.uint64)
+
+
+def unpack(bitmap: np.ndarray, npages: int) -> np.ndarray:
+    return np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages].astype(bool)
+
+
+def union(a: Bitmaps, b: Bitmaps) -> Bitmaps:
+    return {k: a[k] | b[k] for k in a}
+
+
+def count(bitmaps: Bitmaps) -> int:
+    return sum(int(np.unpackbits(b.view(np.uint8)).sum()) for b in bitmaps.values())
+
+
+class DirtyTracker:
+    """Dirty-page tracking of one VM's memory slots, as laid out when it was enabled."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.vm_fd = -1
+        self.layout: tuple = ()
+        # The snapshot whose memory the VM's memory equalled when `since` was last cleared.
+        self.base = None
+        self.since: Bitmaps = {}
+
+    def _current_layout(self) -> tuple:
+        return tuple((s.slot, s.gpa, s.size, s.readonly) for s in self.vm.memory.segments)
+
+    @property
+    def valid(self) -> bool:
+        """Still tracking the VM's memory as it is (a reinit or a new segment ends that)."""
+        return self.vm_fd == self.vm.fd >= 0 and self.layout == self._current_layout()
+
+    def enable(self) -> None:
+        """Log the guest's writes to every slot from now on (and forget any base)."""
+        vm = self.vm
+        for seg in vm.memory.segments:
+            flags = KVM_MEM_READONLY if seg.readonly else KVM_MEM_LOG_DIRTY_PAGES
+            vm._kvm_call(_t.lib.hvt_vm_set_user_memory(vm.fd, seg.slot, flags, seg.gpa, seg.size,
+                                                       _t.ffi.cast("void *", seg.host_address)),
+                         "KVM_SET_USER_MEMORY_REGION(log dirty pages)", seg.name)
+            seg.host_dirty = np.zeros(seg.size // PAGE_SIZE, bool)
+        self.vm_fd = vm.fd
+        self.layout = self._current_layout()
+        self.base = None
+        self.since = empty_bitmaps(vm.memory.segments)
+
+    def collect(self) -> Bitmaps:
+        """Pages written since the last collect (KVM's log is cleared by reading it)."""
+        if not self.valid:
+            raise HvjitError(f"dirty tracking of VM {self.vm.name!r} is stale (memory was remapped)")
+        out = {}
+        for k, seg in enumerate(self.vm.memory.segments):
+            bitmap = np.zeros(bitmap_words(seg.size), np.uint64)
+            if not seg.readonly:
+                self.vm._kvm_call(_t.lib.hvt_vm_get_dirty_log(self.vm.fd, seg.slot, _t.ptr(bitmap)),
+                                  "KVM_GET_DIRTY_LOG", seg.name)
+            out[k] = bitmap | self._host_written(seg)
+        return out
+
+    @staticmethod
+    def _host_written(seg: MemorySegment) -> np.ndarray:
+        flags = seg.host_dirty
+        if flags is None or not flags.any():
+            return np.zeros(bitmap_words(seg.size), np.uint64)
+        bitmap = pack(flags)
+        flags[:] = False
+        return bitmap
+
+    def accumulate(self) -> Bitmaps:
+        """Fold what changed since the last look into ``since``; returns ``since``."""
+        fresh = self.collect()
+        self.since = union(self.since, fresh) if self.since else fresh
+        return self.since
+
+    def rebase(self, snapshot) -> None:
+        """The VM's memory now equals ``snapshot``'s."""
+        self.base = snapshot
+        self.since = empty_bitmaps(self.vm.memory.segments)
+
+
+def tracker(vm) -> DirtyTracker:
+    """The VM's tracker; a new one (tracking from now on) if there was none or its VM's
+    memory was remapped since."""
+    t = getattr(vm, "_dirty", None)
+    if t is not None and t.valid:
+        return t
+    t = DirtyTracker(vm)
+    t.enable()
+    vm._dirty = t
+    return t
