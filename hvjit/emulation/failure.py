@@ -5,7 +5,12 @@ page tables (the bytes KVM captured with the exit win where they disagree: anoth
 have rewritten the code since), decodes it and either
 emulates it in user space — returning None, so the run loop resumes the guest — or returns
 the exit with a typed :class:`~hvjit.exits.EmulationReport` (rip, mode, bytes, decoded text,
-reason). Emulated, each counted in ``vcpu.emulation_counts`` under the OpClass name:
+reason). First :mod:`.faults` asks whether the CPU would refuse the instruction (bytes that
+do not decode, a LOCK where none may be, VEX with AVX off, an instruction the guest's CPUID
+does not advertise, ...): then its #UD/#NM/#GP goes to the guest, counted as
+``<kind>_ud``/``_nm``/``_gp`` (``invalid_ud`` for undecodable bytes). Otherwise emulated,
+each counted in ``vcpu.emulation_counts`` under the OpClass name (or :mod:`.faults`' name
+for those an OpClass lumps together):
 
 - ``int3`` and ``int n``: injected through KVM_SET_VCPU_EVENTS with RIP advanced to the next
   instruction (DESIGN.md's measured recipe: vectors 0-31 as an exception without error
@@ -26,7 +31,8 @@ reason). Emulated, each counted in ``vcpu.emulation_counts`` under the OpClass n
   XSAVEC, XGETBV1 and XSAVES exist where the vCPU's CPUID or the host CPU has them (a PVM
   guest's CPL0 ``cpuid`` shows the host's);
 - ``rdtscp`` (guest TSC from MSR 0x10 through KVM, TSC_AUX from MSR 0xc0000103) and
-  ``rdpid``;
+  ``rdpid``; ``rdpru``, ``invpcid`` (a TLB flush through KVM), ``rd``/``wr{fs,gs}base``,
+  ``rdrand``/``rdseed`` (:mod:`.special`);
 - ``clwb``, ``clflush``, ``clflushopt``: no-ops (guest memory is coherent host memory).
 
 Anything else, a guest page fault while emulating, an exception the instruction would
@@ -45,8 +51,9 @@ from .. import vcpu_debug
 from ..abi import KvmInternalError, VmExitCode
 from ..exits import EmulationReport, VmExit
 from ..kernels import emulate as E
-from ..kernels.decode import OpClass, decode
+from ..kernels.decode import DecodeStatus, OpClass, decode
 from ..kernels.format import format_instruction
+from . import faults, special
 from .atomic import compare_and_swap
 from .guest import (
     Fault,
@@ -141,10 +148,7 @@ def _cache_line_op(f: Failure) -> Optional[VmExit]:
 
 
 def _smap_ac(f: Failure) -> Optional[VmExit]:
-    """CLAC/STAC toggle EFLAGS.AC; ring 0 only (#UD elsewhere)."""
-    if cpl(f.sregs, f.regs) != 0:
-        f.fault(6)
-        return None
+    """CLAC/STAC toggle EFLAGS.AC (ring 0 and CPUID.SMAP: checked by :mod:`.faults`)."""
     if int(f.rec["op_class"]) == OpClass.CLAC:
         f.regs["rflags"] = int(f.regs["rflags"]) & ~RFLAGS_AC
     else:
@@ -273,6 +277,23 @@ def _data_instruction(f: Failure) -> Optional[VmExit]:
     return None
 
 
+def _vcpu_state(run: Callable) -> ClassHandler:
+    """A handler running one of :mod:`.special`'s functions on the failure's registers."""
+
+    def handler(f: Failure) -> Optional[VmExit]:
+        try:
+            run(f.vcpu, f.rec, f.regs, f.sregs, f.bitness)
+        except Fault as fault:
+            f.fault(fault.vector, fault.error_code)
+            return None
+        except (NotEmulated, GuestAccessError) as e:
+            return f.report(f"not emulated: {e}")
+        f.complete()
+        return None
+
+    return handler
+
+
 def _not_emulated(f: Failure) -> Optional[VmExit]:
     return f.report("not emulated")
 
@@ -298,7 +319,15 @@ BY_CLASS: dict[int, ClassHandler] = {
     OpClass.SSE_AVX: _state_instruction,  # VEX-encoded vldmxcsr/vstmxcsr
     OpClass.FWAIT: _state_instruction,
     OpClass.X87: _state_instruction,
+    OpClass.RDRAND: _vcpu_state(special.random_number),
+    OpClass.RDSEED: _vcpu_state(special.random_number),
     **{int(c): _data_instruction for c in E.EMULATED_CLASSES},
+}
+# Instructions an OpClass shares with others, by :func:`.faults.special_name`.
+BY_NAME: dict[str, ClassHandler] = {
+    "rdpru": _vcpu_state(special.rdpru),
+    "invpcid": _vcpu_state(special.invpcid),
+    "fsgsbase": _vcpu_state(special.fsgsbase),
 }
 
 
@@ -327,13 +356,25 @@ def handle_emulation_failure(vcpu, exit_: VmExit) -> Optional[VmExit]:
                       "instruction unreadable (no guest mapping, no bytes from KVM)")
     rec = decode(code, bitness, rip)
     if rec["status"] != 0:
-        return report(vcpu, exit_, rip, mode, code, format_instruction(rec, code), "undecodable instruction")
+        refused = faults.invalid_encoding(code, bitness) if rec["status"] == DecodeStatus.INVALID else None
+        if refused is None:
+            return report(vcpu, exit_, rip, mode, code, format_instruction(rec, code), "undecodable instruction")
+        inject_fault(vcpu, refused.vector, refused.error_code)  # the CPU's answer to these bytes
+        count_emulated(vcpu, f"invalid_{refused.name}")
+        return None
     code = code[:int(rec["length"])]
     oc = int(rec["op_class"])
-    try:
-        kind = OpClass(oc).name.lower()
-    except ValueError:
-        kind = str(oc)
+    kind = faults.special_name(rec)
+    if not kind:
+        try:
+            kind = OpClass(oc).name.lower()
+        except ValueError:
+            kind = str(oc)
     failure = Failure(vcpu, exit_, rec, regs, sregs, mode, bitness, rip, code,
                       format_instruction(rec, code), kind)
-    return BY_CLASS.get(oc, _not_emulated)(failure)
+    refused = faults.refusal(rec, faults.cpu_view(vcpu, regs, sregs, bitness, cpl(sregs, regs)))
+    if refused is not None:  # an instruction the CPU would refuse: its fault, not a stop
+        failure.fault(refused.vector, refused.error_code, f"{kind}_{refused.name}")
+        return None
+    handler = BY_NAME.get(kind) or BY_CLASS.get(oc, _not_emulated)
+    return handler(failure)

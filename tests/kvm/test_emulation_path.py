@@ -143,6 +143,7 @@ def _setup(vm, source: str):
     cpuid = vm.kvm.vcpu_cpuid(0).copy()
     leaf1 = cpuid["function"] == 1
     cpuid["ecx"][leaf1] |= CPUID1_ECX
+    cpuid["edx"][cpuid["function"] == 0x80000001] |= 1 << 27  # RDTSCP (or hvjit raises #UD)
     vcpu.set_cpuid(cpuid)
     entry.setup_long_mode(vcpu, CODE, cpl=0)
     sregs = vcpu.get_sregs()
