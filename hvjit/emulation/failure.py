@@ -364,7 +364,8 @@ def handle_emulation_failure(vcpu, exit_: VmExit) -> Optional[VmExit]:
         return None
     code = code[:int(rec["length"])]
     oc = int(rec["op_class"])
-    kind = faults.special_name(rec)
+    special_name = faults.special_name(rec)
+    kind = special_name
     if not kind:
         try:
             kind = OpClass(oc).name.lower()
@@ -372,7 +373,7 @@ def handle_emulation_failure(vcpu, exit_: VmExit) -> Optional[VmExit]:
             kind = str(oc)
     failure = Failure(vcpu, exit_, rec, regs, sregs, mode, bitness, rip, code,
                       format_instruction(rec, code), kind)
-    refused = faults.refusal(rec, faults.cpu_view(vcpu, regs, sregs, bitness, cpl(sregs, regs)))
+    refused = faults.refusal(rec, faults.cpu_view(vcpu, regs, sregs, bitness, cpl(sregs, regs)), special_name)
     if refused is not None:  # an instruction the CPU would refuse: its fault, not a stop
         failure.fault(refused.vector, refused.error_code, f"{kind}_{refused.name}")
         return None

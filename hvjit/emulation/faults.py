@@ -296,12 +296,12 @@ _BY_CLASS_FEATURE = {
 }
 
 
-def refusal(rec, cpu: CpuView) -> Optional[Refusal]:
+def refusal(rec, cpu: CpuView, name: Optional[str] = None) -> Optional[Refusal]:
     """The exception the CPU raises for decoded instruction ``rec`` in state ``cpu``, or
-    None where it would run it."""
+    None where it would run it. ``name``: :func:`special_name` of ``rec``, if known."""
     if int(rec["vex"]) != 0:
         return _vex(rec, cpu)
-    name = special_name(rec)
+    name = special_name(rec) if name is None else name
     if name:
         return _special(name, rec, cpu)
     oc = int(rec["op_class"])
