@@ -580,6 +580,7 @@ def test_accessed_dirty_updates_are_atomic_against_another_cpu():
     CONTENDED). A plain read-modify-write could lose a toggle, but too rarely for a test to
     catch: ``test_batch_loop_has_no_reference_counting`` checks the code is a cmpxchg."""
     import threading
+    import time
 
     from hvjit._jit import atomic_cas64, kernel
 
@@ -598,8 +599,7 @@ def test_accessed_dirty_updates_are_atomic_against_another_cpu():
     regs = _registers(PagingMode.LEVEL4, b, set_ad=True)
     glas = np.full(20000, 0x3000, np.uint64)
     pw.translate_batch(mem, glas[:4], **regs)
-    flipper(mem, np.uint64(leaf), 1)
-    rounds = 2_000_001
+    flips = flipper(mem, np.uint64(leaf), 1)
     statuses = []
     started, stop = threading.Event(), threading.Event()
 
@@ -612,16 +612,17 @@ def test_accessed_dirty_updates_are_atomic_against_another_cpu():
     thread.start()
     try:
         assert started.wait(30)
-        before = len(statuses)
-        assert flipper(mem, np.uint64(leaf), rounds) == rounds
+        before, deadline = len(statuses), time.monotonic() + 60
+        while len(statuses) - before < 3 and time.monotonic() < deadline:  # however loaded the host
+            flips += flipper(mem, np.uint64(leaf), 200_000)
         during = len(statuses) - before
     finally:
         stop.set()
         thread.join()
-    assert during >= 2, "the walks did not overlap the flips"
+    assert during >= 3, "the walks did not overlap the flips"
     walked = np.concatenate(statuses)
     assert set(np.unique(walked).tolist()) <= {WalkStatus.OK, WalkStatus.CONTENDED}
-    assert b.read_entry(leaf) & 0x10 == 0  # 1 + 200001 toggles: even, PCD clear again
+    assert b.read_entry(leaf) & 0x10 == (0x10 if flips % 2 else 0)  # no toggle lost
     assert b.read_entry(leaf) & ~0x30 == 0x9000 | PTE_P | PTE_RW | PTE_US
 
 
