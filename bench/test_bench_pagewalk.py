@@ -30,7 +30,7 @@ def naive_per_s():
     out = np.zeros(pw.OUT_LEN, np.uint64)
     start = time.perf_counter()
     for gla in glas:
-        slow_walk(mem, walker.mem_base_gpa, walker.cr3, walker.mode, walker.cr0, walker.cr4,
+        slow_walk(mem, walker.segs, walker.cr3, walker.mode, walker.cr0, walker.cr4,
                   walker.efer, walker.rflags, gla, pw.ACCESS_READ, 0, False, 52, out)
     return glas.size / (time.perf_counter() - start)
 

@@ -111,3 +111,29 @@ def _read_cycle_counter(typingctx):
 def rdtsc():
     """The CPU's time-stamp counter (``rdtsc`` on x86), callable from any kernel."""
     return np.int64(_read_cycle_counter())
+
+
+def _cas_codegen(width: int):
+    def codegen(context, builder, signature, args):
+        array, offset, expected, desired = args
+        data = context.make_array(signature.args[0])(context, builder, array).data
+        pointer = builder.bitcast(builder.gep(data, [offset]), ir.IntType(width).as_pointer())
+        pair = builder.cmpxchg(pointer, expected, desired, "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 0)
+
+    return codegen
+
+
+@intrinsic
+def atomic_cas64(typingctx, array, offset, expected, desired):
+    """Atomic compare-and-swap of the 8 bytes at byte ``offset`` of a uint8 ``array`` (which
+    the caller has checked to be in bounds and 8-aligned in memory): ``desired`` is stored if
+    they hold ``expected``. Returns what they held (``== expected``: swapped). x86's ``lock
+    cmpxchg``: what the CPU uses for accessed/dirty bits while other CPUs run."""
+    return types.uint64(array, types.uint64, types.uint64, types.uint64), _cas_codegen(64)
+
+
+@intrinsic
+def atomic_cas32(typingctx, array, offset, expected, desired):
+    """:func:`atomic_cas64` on 4 bytes (4-aligned)."""
+    return types.uint32(array, types.uint64, types.uint32, types.uint32), _cas_codegen(32)

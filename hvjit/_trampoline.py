@@ -117,9 +117,11 @@ int hvt_vcpu_get_attr(int fd, uint32_t group, uint64_t attr, void *value);
 int hvt_vcpu_set_attr(int fd, uint32_t group, uint64_t attr, const void *value);
 
 int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap, uint64_t npages, uint64_t page_size);
+int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired);
 
 int hvt_msr_host_read(int cpu, uint32_t index, uint64_t *value);
 int hvt_msr_host_write(int cpu, uint32_t index, uint64_t value);
+
 
 int hvt_loop_reference(int vcpu_fd, struct kvm_run *run, uint64_t max_exits, uint16_t stop_port, struct hvt_loop_stats *stats);
 """

@@ -147,6 +147,8 @@ def run_image(args, out=sys.stdout) -> int:
             info = f"restored from {args.restore}"
         else:
             vm = s.create_vm(args.name, memory=args.memory, vcpus=args.cpus, irqchip=irqchip)
+            for name in args.device or ():
+                vm.add_device(name)
             info = loaders.load(
                 vm, data, format=fmt, cmdline=args.append or "", initrd=args.initrd,
                 modules=args.module or (), name=args.kernel or args.image,  # argv[0], as QEMU's -kernel
@@ -460,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--interactive", action="store_true", help="feed stdin to the guest's COM1")
     run.add_argument("--no-extract", action="store_true",
                      help="boot a bzImage as is, even where ring 0 is emulated (PVM)")
+    run.add_argument("--device", action="append", metavar="NAME",
+                     help="attach a device by name (repeatable; pc-testdev, pci-testdev and the PC "
+                     "platform devices are there already)")
     run.add_argument("--snapshot-at", nargs=2, metavar=("WHEN", "FILE"),
                      help="save the VM to FILE at WHEN: seconds ('2.5s') or a count of exits ('5000')")
     run.add_argument("--restore", metavar="FILE", help="go on from a snapshot FILE instead of loading an image")

@@ -7,9 +7,10 @@ numpy views of each segment. Unmapped guest-physical ranges are MMIO.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class GuestMemory:
         self.patches: dict[int, tuple[int, int]] = {}
         self._segments: list[MemorySegment] = []
         self._closed = False
+        self._window = None  # (segments, mem, segs) of the last host_window()
 
     # ---- layout ----------------------------------------------------------------------------
 
@@ -76,6 +78,7 @@ class GuestMemory:
     def _close(self) -> None:
         self._closed = True
         self._segments.clear()
+        self._window = None
 
     # ---- access ----------------------------------------------------------------------------
 
@@ -178,6 +181,37 @@ class GuestMemory:
 
     def write_u64(self, gpa: int, value: int) -> None:
         self._scalar(gpa, "<u8")[0] = value
+
+    def host_window(self) -> tuple[np.ndarray, np.ndarray]:
+        """All guest RAM for the page-walk kernels: ``(mem, segs)``, a uint8 array over the
+        host memory of every segment and the segment table (uint64 rows: guest-physical start,
+        size, offset in ``mem``), so page tables in any segment can be walked.
+
+        With several segments ``mem`` spans the host address range from the lowest segment to
+        the end of the highest, gaps included (memory that is not guest RAM, maybe unmapped):
+        only offsets the table gives may be touched, which the kernels check. The array keeps
+        the segments' memory alive.
+        """
+        if self._closed:
+            raise ObjectDestroyedError("guest memory of a destroyed VM")
+        segments = tuple(self._segments)
+        cached = self._window
+        if cached is not None and cached[0] == segments:
+            return cached[1], cached[2]
+        if not segments:
+            mem, segs = np.zeros(0, np.uint8), np.zeros((0, 3), np.uint64)
+        elif len(segments) == 1:
+            mem = segments[0].array
+            segs = np.array([[segments[0].gpa, segments[0].size, 0]], np.uint64)
+        else:
+            low = min(s.array.ctypes.data for s in segments)
+            high = max(s.array.ctypes.data + s.size for s in segments)
+            span: Any = (ctypes.c_uint8 * (high - low)).from_address(low)
+            span.segments = tuple(s.array for s in segments)  # keeps the mappings alive
+            mem = np.frombuffer(span, np.uint8)
+            segs = np.array([[s.gpa, s.size, s.array.ctypes.data - low] for s in segments], np.uint64)
+        self._window = (segments, mem, segs)
+        return mem, segs
 
     def flat(self) -> tuple[np.ndarray, int]:
         """The lowest segment as (uint8 array, base gpa): what the page-walk kernels take."""

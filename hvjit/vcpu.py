@@ -138,6 +138,9 @@ class Vcpu:
         self._released = False
         self._debug = vcpu_debug.DebugState()
         self.emulation_counts: dict[str, int] = {}
+        # The guest's CPUID feature names as KVM holds them, for deciding which instructions
+        # fault (hvjit.emulation.faults); None until read after the last KVM_SET_CPUID2.
+        self.fault_features: Optional[frozenset] = None
         self.destroyed = False
         self.handle = 0  # the session's handle for it
         # Without KVM_SET_CPUID2 a guest sees almost no features (long mode included).
@@ -406,6 +409,7 @@ class Vcpu:
         self._check_access()
         entries = np.ascontiguousarray(entries, KVM_CPUID_ENTRY2_DTYPE)
         self._call(_t.lib.hvt_vcpu_set_cpuid(self.fd, _t.ptr(entries), len(entries)), "KVM_SET_CPUID2")
+        self.fault_features = None  # read again (from KVM's table) at the next emulation decision
 
     def tsc_khz(self) -> int:
         self._check_access()

@@ -64,7 +64,7 @@ def bench_pagewalk(seconds: float = 3.0) -> dict:
 
     def naive():
         for gla in glas:
-            slow_walk(mem, walker.mem_base_gpa, walker.cr3, walker.mode, walker.cr0, walker.cr4,
+            slow_walk(mem, walker.segs, walker.cr3, walker.mode, walker.cr0, walker.cr4,
                       walker.efer, walker.rflags, gla, pw.ACCESS_READ, 0, False, 52, out)
 
     result["naive_per_s"] = _rate(naive, glas.size, share)

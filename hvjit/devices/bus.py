@@ -67,12 +67,8 @@ class IoBus:
     def remove_slot(self, slot: int) -> None:
         if slot not in self.slots:
             return
-        self.port_map[self.port_map == slot] = 0
-        keep = [row for row in self.mmio[: self.n_mmio] if row[2] != slot]
-        self.mmio[:] = 0
-        for i, row in enumerate(keep):
-            self.mmio[i] = row
-        self.n_mmio = len(keep)
+        self.release_ports(slot)
+        self.release_mmio(slot)
         self.dev_kind[slot] = kinds.NONE
         self.slots.pop(slot, None)
         self._port_handlers = {p: e for p, e in self._port_handlers.items() if e[0] != slot}
@@ -124,6 +120,20 @@ class IoBus:
             raise BusConflictError(f"too many MMIO ranges (max {MAX_MMIO_RANGES})")
         self.mmio[self.n_mmio] = (gpa, gpa + size, slot)
         self.n_mmio += 1
+
+    def release_ports(self, slot: int) -> None:
+        """Give up every port ``slot`` claimed (a PCI I/O BAR moving or turned off)."""
+        self.port_map[self.port_map == slot] = 0
+
+    def release_mmio(self, slot: int) -> None:
+        """Give up every MMIO range ``slot`` claimed."""
+        rows = self.mmio[: self.n_mmio]
+        keep = rows[rows[:, 2] != slot].copy()
+        if len(keep) == self.n_mmio:
+            return
+        self.mmio[: len(keep)] = keep
+        self.mmio[len(keep):] = 0
+        self.n_mmio = len(keep)
 
     def mmio_table(self) -> np.ndarray:
         return self.mmio[: self.n_mmio]

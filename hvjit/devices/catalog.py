@@ -17,6 +17,7 @@ from .debug_exit import DebugExit
 from .fw_cfg import FwCfg
 from .i8042 import I8042
 from .pci import PciHost
+from .pci_testdev import PciTestDev
 from .pm_timer import PmTimer
 from .port_sink import PortSink
 from .testdev import TestDev
@@ -32,6 +33,7 @@ BUILTIN_DEVICES: dict[str, type] = {
     "fw_cfg": FwCfg,
     "pci-host": PciHost,
     "acpi-pm": PmTimer,
+    "pci-testdev": PciTestDev,
 }
 
 _registered: dict[str, type] = dict(BUILTIN_DEVICES)

@@ -3,6 +3,9 @@
 - :mod:`.guest`: guest inspection (mode, page walks, memory by linear address, fetch,
   disassembly) and exception injection;
 - :mod:`.failure`: the emulation-failure handler, one entry per instruction class;
+- :mod:`.faults`: whether the CPU would refuse the instruction (#UD/#NM/#GP) instead;
+- :mod:`.atomic`: locked read-modify-writes on guest RAM (compare-and-swap);
+- :mod:`.special`: RDPRU, INVPCID, RD/WR FS/GS BASE, RDRAND/RDSEED;
 - :mod:`.xstate`: the x87/SSE/XSAVE state instructions.
 """
 

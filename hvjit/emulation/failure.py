@@ -1,10 +1,16 @@
 """What happens when KVM cannot run an instruction (KVM_EXIT_INTERNAL_ERROR).
 
 ``handle_emulation_failure(vcpu, exit_)`` fetches the instruction at RIP through the guest's
-page tables (KVM's bytes from the exit info are the fall-back), decodes it and either
+page tables (the bytes KVM captured with the exit win where they disagree: another vCPU may
+have rewritten the code since), decodes it and either
 emulates it in user space — returning None, so the run loop resumes the guest — or returns
 the exit with a typed :class:`~hvjit.exits.EmulationReport` (rip, mode, bytes, decoded text,
-reason). Emulated, each counted in ``vcpu.emulation_counts`` under the OpClass name:
+reason). First :mod:`.faults` asks whether the CPU would refuse the instruction (bytes that
+do not decode, a LOCK where none may be, VEX with AVX off, an instruction the guest's CPUID
+does not advertise, ...): then its #UD/#NM/#GP goes to the guest, counted as
+``<kind>_ud``/``_nm``/``_gp`` (``invalid_ud`` for undecodable bytes). Otherwise emulated,
+each counted in ``vcpu.emulation_counts`` under the OpClass name (or :mod:`.faults`' name
+for those an OpClass lumps together):
 
 - ``int3`` and ``int n``: injected through KVM_SET_VCPU_EVENTS with RIP advanced to the next
   instruction (DESIGN.md's measured recipe: vectors 0-31 as an exception without error
@@ -12,6 +18,8 @@ reason). Emulated, each counted in ``vcpu.emulation_counts`` under the OpClass n
 - data instructions run by ``hvjit.kernels.emulate`` against guest memory (page walk, RAM or
   a Python MMIO handler): CMPXCHG8B/16B, MOVBE, POPCNT and the MMIO set (MOV, MOVZX,
   MOVSX, MOVS, STOS, ADD, OR, ADC, SBB, AND, SUB, XOR, CMP, TEST, BT, PUSH, POP, group 1);
+  a locked one (LOCK prefix, cmpxchg8b/16b) writes back with a compare-and-swap against what
+  it read and runs again when its operand changed meanwhile (:mod:`.atomic`);
 - the x87/SSE/XSAVE state instructions, with architectural checks and faults injected
   (#UD, #NM, #GP(0), #MF; RIP left on the instruction): ``xsetbv`` (XCR0 validated against
   CPUID 0xD.0, set with KVM_SET_XCRS), ``xgetbv`` (the real XCR0; ECX=1 gives XCR0 & XINUSE
@@ -23,7 +31,8 @@ reason). Emulated, each counted in ``vcpu.emulation_counts`` under the OpClass n
   XSAVEC, XGETBV1 and XSAVES exist where the vCPU's CPUID or the host CPU has them (a PVM
   guest's CPL0 ``cpuid`` shows the host's);
 - ``rdtscp`` (guest TSC from MSR 0x10 through KVM, TSC_AUX from MSR 0xc0000103) and
-  ``rdpid``;
+  ``rdpid``; ``rdpru``, ``invpcid`` (a TLB flush through KVM), ``rd``/``wr{fs,gs}base``,
+  ``rdrand``/``rdseed`` (:mod:`.special`);
 - ``clwb``, ``clflush``, ``clflushopt``: no-ops (guest memory is coherent host memory).
 
 Anything else, a guest page fault while emulating, an exception the instruction would
@@ -42,13 +51,16 @@ from .. import vcpu_debug
 from ..abi import KvmInternalError, VmExitCode
 from ..exits import EmulationReport, VmExit
 from ..kernels import emulate as E
-from ..kernels.decode import OpClass, decode
+from ..kernels.decode import DecodeStatus, OpClass, decode
 from ..kernels.format import format_instruction
+from . import faults, special
+from .atomic import compare_and_swap
 from .guest import (
     Fault,
     GuestAccessError,
     NotEmulated,
     chunks,
+    cpl,
     cpu_mode,
     disassemble_text,
     fetch_code,
@@ -62,6 +74,7 @@ from .guest import (
 from .xstate import fpu_handler
 
 MAX_REP_ITERATIONS = 4096  # per exit; a longer REP string resumes the guest mid-way
+MAX_LOCKED_RETRIES = 1000  # a locked operand that keeps changing under the emulation
 RFLAGS_AC = 1 << 18
 MSR_IA32_TSC = 0x10
 MSR_TSC_AUX = 0xC0000103
@@ -135,10 +148,7 @@ def _cache_line_op(f: Failure) -> Optional[VmExit]:
 
 
 def _smap_ac(f: Failure) -> Optional[VmExit]:
-    """CLAC/STAC toggle EFLAGS.AC; ring 0 only (#UD elsewhere)."""
-    if int(f.sregs["cs"]["dpl"]) != 0:
-        f.fault(6)
-        return None
+    """CLAC/STAC toggle EFLAGS.AC (ring 0 and CPUID.SMAP: checked by :mod:`.faults`)."""
     if int(f.rec["op_class"]) == OpClass.CLAC:
         f.regs["rflags"] = int(f.regs["rflags"]) & ~RFLAGS_AC
     else:
@@ -180,6 +190,36 @@ def _state_instruction(f: Failure) -> Optional[VmExit]:
     return None
 
 
+def _locked(rec) -> bool:
+    """Whether the instruction's memory read-modify-write must be atomic: a LOCK prefix, or
+    cmpxchg8b/16b (Linux's slab allocator runs them locked on shared freelists)."""
+    return bool(rec["lock"]) or int(rec["op_class"]) in (OpClass.CMPXCHG8B, OpClass.CMPXCHG16B)
+
+
+class _Changed(Exception):
+    """A locked operand changed between the instruction's read and its write-back."""
+
+
+def _write_back(vcpu, pieces, mops, mdata, read_data, n: int, locked: bool) -> None:
+    """Store the instruction's results; a locked read-modify-write as a compare-and-swap
+    against what it read (plainly where that cannot be done, as KVM does)."""
+    for i in range(n):
+        kind = int(mops[i, 2])
+        if not kind & E.MemKind.WRITE:
+            continue
+        data = mdata[i, :int(mops[i, 1])].tobytes()
+        if locked and kind & E.MemKind.READ and len(pieces[i]) == 1:
+            swapped = compare_and_swap(vcpu.vm.memory, pieces[i][0][0], read_data[i], data)
+            if swapped is False:
+                raise _Changed()
+            if swapped:
+                continue
+        at = 0
+        for gpa, sz in pieces[i]:
+            write_phys(vcpu, gpa, data[at:at + sz])
+            at += sz
+
+
 def _data_instruction(f: Failure) -> Optional[VmExit]:
     """Data instructions: the kernel's plan / read / execute / write protocol on guest memory."""
     vcpu, rec, regs, sregs, bitness = f.vcpu, f.rec, f.regs, f.sregs, f.bitness
@@ -189,33 +229,41 @@ def _data_instruction(f: Failure) -> Optional[VmExit]:
     mops, mdata, info = E.new_buffers()
     kw, mem = paging_registers(vcpu, sregs, regs)
     kw["set_ad"] = True
+    locked = _locked(rec)
     status = E.EmulateStatus.REPEAT
     iterations = 0
+    retries = 0
     try:
         while status == E.EmulateStatus.REPEAT and iterations < MAX_REP_ITERATIONS:
+            before = file.copy()
             n = int(E.step(rec, file, bitness, seg_bases, stack_asz, mops, mdata, info, E.PHASE_PLAN))
             if n < 0:
                 status = E.EmulateStatus(-n)
                 break
-            pieces = []
+            pieces, read_data = [], []
             for i in range(n):
                 gla, size, mkind = (int(x) for x in mops[i])
                 access = 1 if mkind & E.MemKind.WRITE else 0
                 pieces.append(chunks(vcpu, kw, mem, gla, size, access))  # faults before any effect
+                data = b""
                 if mkind & E.MemKind.READ:
                     data = b"".join(read_phys(vcpu, gpa, sz) for gpa, sz in pieces[i])
                     mdata[i, :size] = np.frombuffer(data, np.uint8)
+                read_data.append(data)
             status = E.EmulateStatus(int(E.step(rec, file, bitness, seg_bases, stack_asz, mops, mdata, info,
                                                 E.PHASE_EXECUTE)))
             if status not in (E.EmulateStatus.OK, E.EmulateStatus.REPEAT):
                 break
-            for i in range(n):
-                if int(mops[i, 2]) & E.MemKind.WRITE:
-                    data = mdata[i, :int(mops[i, 1])].tobytes()
-                    at = 0
-                    for gpa, sz in pieces[i]:
-                        write_phys(vcpu, gpa, data[at:at + sz])
-                        at += sz
+            try:
+                _write_back(vcpu, pieces, mops, mdata, read_data, n, locked)
+            except _Changed:
+                retries += 1
+                count_emulated(vcpu, "locked_retry")
+                if retries > MAX_LOCKED_RETRIES:
+                    return f.report(f"not emulated: its locked operand changed {retries} times under it")
+                file[:] = before  # start over on the new value, as the CPU's locked access would
+                status = E.EmulateStatus.REPEAT
+                continue
             iterations += 1
     except GuestAccessError as e:
         return f.report(f"not emulated: {e}")
@@ -227,6 +275,23 @@ def _data_instruction(f: Failure) -> Optional[VmExit]:
     vcpu.set_regs(regs)
     count_emulated(vcpu, f.kind)
     return None
+
+
+def _vcpu_state(run: Callable) -> ClassHandler:
+    """A handler running one of :mod:`.special`'s functions on the failure's registers."""
+
+    def handler(f: Failure) -> Optional[VmExit]:
+        try:
+            run(f.vcpu, f.rec, f.regs, f.sregs, f.bitness)
+        except Fault as fault:
+            f.fault(fault.vector, fault.error_code)
+            return None
+        except (NotEmulated, GuestAccessError) as e:
+            return f.report(f"not emulated: {e}")
+        f.complete()
+        return None
+
+    return handler
 
 
 def _not_emulated(f: Failure) -> Optional[VmExit]:
@@ -254,7 +319,15 @@ BY_CLASS: dict[int, ClassHandler] = {
     OpClass.SSE_AVX: _state_instruction,  # VEX-encoded vldmxcsr/vstmxcsr
     OpClass.FWAIT: _state_instruction,
     OpClass.X87: _state_instruction,
+    OpClass.RDRAND: _vcpu_state(special.random_number),
+    OpClass.RDSEED: _vcpu_state(special.random_number),
     **{int(c): _data_instruction for c in E.EMULATED_CLASSES},
+}
+# Instructions an OpClass shares with others, by :func:`.faults.special_name`.
+BY_NAME: dict[str, ClassHandler] = {
+    "rdpru": _vcpu_state(special.rdpru),
+    "invpcid": _vcpu_state(special.invpcid),
+    "fsgsbase": _vcpu_state(special.fsgsbase),
 }
 
 
@@ -274,19 +347,35 @@ def handle_emulation_failure(vcpu, exit_: VmExit) -> Optional[VmExit]:
                       f"KVM: {name}")
     cs_base = int(sregs["cs"]["base"]) if bitness != 64 else 0
     wrap = (1 << 64) - 1 if bitness == 64 else 0xFFFFFFFF
-    code = fetch_code(vcpu, (cs_base + rip) & wrap, 15, sregs, regs) or kvm_code
+    code = fetch_code(vcpu, (cs_base + rip) & wrap, 15, sregs, regs)
+    if kvm_code and code[:len(kvm_code)] != kvm_code:
+        # What KVM failed on wins: another vCPU may have rewritten the code since.
+        code = kvm_code + code[len(kvm_code):]
     if not code:
         return report(vcpu, exit_, rip, mode, b"", "(no instruction bytes)",
                       "instruction unreadable (no guest mapping, no bytes from KVM)")
     rec = decode(code, bitness, rip)
     if rec["status"] != 0:
-        return report(vcpu, exit_, rip, mode, code, format_instruction(rec, code), "undecodable instruction")
+        refused = faults.invalid_encoding(code, bitness) if rec["status"] == DecodeStatus.INVALID else None
+        if refused is None:
+            return report(vcpu, exit_, rip, mode, code, format_instruction(rec, code), "undecodable instruction")
+        inject_fault(vcpu, refused.vector, refused.error_code)  # the CPU's answer to these bytes
+        count_emulated(vcpu, f"invalid_{refused.name}")
+        return None
     code = code[:int(rec["length"])]
     oc = int(rec["op_class"])
-    try:
-        kind = OpClass(oc).name.lower()
-    except ValueError:
-        kind = str(oc)
+    special_name = faults.special_name(rec)
+    kind = special_name
+    if not kind:
+        try:
+            kind = OpClass(oc).name.lower()
+        except ValueError:
+            kind = str(oc)
     failure = Failure(vcpu, exit_, rec, regs, sregs, mode, bitness, rip, code,
                       format_instruction(rec, code), kind)
-    return BY_CLASS.get(oc, _not_emulated)(failure)
+    refused = faults.refusal(rec, faults.cpu_view(vcpu, regs, sregs, bitness, cpl(sregs, regs)), special_name)
+    if refused is not None:  # an instruction the CPU would refuse: its fault, not a stop
+        failure.fault(refused.vector, refused.error_code, f"{kind}_{refused.name}")
+        return None
+    handler = BY_NAME.get(kind) or BY_CLASS.get(oc, _not_emulated)
+    return handler(failure)

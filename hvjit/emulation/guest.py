@@ -19,6 +19,18 @@ from ..kernels.emulate import REG_NAMES
 from ..kernels.format import format_instruction
 
 EMULATION_FLAG_INSTRUCTION_BYTES = 1
+RFLAGS_VM = 1 << 17
+
+
+def cpl(sregs, regs=None) -> int:
+    """The current privilege level: SS.DPL, which VMX and SVM (and KVM's own ``get_cpl``)
+    keep equal to it. Not CS.DPL: a conforming code segment's DPL can be below the CPL.
+    0 in real mode, 3 in virtual-8086 mode (RFLAGS.VM, when ``regs`` are given)."""
+    if not int(sregs["cr0"]) & 1:
+        return 0
+    if regs is not None and int(regs["rflags"]) & RFLAGS_VM:
+        return 3
+    return int(sregs["ss"]["dpl"]) & 3
 
 
 def cpu_mode(sregs) -> tuple[str, int]:
@@ -28,9 +40,9 @@ def cpu_mode(sregs) -> tuple[str, int]:
         return "real", 16
     if efer & (1 << 10):
         if sregs["cs"]["l"]:
-            return f"long (CPL{int(sregs['cs']['dpl'])})", 64
-        return f"compatibility (CPL{int(sregs['cs']['dpl'])})", 32 if sregs["cs"]["db"] else 16
-    return f"protected (CPL{int(sregs['cs']['dpl'])})", 32 if sregs["cs"]["db"] else 16
+            return f"long (CPL{cpl(sregs)})", 64
+        return f"compatibility (CPL{cpl(sregs)})", 32 if sregs["cs"]["db"] else 16
+    return f"protected (CPL{cpl(sregs)})", 32 if sregs["cs"]["db"] else 16
 
 
 def instruction_bytes(exit_: VmExit) -> bytes:
@@ -63,11 +75,11 @@ _ACCESS_NAMES = {"r": 0, "read": 0, "w": 1, "write": 1, "x": 2, "execute": 2, "e
 
 def paging_registers(vcpu, sregs=None, regs=None) -> dict:
     sregs = vcpu.get_sregs() if sregs is None else sregs
-    rflags = int((vcpu.get_regs() if regs is None else regs)["rflags"])
-    mem, base = vcpu.vm.memory.flat()
+    regs = vcpu.get_regs() if regs is None else regs
+    mem, segs = vcpu.vm.memory.host_window()
     return dict(cr3=int(sregs["cr3"]), cr0=int(sregs["cr0"]), cr4=int(sregs["cr4"]),
-                efer=int(sregs["efer"]), rflags=rflags, cpl=int(sregs["cs"]["dpl"]) & 3,
-                mem_base_gpa=int(base)), mem
+                efer=int(sregs["efer"]), rflags=int(regs["rflags"]), cpl=cpl(sregs, regs),
+                segments=segs), mem
 
 
 def translate(vcpu, gla: int, access: str = "r"):

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ..kernels.decode import OpClass
-from .guest import Fault, GuestLinear, NotEmulated, operand_linear
+from .guest import Fault, GuestLinear, NotEmulated, cpl, operand_linear
 
 XSTATE_X87, XSTATE_SSE, XSTATE_AVX = 1, 2, 4
 XSTATE_AVX512 = 0xE0  # opmask, ZMM_Hi256, Hi16_ZMM
@@ -203,7 +203,7 @@ def _xsave(vcpu, rec, regs, sregs, bitness, variant: str) -> None:
             or variant == "xsaves" and not layout.xsaves:
         raise Fault(VEC_UD)
     _check_sse_state(sregs, need_osxsave=True)
-    if variant == "xsaves" and int(sregs["cs"]["dpl"]) & 3:
+    if variant == "xsaves" and cpl(sregs, regs):
         raise Fault(VEC_GP, 0)
     gla = operand_linear(rec, regs, sregs, bitness)
     if gla & 63:
@@ -259,7 +259,7 @@ def _xrstor(vcpu, rec, regs, sregs, bitness, variant: str) -> None:
     if variant == "xrstors" and not layout.xsaves:
         raise Fault(VEC_UD)
     _check_sse_state(sregs, need_osxsave=True)
-    if variant == "xrstors" and int(sregs["cs"]["dpl"]) & 3:
+    if variant == "xrstors" and cpl(sregs, regs):
         raise Fault(VEC_GP, 0)
     gla = operand_linear(rec, regs, sregs, bitness)
     if gla & 63:
@@ -464,7 +464,7 @@ def _x87(vcpu, rec, regs, sregs, bitness, form: str) -> None:
 def _xsetbv(vcpu, regs, sregs) -> None:
     if not int(sregs["cr4"]) & CR4_OSXSAVE:
         raise Fault(VEC_UD)
-    if int(sregs["cs"]["dpl"]) & 3 or int(regs["rcx"]) & 0xFFFFFFFF:
+    if cpl(sregs, regs) or int(regs["rcx"]) & 0xFFFFFFFF:
         raise Fault(VEC_GP, 0)
     value = (int(regs["rdx"]) & 0xFFFFFFFF) << 32 | (int(regs["rax"]) & 0xFFFFFFFF)
     if not xcr0_valid(value, _layout(vcpu).xcr0_supported):

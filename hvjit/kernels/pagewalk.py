@@ -8,20 +8,26 @@ bits (4.7) including those above MAXPHYADDR; canonical checks in 4/5-level mode.
 
 The kernels
 -----------
-``walk_batch(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, glas, access, cpl, set_ad,
+``walk_batch(mem, segs, cr3, mode, cr0, cr4, efer, rflags, glas, access, cpl, set_ad,
 maxphyaddr, gpas, statuses, error_codes, details)`` walks every address of ``glas`` (the one
 implementation; its loop works on scalars and preallocated arrays only, with no reference
-counting per walk); ``walk(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, gla, access,
-cpl, set_ad, maxphyaddr, out) -> status`` is the single-address convenience over it. Their
+counting per walk); ``walk(mem, segs, cr3, mode, cr0, cr4, efer, rflags, gla, access, cpl,
+set_ad, maxphyaddr, out) -> status`` is the single-address convenience over it. Their
 arguments:
 
-- ``mem``: uint8 guest memory holding guest-physical ``[mem_base_gpa, mem_base_gpa +
-  mem.size)``. Every table entry's address is checked against it before it is read.
+- ``mem``: uint8 host memory; ``segs``: the segment table saying where guest RAM lies in it,
+  uint64 rows ``(guest-physical start, size, offset in mem)`` (:func:`segment_table`; a
+  VM's RAM in several segments is one window over their host memory, see
+  ``GuestMemory.host_window``). Every table entry's address is looked up in it, and checked
+  against ``mem``'s size, before it is read: page tables may lie in any segment.
 - ``access``: ``ACCESS_READ``, ``ACCESS_WRITE`` or ``ACCESS_EXECUTE``, optionally or-ed with
   ``ACCESS_IMPLICIT_SUPERVISOR`` (descriptor-table/TSS style accesses: supervisor even at CPL3,
   and SMAP blocks them whatever EFLAGS.AC says).
 - ``set_ad``: on a successful walk set A in every paging-structure entry used and D in the
-  leaf for writes (PAE PDPTEs have no A bit). Nothing is written when the walk fails.
+  leaf for writes (PAE PDPTEs have no A bit). Nothing is written when the walk fails. Each
+  update is a compare-and-swap against the value the walk read (other vCPUs run on the same
+  tables): when an entry changed meanwhile the walk starts over, ``WALK_CONTENDED`` after
+  ``MAX_WALK_RETRIES`` such restarts.
 - ``out`` (and each row of ``details``): uint64, ``OUT_LEN`` long, filled as ``out[OUT_*]``:
   ``OUT_GPA`` (the translation; for ``WALK_BAD_GPA`` the entry address outside memory),
   ``OUT_ERROR_CODE`` (the #PF error code for ``WALK_PAGE_FAULT``), ``OUT_PAGE_SIZE``,
@@ -31,7 +37,8 @@ arguments:
 Status: ``WALK_OK``; ``WALK_PAGE_FAULT`` (the CPU would raise #PF); ``WALK_NONCANONICAL``
 (#GP/#SS, no walk); ``WALK_BAD_GPA`` (a table entry lies outside ``mem``: the answer is
 unknowable here); ``WALK_BAD_PDPTE`` (a present PAE PDPTE has reserved bits: the CPU would
-have raised #GP when CR3 was loaded, so no walk can see it).
+have raised #GP when CR3 was loaded, so no walk can see it); ``WALK_CONTENDED`` (see
+``set_ad``).
 
 In FLAT mode the linear address is the physical one. In BITS32/PAE mode linear addresses are
 32 bits wide; the kernel drops higher bits, the Python wrappers reject them. The final
@@ -46,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hvjit._jit import kernel
+from hvjit._jit import atomic_cas32, atomic_cas64, kernel
 from hvjit.errors import GuestFault, GuestMemoryError  # noqa: F401  (GuestFault: re-exported)
 
 _U = np.uint64
@@ -72,15 +79,17 @@ class WalkStatus(enum.IntEnum):
     NONCANONICAL = 2
     BAD_GPA = 3
     BAD_PDPTE = 4
+    CONTENDED = 5
 
 
 # Plain-int copies for the kernels.
 MODE_FLAT, MODE_BITS32, MODE_PAE, MODE_LEVEL4, MODE_LEVEL5 = (int(m) for m in PagingMode)
 ACCESS_READ, ACCESS_WRITE, ACCESS_EXECUTE = (int(a) for a in Access)
 ACCESS_IMPLICIT_SUPERVISOR = 4
-WALK_OK, WALK_PAGE_FAULT, WALK_NONCANONICAL, WALK_BAD_GPA, WALK_BAD_PDPTE = (
+WALK_OK, WALK_PAGE_FAULT, WALK_NONCANONICAL, WALK_BAD_GPA, WALK_BAD_PDPTE, WALK_CONTENDED = (
     int(s) for s in WalkStatus
 )
+MAX_WALK_RETRIES = 16  # walks of one address whose entries changed under their A/D update
 
 OUT_GPA = 0
 OUT_ERROR_CODE = 1
@@ -133,6 +142,7 @@ _PAE_ENTRY_LIMIT = _U((1 << 63) - 1)
 _RSVD_1G = _U(((1 << 30) - 1) & ~((1 << 13) - 1))  # bits 29:13
 _RSVD_2M = _U(((1 << 21) - 1) & ~((1 << 13) - 1))  # bits 20:13
 _BITS_21_0 = _U((1 << 22) - 1)
+_NOWHERE = _U((1 << 64) - 1)
 
 
 @kernel(inline="always")
@@ -148,12 +158,6 @@ def _load32(mem, offset):
 @kernel(inline="always")
 def _load64(mem, offset):
     return _load32(mem, offset) | (_load32(mem, offset + _U(4)) << _U(32))
-
-
-@kernel(inline="always")
-def _fits(mem_size, base, gpa, size):
-    """Whether guest-physical [gpa, gpa + size) lies inside the memory array."""
-    return gpa >= base and mem_size >= size and gpa - base <= mem_size - size
 
 
 @kernel(inline="always")
@@ -223,20 +227,48 @@ def _prepare(mode, cr0, cr4, efer, rflags, access, cpl, maxphyaddr):
 
 
 @kernel
-def walk_batch(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, glas, access, cpl,
+def _offset(mem_size, segs, gpa, size):
+    """Where guest-physical ``[gpa, gpa + size)`` lies in ``mem``: the offset, or ``_NOWHERE``
+    when no one segment holds all of it (or the table points outside ``mem``)."""
+    found = _NOWHERE
+    k = 0
+    n = segs.shape[0]
+    while k < n:
+        start = segs[k, 0]
+        length = segs[k, 1]
+        if gpa >= start and length >= size and gpa - start <= length - size:
+            offset = segs[k, 2] + (gpa - start)
+            if offset <= mem_size - size and mem_size >= size:
+                found = offset
+            k = n
+        k += 1
+    return found
+
+
+@kernel(inline="always")
+def _entry64(mem, mem64, offset):
+    """The 8-byte entry at ``offset`` (checked by ``_offset``): one element of the uint64
+    view where the offset is 8-aligned, else eight byte loads."""
+    if offset & _U(7) == _ZERO:
+        return mem64[offset >> _U(3)]
+    return _load64(mem, offset)
+
+
+@kernel
+def walk_batch(mem, segs, cr3, mode, cr0, cr4, efer, rflags, glas, access, cpl,
                set_ad, maxphyaddr, gpas, statuses, error_codes, details):
     """Walk every address of ``glas``: the one implementation of the page walk.
 
     Per address ``i``: ``statuses[i]``, ``gpas[i]`` (the translation; for WALK_BAD_GPA the
-    entry address outside ``mem``), ``error_codes[i]`` (the #PF error code for
+    entry address outside memory), ``error_codes[i]`` (the #PF error code for
     WALK_PAGE_FAULT) and, for ``i < details.shape[0]``, the row ``details[i]`` laid out as
     ``out`` in the module docstring. Pass ``np.empty((0, OUT_LEN), np.uint64)`` for no
     details. Stops at the shortest of ``glas``, ``gpas``, ``statuses``, ``error_codes``.
 
     The walk is written out in this loop rather than in a helper taking ``mem``: an inlined
     helper would alias the array and make Numba count references on every walk. The loop
-    touches scalars, ``mem`` (at offsets checked against its size) and the caller's arrays
-    (at indices checked against their sizes) only.
+    touches scalars, ``segs``, ``mem`` (at offsets checked against its size) and the
+    caller's arrays (at indices checked against their sizes) only.
 
     Returns a meaningless number (so that the prefetching loads are not optimized away).
     """
@@ -245,7 +277,6 @@ def walk_batch(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, glas, acces
     error_code, addr_mask, reserved_high, pse, reserved_4m, high_4m, allow = _prepare(
         mode, cr0, cr4, efer, rflags, access, cpl, maxphyaddr)
     is_write = error_code & _U(PFERR_WRITE) != _ZERO
-    base = _U(mem_base_gpa)
     cr3 = _U(cr3)
     mem_size = _U(mem.size)
     if mode == MODE_LEVEL5:
@@ -255,16 +286,30 @@ def walk_batch(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, glas, acces
         top_level = 4 if mode == MODE_LEVEL4 else 2  # PAE PDPTEs have no A bit
         top_bit = _U(47)
     canonical_high = (_ONE << (_U(64) - top_bit)) - _ONE
-    # 8-byte entries are 8-aligned in guest-physical memory: with an 8-aligned base they are
-    # single elements of a uint64 view of ``mem`` (made once per call, not per walk).
-    aligned = base % _U(8) == _ZERO
+    entry_size = _U(4) if mode == MODE_BITS32 else _U(8)
+    # A/D updates are compare-and-swaps (other vCPUs may be changing the same tables) where
+    # the entry is naturally aligned in host memory; byte stores otherwise (a copy in a
+    # misaligned array is nobody else's).
+    address = _U(mem.ctypes.data)
+    # 8-byte entries at 8-aligned offsets are single elements of a uint64 view of ``mem``
+    # (made once per call, not per walk).
     mem64 = mem[:mem.size - mem.size % 8].view(np.uint64)
-    prefetch = (mode == MODE_LEVEL4 or mode == MODE_LEVEL5) and aligned and mem64.size > 0
-    last_entry = _U(mem64.size - 1) if prefetch else _ZERO
     # Walks are chains of dependent loads that mostly miss the L1 cache. Before each group
     # of four 4/5-level walks, run their chains side by side (loads only, indices clamped
-    # into ``mem64``, results unchecked) so the misses overlap; the checked walks that follow
-    # find their entries in the cache. No answer depends on this.
+    # into the first segment, results unchecked) so the misses overlap; the checked walks
+    # that follow find their entries in the cache. No answer depends on this.
+    prefetch = False
+    first_gpa = _ZERO
+    first_entry = _ZERO
+    last_entry = _ZERO
+    if (mode == MODE_LEVEL4 or mode == MODE_LEVEL5) and segs.shape[0] > 0:
+        first_gpa = segs[0, 0]
+        first_entry = segs[0, 2] >> _U(3)
+        entries = segs[0, 1] >> _U(3)
+        prefetch = (first_gpa % _U(8) == _ZERO and segs[0, 2] % _U(8) == _ZERO and entries > _ZERO
+                    and first_entry + entries <= _U(mem64.size))
+        if prefetch:
+            last_entry = entries - _ONE
     touched = _ZERO
     for i in range(count):
         if prefetch and i % 4 == 0 and i + 4 <= count:
@@ -278,223 +323,270 @@ def walk_batch(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, glas, acces
             t_d = t_a
             shift = top_bit - _U(8)
             for _ in range(top_level):
-                o_a = min((t_a + ((la_a >> shift) & _INDEX9) * _U(8) - base) >> _U(3),
+                o_a = min((t_a + ((la_a >> shift) & _INDEX9) * _U(8) - first_gpa) >> _U(3),
                           last_entry)
-                o_b = min((t_b + ((la_b >> shift) & _INDEX9) * _U(8) - base) >> _U(3),
+                o_b = min((t_b + ((la_b >> shift) & _INDEX9) * _U(8) - first_gpa) >> _U(3),
                           last_entry)
-                o_c = min((t_c + ((la_c >> shift) & _INDEX9) * _U(8) - base) >> _U(3),
+                o_c = min((t_c + ((la_c >> shift) & _INDEX9) * _U(8) - first_gpa) >> _U(3),
                           last_entry)
-                o_d = min((t_d + ((la_d >> shift) & _INDEX9) * _U(8) - base) >> _U(3),
+                o_d = min((t_d + ((la_d >> shift) & _INDEX9) * _U(8) - first_gpa) >> _U(3),
                           last_entry)
-                t_a = mem64[o_a] & addr_mask
-                t_b = mem64[o_b] & addr_mask
-                t_c = mem64[o_c] & addr_mask
-                t_d = mem64[o_d] & addr_mask
+                t_a = mem64[first_entry + o_a] & addr_mask
+                t_b = mem64[first_entry + o_b] & addr_mask
+                t_c = mem64[first_entry + o_c] & addr_mask
+                t_d = mem64[first_entry + o_d] & addr_mask
                 shift -= _U(9)
             touched ^= t_a ^ t_b ^ t_c ^ t_d
         la = _U(glas[i])
-        status = WALK_OK
-        gpa = _ZERO
-        code = _ZERO
-        page_size = _ZERO
-        level = 0
-        e1 = _ZERO
-        e2 = _ZERO
-        e3 = _ZERO
-        e4 = _ZERO
-        e5 = _ZERO
-        rights = _PTE_RW | _PTE_US  # and-ed over the entries that carry rights
-        xd_bits = _ZERO  # or-ed over them: bit 63 tells NX
-        if mode == MODE_FLAT:
-            gpa = la
-            page_size = _U(4096)
-        elif mode == MODE_LEVEL4 or mode == MODE_LEVEL5:
-            sign = la >> top_bit
-            if sign != _ZERO and sign != canonical_high:
-                status = WALK_NONCANONICAL
-            else:
-                table = cr3 & addr_mask
-                level = top_level
-                shift = top_bit - _U(8)  # 39 or 48
-                while True:
-                    entry_gpa = table + ((la >> shift) & _INDEX9) * _U(8)
-                    if level == 1:
-                        e1 = entry_gpa
-                    elif level == 2:
-                        e2 = entry_gpa
-                    elif level == 3:
-                        e3 = entry_gpa
-                    elif level == 4:
-                        e4 = entry_gpa
-                    else:
-                        e5 = entry_gpa
-                    if not _fits(mem_size, base, entry_gpa, _U(8)):
+        attempt = 0
+        while True:  # again when an entry changed between its read and its A/D update
+            status = WALK_OK
+            gpa = _ZERO
+            code = _ZERO
+            page_size = _ZERO
+            level = 0
+            e1 = _ZERO
+            e2 = _ZERO
+            e3 = _ZERO
+            e4 = _ZERO
+            e5 = _ZERO
+            # Each entry's offset in ``mem`` and the value the walk read there.
+            o1 = _ZERO
+            o2 = _ZERO
+            o3 = _ZERO
+            o4 = _ZERO
+            o5 = _ZERO
+            v1 = _ZERO
+            v2 = _ZERO
+            v3 = _ZERO
+            v4 = _ZERO
+            v5 = _ZERO
+            rights = _PTE_RW | _PTE_US  # and-ed over the entries that carry rights
+            xd_bits = _ZERO  # or-ed over them: bit 63 tells NX
+            if mode == MODE_FLAT:
+                gpa = la
+                page_size = _U(4096)
+            elif mode == MODE_LEVEL4 or mode == MODE_LEVEL5:
+                sign = la >> top_bit
+                if sign != _ZERO and sign != canonical_high:
+                    status = WALK_NONCANONICAL
+                else:
+                    table = cr3 & addr_mask
+                    level = top_level
+                    shift = top_bit - _U(8)  # 39 or 48
+                    while True:
+                        entry_gpa = table + ((la >> shift) & _INDEX9) * _U(8)
+                        offset = _offset(mem_size, segs, entry_gpa, _U(8))
+                        if offset == _NOWHERE:
+                            status = WALK_BAD_GPA
+                            gpa = entry_gpa
+                            break
+                        entry = _entry64(mem, mem64, offset)
+                        if level == 1:
+                            e1 = entry_gpa
+                            o1 = offset
+                            v1 = entry
+                        elif level == 2:
+                            e2 = entry_gpa
+                            o2 = offset
+                            v2 = entry
+                        elif level == 3:
+                            e3 = entry_gpa
+                            o3 = offset
+                            v3 = entry
+                        elif level == 4:
+                            e4 = entry_gpa
+                            o4 = offset
+                            v4 = entry
+                        else:
+                            e5 = entry_gpa
+                            o5 = offset
+                            v5 = entry
+                        if entry & _PTE_P == _ZERO:
+                            status = WALK_PAGE_FAULT
+                            code = error_code
+                            break
+                        reserved = reserved_high
+                        is_leaf = level == 1
+                        if entry & _PTE_PS != _ZERO:  # in a PTE, bit 7 is PAT
+                            if level >= 4:
+                                reserved |= _PTE_PS
+                            elif level == 3:
+                                reserved |= _RSVD_1G
+                                is_leaf = True
+                            elif level == 2:
+                                reserved |= _RSVD_2M
+                                is_leaf = True
+                        if entry & reserved != _ZERO:
+                            status = WALK_PAGE_FAULT
+                            code = error_code | _U(PFERR_PRESENT | PFERR_RSVD)
+                            break
+                        rights &= entry
+                        xd_bits |= entry
+                        table = entry & addr_mask
+                        if is_leaf:
+                            page_size = _ONE << shift
+                            gpa = (table & ~(page_size - _ONE)) | (la & (page_size - _ONE))
+                            break
+                        level -= 1
+                        shift -= _U(9)
+            elif mode == MODE_PAE:
+                la &= _LOW32
+                while True:  # one pass; ``break`` ends the walk
+                    level = 3
+                    e3 = (cr3 & _PAE_CR3) + ((la >> _U(30)) & _U(3)) * _U(8)
+                    o3 = _offset(mem_size, segs, e3, _U(8))
+                    if o3 == _NOWHERE:
                         status = WALK_BAD_GPA
-                        gpa = entry_gpa
+                        gpa = e3
                         break
-                    if aligned:  # _fits: the offset is a multiple of 8 below mem64.size * 8
-                        entry = mem64[(entry_gpa - base) >> _U(3)]
-                    else:
-                        entry = _load64(mem, entry_gpa - base)
-                    if entry & _PTE_P == _ZERO:
+                    pdpte = _entry64(mem, mem64, o3)
+                    v3 = pdpte
+                    if pdpte & _PTE_P == _ZERO:
                         status = WALK_PAGE_FAULT
                         code = error_code
                         break
-                    reserved = reserved_high
-                    is_leaf = level == 1
-                    if entry & _PTE_PS != _ZERO:  # in a PTE, bit 7 is PAT
-                        if level >= 4:
-                            reserved |= _PTE_PS
-                        elif level == 3:
-                            reserved |= _RSVD_1G
-                            is_leaf = True
-                        elif level == 2:
-                            reserved |= _RSVD_2M
-                            is_leaf = True
-                    if entry & reserved != _ZERO:
+                    if pdpte & (_PAE_PDPTE_FIXED_RSVD | ~(addr_mask | _PAGE_OFFSET)) != _ZERO:
+                        status = WALK_BAD_PDPTE
+                        break
+                    level = 2
+                    e2 = (pdpte & addr_mask) + ((la >> _U(21)) & _INDEX9) * _U(8)
+                    o2 = _offset(mem_size, segs, e2, _U(8))
+                    if o2 == _NOWHERE:
+                        status = WALK_BAD_GPA
+                        gpa = e2
+                        break
+                    pde = _entry64(mem, mem64, o2)
+                    v2 = pde
+                    if pde & _PTE_P == _ZERO:
+                        status = WALK_PAGE_FAULT
+                        code = error_code
+                        break
+                    large = pde & _PTE_PS != _ZERO
+                    if pde & (reserved_high | (_RSVD_2M if large else _ZERO)) != _ZERO:
                         status = WALK_PAGE_FAULT
                         code = error_code | _U(PFERR_PRESENT | PFERR_RSVD)
                         break
-                    rights &= entry
-                    xd_bits |= entry
-                    table = entry & addr_mask
-                    if is_leaf:
-                        page_size = _ONE << shift
-                        gpa = (table & ~(page_size - _ONE)) | (la & (page_size - _ONE))
+                    rights &= pde
+                    xd_bits |= pde
+                    if large:
+                        page_size = _U(0x200000)
+                        gpa = (pde & addr_mask & ~(page_size - _ONE)) | (la & (page_size - _ONE))
                         break
-                    level -= 1
-                    shift -= _U(9)
-        elif mode == MODE_PAE:
-            la &= _LOW32
-            while True:  # one pass; ``break`` ends the walk
-                level = 3
-                e3 = (cr3 & _PAE_CR3) + ((la >> _U(30)) & _U(3)) * _U(8)
-                if not _fits(mem_size, base, e3, _U(8)):
-                    status = WALK_BAD_GPA
-                    gpa = e3
-                    break
-                if aligned:
-                    pdpte = mem64[(e3 - base) >> _U(3)]
-                else:
-                    pdpte = _load64(mem, e3 - base)
-                if pdpte & _PTE_P == _ZERO:
-                    status = WALK_PAGE_FAULT
-                    code = error_code
-                    break
-                if pdpte & (_PAE_PDPTE_FIXED_RSVD | ~(addr_mask | _PAGE_OFFSET)) != _ZERO:
-                    status = WALK_BAD_PDPTE
-                    break
-                level = 2
-                e2 = (pdpte & addr_mask) + ((la >> _U(21)) & _INDEX9) * _U(8)
-                if not _fits(mem_size, base, e2, _U(8)):
-                    status = WALK_BAD_GPA
-                    gpa = e2
-                    break
-                if aligned:
-                    pde = mem64[(e2 - base) >> _U(3)]
-                else:
-                    pde = _load64(mem, e2 - base)
-                if pde & _PTE_P == _ZERO:
-                    status = WALK_PAGE_FAULT
-                    code = error_code
-                    break
-                large = pde & _PTE_PS != _ZERO
-                if pde & (reserved_high | (_RSVD_2M if large else _ZERO)) != _ZERO:
-                    status = WALK_PAGE_FAULT
-                    code = error_code | _U(PFERR_PRESENT | PFERR_RSVD)
-                    break
-                rights &= pde
-                xd_bits |= pde
-                if large:
-                    page_size = _U(0x200000)
-                    gpa = (pde & addr_mask & ~(page_size - _ONE)) | (la & (page_size - _ONE))
-                    break
-                level = 1
-                e1 = (pde & addr_mask) + ((la >> _U(12)) & _INDEX9) * _U(8)
-                if not _fits(mem_size, base, e1, _U(8)):
-                    status = WALK_BAD_GPA
-                    gpa = e1
-                    break
-                if aligned:
-                    pte = mem64[(e1 - base) >> _U(3)]
-                else:
-                    pte = _load64(mem, e1 - base)
-                if pte & _PTE_P == _ZERO:
-                    status = WALK_PAGE_FAULT
-                    code = error_code
-                    break
-                if pte & reserved_high != _ZERO:
-                    status = WALK_PAGE_FAULT
-                    code = error_code | _U(PFERR_PRESENT | PFERR_RSVD)
-                    break
-                rights &= pte
-                xd_bits |= pte
-                page_size = _U(4096)
-                gpa = (pte & addr_mask) | (la & _PAGE_OFFSET)
-                break
-        else:  # MODE_BITS32
-            la &= _LOW32
-            while True:  # one pass; ``break`` ends the walk
-                level = 2
-                e2 = (cr3 & _BITS32_TABLE) + ((la >> _U(22)) & _INDEX10) * _U(4)
-                if not _fits(mem_size, base, e2, _U(4)):
-                    status = WALK_BAD_GPA
-                    gpa = e2
-                    break
-                pde = _load32(mem, e2 - base)
-                if pde & _PTE_P == _ZERO:
-                    status = WALK_PAGE_FAULT
-                    code = error_code
-                    break
-                rights &= pde
-                if pde & _PTE_PS != _ZERO and pse:
-                    if pde & reserved_4m != _ZERO:
+                    level = 1
+                    e1 = (pde & addr_mask) + ((la >> _U(12)) & _INDEX9) * _U(8)
+                    o1 = _offset(mem_size, segs, e1, _U(8))
+                    if o1 == _NOWHERE:
+                        status = WALK_BAD_GPA
+                        gpa = e1
+                        break
+                    pte = _entry64(mem, mem64, o1)
+                    v1 = pte
+                    if pte & _PTE_P == _ZERO:
+                        status = WALK_PAGE_FAULT
+                        code = error_code
+                        break
+                    if pte & reserved_high != _ZERO:
                         status = WALK_PAGE_FAULT
                         code = error_code | _U(PFERR_PRESENT | PFERR_RSVD)
                         break
-                    page_size = _U(0x400000)
-                    high = (pde >> _U(13)) & high_4m
-                    gpa = (pde & _BITS32_4M_FRAME) | (high << _U(32)) | (la & (page_size - _ONE))
+                    rights &= pte
+                    xd_bits |= pte
+                    page_size = _U(4096)
+                    gpa = (pte & addr_mask) | (la & _PAGE_OFFSET)
                     break
-                level = 1
-                e1 = (pde & _BITS32_TABLE) + ((la >> _U(12)) & _INDEX10) * _U(4)
-                if not _fits(mem_size, base, e1, _U(4)):
-                    status = WALK_BAD_GPA
-                    gpa = e1
+            else:  # MODE_BITS32
+                la &= _LOW32
+                while True:  # one pass; ``break`` ends the walk
+                    level = 2
+                    e2 = (cr3 & _BITS32_TABLE) + ((la >> _U(22)) & _INDEX10) * _U(4)
+                    o2 = _offset(mem_size, segs, e2, _U(4))
+                    if o2 == _NOWHERE:
+                        status = WALK_BAD_GPA
+                        gpa = e2
+                        break
+                    pde = _load32(mem, o2)
+                    v2 = pde
+                    if pde & _PTE_P == _ZERO:
+                        status = WALK_PAGE_FAULT
+                        code = error_code
+                        break
+                    rights &= pde
+                    if pde & _PTE_PS != _ZERO and pse:
+                        if pde & reserved_4m != _ZERO:
+                            status = WALK_PAGE_FAULT
+                            code = error_code | _U(PFERR_PRESENT | PFERR_RSVD)
+                            break
+                        page_size = _U(0x400000)
+                        high = (pde >> _U(13)) & high_4m
+                        gpa = (pde & _BITS32_4M_FRAME) | (high << _U(32)) | (la & (page_size - _ONE))
+                        break
+                    level = 1
+                    e1 = (pde & _BITS32_TABLE) + ((la >> _U(12)) & _INDEX10) * _U(4)
+                    o1 = _offset(mem_size, segs, e1, _U(4))
+                    if o1 == _NOWHERE:
+                        status = WALK_BAD_GPA
+                        gpa = e1
+                        break
+                    pte = _load32(mem, o1)
+                    v1 = pte
+                    if pte & _PTE_P == _ZERO:
+                        status = WALK_PAGE_FAULT
+                        code = error_code
+                        break
+                    rights &= pte
+                    page_size = _U(4096)
+                    gpa = (pte & _BITS32_TABLE) | (la & _PAGE_OFFSET)
                     break
-                pte = _load32(mem, e1 - base)
-                if pte & _PTE_P == _ZERO:
-                    status = WALK_PAGE_FAULT
-                    code = error_code
-                    break
-                rights &= pte
-                page_size = _U(4096)
-                gpa = (pte & _BITS32_TABLE) | (la & _PAGE_OFFSET)
-                break
 
-        if status == WALK_OK and mode != MODE_FLAT:
-            # Without NXE bit 63 is reserved: a walk that got here has it only if NX counts.
-            index = ((rights >> _ONE) & _U(3)) | ((xd_bits >> _U(63)) << _U(2))
-            if (allow >> index) & _ONE == _ZERO:
-                status = WALK_PAGE_FAULT
-                code = error_code | _U(PFERR_PRESENT)
+            changed = False
+            if status == WALK_OK and mode != MODE_FLAT:
+                # Without NXE bit 63 is reserved: a walk that got here has it only if NX counts.
+                index = ((rights >> _ONE) & _U(3)) | ((xd_bits >> _U(63)) << _U(2))
+                if (allow >> index) & _ONE == _ZERO:
+                    status = WALK_PAGE_FAULT
+                    code = error_code | _U(PFERR_PRESENT)
+                    gpa = _ZERO
+                    page_size = _ZERO
+                elif set_ad:
+                    # Top level first, as a CPU sets them; every o<k> used passed _offset. An
+                    # entry that no longer holds what the walk read makes the walk start over
+                    # (KVM's walker does the same).
+                    for k in range(5, 0, -1):
+                        if k > top_level or k < level:
+                            continue
+                        if k == 5:
+                            offset, value = o5, v5
+                        elif k == 4:
+                            offset, value = o4, v4
+                        elif k == 3:
+                            offset, value = o3, v3
+                        elif k == 2:
+                            offset, value = o2, v2
+                        else:
+                            offset, value = o1, v1
+                        bits = _U(_ACCESSED)
+                        if is_write and k == level:
+                            bits |= _U(_DIRTY)
+                        if value & bits == bits:
+                            continue
+                        if (address + offset) % entry_size != _ZERO:
+                            mem[offset] |= np.uint8(bits)
+                        elif entry_size == _U(8):
+                            if atomic_cas64(mem, offset, value, value | bits) != value:
+                                changed = True
+                                break
+                        elif atomic_cas32(mem, offset, np.uint32(value), np.uint32(value | bits)) != np.uint32(value):
+                            changed = True
+                            break
+            if not changed:
+                break
+            attempt += 1
+            if attempt > MAX_WALK_RETRIES:
+                status = WALK_CONTENDED
                 gpa = _ZERO
-                page_size = _ZERO
-            elif set_ad:
-                # A and D live in each entry's low byte; every e<k> used passed _fits.
-                if level <= 1:
-                    mem[e1 - base] |= _ACCESSED
-                if level <= 2 and top_level >= 2:
-                    mem[e2 - base] |= _ACCESSED
-                if level <= 3 and top_level >= 3:
-                    mem[e3 - base] |= _ACCESSED
-                if level <= 4 and top_level >= 4:
-                    mem[e4 - base] |= _ACCESSED
-                if top_level >= 5:
-                    mem[e5 - base] |= _ACCESSED
-                if is_write:
-                    leaf_gpa = e1 if level == 1 else (e2 if level == 2 else e3)
-                    mem[leaf_gpa - base] |= _DIRTY
+                code = _ZERO
+                break
         statuses[i] = status
         gpas[i] = gpa
         error_codes[i] = code
@@ -512,7 +604,7 @@ def walk_batch(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, glas, acces
 
 
 @kernel
-def walk(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, gla, access, cpl, set_ad,
+def walk(mem, segs, cr3, mode, cr0, cr4, efer, rflags, gla, access, cpl, set_ad,
          maxphyaddr, out):
     """Translate one guest-linear address; see the module docstring for the contract.
 
@@ -524,7 +616,7 @@ def walk(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, gla, access, cpl,
     statuses = np.zeros(1, np.int64)
     error_codes = np.zeros(1, np.uint64)
     details = np.zeros((1, OUT_LEN), np.uint64)
-    walk_batch(mem, mem_base_gpa, cr3, mode, cr0, cr4, efer, rflags, glas, access, cpl,
+    walk_batch(mem, segs, cr3, mode, cr0, cr4, efer, rflags, glas, access, cpl,
                set_ad, maxphyaddr, gpas, statuses, error_codes, details)
     for k in range(min(OUT_LEN, out.size)):
         out[k] = details[0, k]
@@ -572,7 +664,7 @@ class _Walker:
     """Validated register state in the kernels' argument types."""
 
     mem: np.ndarray
-    mem_base_gpa: np.uint64
+    segs: np.ndarray  # uint64 (n, 3): guest-physical start, size, offset in ``mem``
     cr3: np.uint64
     mode: int
     cr0: np.uint64
@@ -598,7 +690,7 @@ class _Walker:
         return np.uint64(gla)
 
     def walk(self, gla: int, access_code: int, out: np.ndarray) -> int:
-        return walk(self.mem, self.mem_base_gpa, self.cr3, self.mode, self.cr0, self.cr4,
+        return walk(self.mem, self.segs, self.cr3, self.mode, self.cr0, self.cr4,
                     self.efer, self.rflags, self.check_gla(gla), access_code, self.cpl,
                     self.set_ad, self.maxphyaddr, out)
 
@@ -610,8 +702,23 @@ def _u64(name: str, value: int) -> np.uint64:
     return np.uint64(value)
 
 
+def segment_table(mem: np.ndarray, segments) -> np.ndarray:
+    """The kernels' segment table from ``(gpa, size, offset in mem)`` rows, checked: each
+    segment lies inside ``mem`` and segments do not overlap in guest-physical space."""
+    rows = [tuple(int(x) for x in row) for row in segments]
+    for gpa, size, offset in rows:
+        if size <= 0 or gpa < 0 or offset < 0 or offset + size > mem.size or gpa + size > 1 << 64:
+            raise ValueError(f"segment {gpa:#x}+{size:#x} at offset {offset:#x} is not inside mem "
+                             f"({mem.size:#x} bytes)")
+    ordered = sorted(rows)
+    for (g1, s1, _), (g2, _, _) in zip(ordered, ordered[1:]):
+        if g1 + s1 > g2:
+            raise ValueError(f"segments at {g1:#x} and {g2:#x} overlap")
+    return np.array(rows, np.uint64).reshape(len(rows), 3)
+
+
 def _walker(mem, *, cr3, cr0, cr4=0, efer=0, rflags=0, cpl=0, mode=None, set_ad=False,
-            maxphyaddr=DEFAULT_MAXPHYADDR, mem_base_gpa=0) -> _Walker:
+            maxphyaddr=DEFAULT_MAXPHYADDR, mem_base_gpa=0, segments=None) -> _Walker:
     if not (isinstance(mem, np.ndarray) and mem.dtype == np.uint8 and mem.ndim == 1
             and mem.flags.c_contiguous):
         raise TypeError("mem must be a 1-D contiguous numpy uint8 array")
@@ -623,7 +730,13 @@ def _walker(mem, *, cr3, cr0, cr4=0, efer=0, rflags=0, cpl=0, mode=None, set_ad=
         raise ValueError(f"cpl={cpl} outside 0..3")
     if mode is None:
         mode = paging_mode(cr0, cr4, efer)
-    return _Walker(mem, _u64("mem_base_gpa", mem_base_gpa), _u64("cr3", cr3),
+    if segments is None:
+        segs = segment_table(mem, [(_u64("mem_base_gpa", mem_base_gpa), mem.size, 0)] if mem.size else [])
+    elif isinstance(segments, np.ndarray) and segments.dtype == np.uint64 and segments.ndim == 2:
+        segs = segments  # already a table (GuestMemory.host_window checks its own)
+    else:
+        segs = segment_table(mem, segments)
+    return _Walker(mem, segs, _u64("cr3", cr3),
                    int(PagingMode(mode)), _u64("cr0", cr0), _u64("cr4", cr4),
                    _u64("efer", efer), _u64("rflags", rflags), int(cpl), bool(set_ad),
                    int(maxphyaddr))
@@ -646,8 +759,10 @@ def translate(mem: np.ndarray, gla: int, *, access: Access = Access.READ,
     """Translate ``gla`` as the CPU would for ``access`` at ``cpl``.
 
     Keywords: ``cr3``, ``cr0`` (required), ``cr4``, ``efer``, ``rflags``, ``cpl``,
-    ``mode`` (derived from CR0/CR4/EFER when omitted), ``set_ad``, ``maxphyaddr``,
-    ``mem_base_gpa``. Raises GuestMemoryError when the walk needs a table entry outside
+    ``mode`` (derived from CR0/CR4/EFER when omitted), ``set_ad``, ``maxphyaddr``, and where
+    ``mem`` is: ``mem_base_gpa`` (one segment, the whole array from that guest-physical
+    address) or ``segments`` (``(gpa, size, offset in mem)`` rows, or a
+    :func:`segment_table`). Raises GuestMemoryError when the walk needs a table entry outside
     ``mem`` (the answer cannot be known); every guest-visible outcome is a Translation.
     """
     walker = _walker(mem, **registers)
@@ -673,7 +788,7 @@ def translate_batch(mem: np.ndarray, glas: np.ndarray, *, access: Access = Acces
     gpas = np.empty(glas.size, np.uint64)
     statuses = np.empty(glas.size, np.int64)
     error_codes = np.empty(glas.size, np.uint64)
-    walk_batch(walker.mem, walker.mem_base_gpa, walker.cr3, walker.mode, walker.cr0,
+    walk_batch(walker.mem, walker.segs, walker.cr3, walker.mode, walker.cr0,
                walker.cr4, walker.efer, walker.rflags, glas,
                walker.access_code(access, implicit_supervisor), walker.cpl, walker.set_ad,
                walker.maxphyaddr, gpas, statuses, error_codes, _NO_DETAILS)
@@ -719,13 +834,22 @@ def copy_setup(mem: np.ndarray, gla: int, length: int, *, access: Access = Acces
     return CopySetup(tuple(chunks))
 
 
-def _chunk_offsets(mem: np.ndarray, mem_base_gpa: int, setup: CopySetup):
+def segment_offset(segs: np.ndarray, gpa: int, size: int) -> int | None:
+    """Offset in the memory array of guest-physical ``[gpa, gpa + size)`` through a segment
+    table, None where no one segment holds it (MMIO, or a gap)."""
+    for start, length, offset in segs.tolist():
+        if start <= gpa and gpa + size <= start + length:
+            return offset + gpa - start
+    return None
+
+
+def _chunk_offsets(segs: np.ndarray, setup: CopySetup):
     if setup.fault is not None:
         raise GuestFault(setup.fault)
     offsets = []
     for gpa, size in setup.chunks:
-        offset = gpa - mem_base_gpa
-        if offset < 0 or offset + size > mem.size:
+        offset = segment_offset(segs, gpa, size)
+        if offset is None:
             raise GuestMemoryError(f"guest-physical {gpa:#x}+{size:#x} is outside guest memory")
         offsets.append((offset, size))
     return offsets
@@ -738,7 +862,7 @@ def copy_in(mem: np.ndarray, gla: int, length: int, **registers) -> bytes:
     backed by ``mem``. Takes the same keywords as ``translate``.
     """
     setup = copy_setup(mem, gla, length, **registers)
-    offsets = _chunk_offsets(mem, registers.get("mem_base_gpa", 0), setup)
+    offsets = _chunk_offsets(_walker(mem, **registers).segs, setup)
     return b"".join(mem[offset:offset + size].tobytes() for offset, size in offsets)
 
 
@@ -750,6 +874,6 @@ def copy_out(mem: np.ndarray, gla: int, data: bytes, **registers) -> None:
     data = bytes(data)
     setup = copy_setup(mem, gla, len(data), access=Access.WRITE, **registers)
     position = 0
-    for offset, size in _chunk_offsets(mem, registers.get("mem_base_gpa", 0), setup):
+    for offset, size in _chunk_offsets(_walker(mem, **registers).segs, setup):
         mem[offset:offset + size] = np.frombuffer(data, np.uint8, size, position)
         position += size

@@ -90,3 +90,25 @@ def test_demo_runs():
     p = hvjit("demo")
     assert p.returncode == 0, p.stderr
     assert b"guest> Hello from a hvjit guest!" in p.stdout and b"demo: OK" in p.stdout
+
+
+def test_run_device_attaches_more_devices(tmp_path):
+    """--device pci-testdev puts a second one at 00:03.0 (the default one is at 00:02.0)."""
+    image = tmp_path / "pci.bin"
+    image.write_bytes(assemble("""
+.code64
+    mov $0x80001800, %eax           # 00:03.0, register 0
+    mov $0xcf8, %dx
+    outl %eax, %dx
+    mov $0xcfc, %dx
+    inl %dx, %eax
+    cmp $0x00051b36, %eax
+    sete %al
+    movzbl %al, %eax
+    outl %eax, $0xf4
+""", 0x1000))
+    assert hvjit("run", str(image), "--cpl", "3").returncode == 0
+    p = hvjit("run", str(image), "--cpl", "3", "--device", "pci-testdev")
+    assert p.returncode == 1, p.stderr
+    p = hvjit("run", str(image), "--device", "no-such-device")
+    assert p.returncode == 1 and b"no device named 'no-such-device'" in p.stderr

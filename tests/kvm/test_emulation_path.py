@@ -143,6 +143,7 @@ def _setup(vm, source: str):
     cpuid = vm.kvm.vcpu_cpuid(0).copy()
     leaf1 = cpuid["function"] == 1
     cpuid["ecx"][leaf1] |= CPUID1_ECX
+    cpuid["edx"][cpuid["function"] == 0x80000001] |= 1 << 27  # RDTSCP (or hvjit raises #UD)
     vcpu.set_cpuid(cpuid)
     entry.setup_long_mode(vcpu, CODE, cpl=0)
     sregs = vcpu.get_sregs()
@@ -259,3 +260,60 @@ def test_vcpu_disassemble_and_vm_translate(session):
     assert listing[0][0] == 0x1000 and listing[1][1] == b"\xee"
     t = vm.translate(0x1234)
     assert t.gpa == 0x1234 and not t.fault
+
+
+HIGH = 0x4000_0000  # a second RAM segment, holding the page tables and the data
+
+
+def test_page_tables_above_the_first_segment(session):
+    """The walks of an emulated instruction find page tables in any RAM segment."""
+    vm = session.create_vm("hightables", memory=[(0, 1 << 20), (HIGH, 1 << 20)])
+    data_va = 0x8000_0000 + 0x8000  # mapped to HIGH + 0x8000 by the tables below
+    vcpu = _setup(vm, f""".code64
+    mov ${data_va:#x}, %rdi
+    mov (%rdi), %rax
+    mov 8(%rdi), %rdx
+    mov $0x5555, %ebx
+    mov $0x6666, %ecx
+    cmpxchg16b (%rdi)
+    setz %al
+    movzbl %al, %eax
+    outl %eax, $0xf4
+""")
+    pml4, pdpt, pd_low, pd_high = HIGH, HIGH + 0x1000, HIGH + 0x2000, HIGH + 0x3000
+    mem = vm.memory
+    mem.write_u64(pml4, pdpt | 0x3)
+    mem.write_u64(pdpt, pd_low | 0x3)  # 0-1 GiB: identity (code, IDT, GDT, stack)
+    mem.write_u64(pdpt + 16, pd_high | 0x3)  # 2-3 GiB: the high segment
+    for i in range(8):
+        mem.write_u64(pd_low + 8 * i, (i << 21) | 0x83)
+    mem.write_u64(pd_high, HIGH | 0x83)
+    mem.write(HIGH + 0x8000, struct.pack("<QQ", 0x1111, 0x2222))
+    vcpu.set_register("cr3", pml4)
+    assert vm.translate(data_va).gpa == HIGH + 0x8000
+    ex = vm.run(timeout=60)
+    assert ex.exitcode == VmExitCode.SUSPENDED and ex.code == 1, str(ex)
+    assert struct.unpack("<QQ", mem.read(HIGH + 0x8000, 16)) == (0x5555, 0x6666)
+    if vcpu.emulation_counts:  # KVM handed it to hvjit, whose walk read the high tables
+        assert vcpu.emulation_counts == {"cmpxchg16b": 1}
+        assert mem.read_u64(pd_high) & 0x60 == 0x60  # accessed and dirty, set by that walk
+
+
+def test_the_bytes_kvm_captured_win_over_memory(session):
+    """Memory at RIP no longer holds what KVM failed on (another vCPU rewrote it): hvjit
+    runs the instruction KVM reported, not the one it would fetch now."""
+    from hvjit.abi import KvmExit, KvmInternalError
+    from hvjit.emulation import handle_emulation_failure
+    from hvjit.exits import VmExit
+
+    vm = session.create_vm("kvmbytes", memory=2 << 20)
+    vcpu = _setup(vm, ".code64\n popcnt %rbx, %r12\n hlt\n")  # what memory holds now
+    vcpu.set_registers(rbx=0xFF, r12=0, r13=0)
+    ran = assemble(".code64\n popcnt %rbx, %r13\n", 0)  # what KVM saw: same length
+    raw = bytes([len(ran)]) + ran + b"\x90" * (15 - len(ran))
+    info = (1, int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
+    exit_ = VmExit(exitcode=VmExitCode.EMULATION_FAILURE, rip=CODE, kvm_reason=KvmExit.INTERNAL_ERROR,
+                   suberror=KvmInternalError.EMULATION, info=info)
+    assert handle_emulation_failure(vcpu, exit_) is None
+    r = vcpu.get_registers("r12", "r13", "rip")
+    assert (r["r12"], r["r13"], r["rip"]) == (0, 8, CODE + len(ran))

@@ -508,6 +508,124 @@ def test_accessed_and_dirty_bits(mode):
         assert not b.read_entry(b.entry_gpa(0x3000, 3)) & PTE_A
 
 
+def _split_into_segments(mem, base, rng):
+    """The same guest RAM as two segments placed out of order in a bigger host array, with
+    garbage around and between them: (host array, segment rows, host offset of each byte)."""
+    cut = int(rng.integers(1, mem.size // 4096)) * 4096
+    low, high = mem[:cut], mem[cut:]
+    gap = int(rng.integers(1, 16)) * 4096
+    host = rng.integers(0, 256, high.size + gap + low.size + 4096, dtype=np.uint8)
+    host[:high.size] = high
+    low_at = high.size + gap
+    host[low_at:low_at + low.size] = low
+    rows = [(base + cut, high.size, 0), (base, cut, low_at)]
+    offsets = np.concatenate([np.arange(low_at, low_at + cut), np.arange(0, high.size)])
+    return host, rows, offsets
+
+
+@pytest.mark.parametrize("mode", [PagingMode.BITS32, PagingMode.PAE, PagingMode.LEVEL4,
+                                  PagingMode.LEVEL5])
+def test_tables_in_several_segments_walk_as_in_one(mode):
+    """Guest RAM in two segments (page tables in either, the later one first in the host
+    array, garbage between): the same answers and A/D side effects as one flat array."""
+    rng = np.random.default_rng(5000 + int(mode))
+    for _ in range(15):
+        mem, glas, access, implicit, registers = _random_case(rng, mode)
+        if mem.size < 8192:
+            continue
+        base = registers["mem_base_gpa"]
+        host, rows, offsets = _split_into_segments(mem, base, rng)
+        garbage = host.copy()
+        want = pw.translate_batch(mem, glas, access=access, implicit_supervisor=implicit, **registers)
+        split = {k: v for k, v in registers.items() if k != "mem_base_gpa"}
+        got = pw.translate_batch(host, glas, access=access, implicit_supervisor=implicit,
+                                 segments=rows, **split)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(host[offsets], mem)  # A/D bits landed in the right place
+        outside = np.ones(host.size, bool)
+        outside[offsets] = False
+        np.testing.assert_array_equal(host[outside], garbage[outside])  # nothing else touched
+
+
+def test_page_tables_above_a_gap_and_bad_segment_tables():
+    low = 0x10_0000
+    high_gpa = 0x1_0000_0000
+    mem = np.zeros(low + 0x10_0000, np.uint8)  # host: [low RAM][RAM at 4 GiB]
+    rows = [(0, low, 0), (high_gpa, 0x10_0000, low)]
+    b = PageTableBuilder(mem[low:], PagingMode.LEVEL4, table_area_gpa=high_gpa, mem_base_gpa=high_gpa)
+    b.map(0x7000, 0x5000)
+    b.map(0x8000, high_gpa + 0x3000)
+    regs = _registers(PagingMode.LEVEL4, b, set_ad=True, segments=rows)
+    assert pw.translate(mem, 0x7123, **regs).gpa == 0x5123
+    assert pw.translate(mem, 0x8010, **regs).gpa == high_gpa + 0x3010
+    assert b.read_entry(b.entry_gpa(0x7000, 1)) & PTE_A
+    mem[0x5000:0x5004] = np.frombuffer(b"data", np.uint8)
+    assert pw.copy_in(mem, 0x7000, 4, **regs) == b"data"
+    pw.copy_out(mem, 0x8000, b"high", **regs)
+    assert mem[low + 0x3000:low + 0x3004].tobytes() == b"high"
+    b.write_entry(b.entry_gpa(0x7000, 2), 0x8000_0000 | PTE_P | PTE_RW)  # into the gap
+    gpas, statuses, _ = pw.translate_batch(mem, np.array([0x7000], np.uint64), **regs)
+    assert statuses[0] == WalkStatus.BAD_GPA and gpas[0] == 0x8000_0000 + 0x38
+    for bad in ([(0, low, 0), (low - 4096, 8192, low)],  # overlapping segments
+                [(0, mem.size + 1, 0)],  # past the array
+                [(0, 0, 0)]):
+        with pytest.raises(ValueError):
+            pw.translate(mem, 0x7000, **dict(regs, segments=bad))
+
+
+def test_accessed_dirty_updates_are_atomic_against_another_cpu():
+    """A walker thread setting A in a PTE while another clears A and toggles another bit of
+    the same byte with compare-and-swap: every toggle survives and every walk ends OK (or
+    CONTENDED). A plain read-modify-write could lose a toggle, but too rarely for a test to
+    catch: ``test_batch_loop_has_no_reference_counting`` checks the code is a cmpxchg."""
+    import threading
+    import time
+
+    from hvjit._jit import atomic_cas64, kernel
+
+    @kernel
+    def flipper(mem, offset, rounds):
+        done = 0
+        while done < rounds:
+            old = atomic_cas64(mem, offset, np.uint64(0), np.uint64(0))  # an atomic read
+            new = (old ^ np.uint64(0x10)) & ~np.uint64(0x20)  # toggle PCD, clear A
+            if atomic_cas64(mem, offset, old, new) == old:
+                done += 1
+        return done
+
+    mem, b = _setup(PagingMode.LEVEL4, size=1 << 20)
+    leaf = b.map(0x3000, 0x9000)
+    regs = _registers(PagingMode.LEVEL4, b, set_ad=True)
+    glas = np.full(20000, 0x3000, np.uint64)
+    pw.translate_batch(mem, glas[:4], **regs)
+    flips = flipper(mem, np.uint64(leaf), 1)
+    statuses = []
+    started, stop = threading.Event(), threading.Event()
+
+    def walker():  # translate_batch releases the GIL: the two threads run at once
+        while not stop.is_set():
+            statuses.append(pw.translate_batch(mem, glas, **regs)[1])
+            started.set()
+
+    thread = threading.Thread(target=walker)
+    thread.start()
+    try:
+        assert started.wait(30)
+        before, deadline = len(statuses), time.monotonic() + 60
+        while len(statuses) - before < 3 and time.monotonic() < deadline:  # however loaded the host
+            flips += flipper(mem, np.uint64(leaf), 200_000)
+        during = len(statuses) - before
+    finally:
+        stop.set()
+        thread.join()
+    assert during >= 3, "the walks did not overlap the flips"
+    walked = np.concatenate(statuses)
+    assert set(np.unique(walked).tolist()) <= {WalkStatus.OK, WalkStatus.CONTENDED}
+    assert b.read_entry(leaf) & 0x10 == (0x10 if flips % 2 else 0)  # no toggle lost
+    assert b.read_entry(leaf) & ~0x30 == 0x9000 | PTE_P | PTE_RW | PTE_US
+
+
 def test_tables_outside_memory_and_nonzero_base():
     base = 0x4000_0000
     mem, b = _setup(PagingMode.LEVEL4, size=1 << 20, base=base)
@@ -597,7 +715,7 @@ def test_with_numba_boundscheck(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "random_tables or outside_memory or accessed or copy"],
+         "-k", "random_tables or outside_memory or accessed or copy or segments or gap"],
         env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
@@ -654,3 +772,6 @@ def test_batch_loop_has_no_reference_counting(tmp_path):
     assert body, "walk_batch's function not found in its LLVM IR"
     assert re.search(r"call [^@\n]*@NRT_incref", body.group(0))  # the check sees NRT calls
     assert _blocks_in_cycles_calling_nrt(body.group(0)) == []
+    # Accessed/dirty updates are locked compare-and-swaps (other vCPUs share the tables).
+    assert re.search(r"cmpxchg ptr [^\n]*i64", body.group(0))
+    assert re.search(r"cmpxchg ptr [^\n]*i32", body.group(0))

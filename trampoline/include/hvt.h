@@ -117,6 +117,13 @@ HVT_EXPORT int hvt_vcpu_set_attr(int vcpu_fd, uint32_t group, uint64_t attr, con
  * many pages were copied. */
 HVT_EXPORT int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap,
                                   uint64_t npages, uint64_t page_size);
+/*
+ * Compare-and-swap of the `size` bytes at `addr` (1, 2, 4, 8 or 16, naturally aligned): they
+ * become *desired if they equal *expected. Returns 1 when swapped, 0 when not (*expected then
+ * holds what was there), -EINVAL for a bad size or alignment. A locked cmpxchg (cmpxchg16b
+ * for 16), atomic against vCPUs running on the same memory.
+ */
+HVT_EXPORT int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired);
 
 /* ---- msr.c: host MSRs through /dev/cpu/N/msr ------------------------------------------- */
 /* -ENOENT when the msr driver is absent; -EIO when the MSR faulted (#GP). */

@@ -1,0 +1,70 @@
+"""Locked read-modify-writes on guest RAM.
+
+An instruction hvjit emulates reads guest memory, computes, and writes back; other vCPUs run
+on the same memory meanwhile. For a locked instruction (a LOCK prefix, cmpxchg8b/16b) the
+write-back is a compare-and-swap against the bytes the instruction read
+(``hvt_mem_cas``: the CPU's own ``lock cmpxchg``/``cmpxchg16b``): when they changed in
+between, the caller runs the instruction again on the new value, as the CPU's locked
+operation would have seen it.
+
+A CAS covers a naturally aligned block of 1 to 16 bytes: an operand inside one is swapped as
+that block (its neighbours compared and kept). One that crosses a 16-byte boundary, or is not
+RAM, or holds a software breakpoint, cannot be swapped: the caller writes it plainly, as
+KVM's emulator does for a split locked access.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .. import _trampoline as _t
+from ..errors import GuestMemoryError, HvjitError
+
+MAX_BLOCK = 16
+NEIGHBOUR_RETRIES = 64  # bytes next to the operand, in the same block, changing under us
+
+
+def cas_block(gpa: int, size: int) -> Optional[tuple[int, int]]:
+    """(start, width) of the smallest naturally aligned block of at most 16 bytes holding
+    ``[gpa, gpa + size)``, None if there is none."""
+    width = 1
+    while width < size or gpa // width != (gpa + size - 1) // width:
+        width *= 2
+        if width > MAX_BLOCK:
+            return None
+    return gpa - gpa % width, width
+
+
+def compare_and_swap(memory, gpa: int, expected: bytes, desired: bytes) -> Optional[bool]:
+    """Store ``desired`` at guest-physical ``gpa`` if the bytes there still equal
+    ``expected``, atomically. True: stored; False: they had changed (nothing stored); None:
+    not possible here (see the module doc), nothing done."""
+    size = len(expected)
+    if size != len(desired) or size == 0:
+        raise ValueError("expected and desired must be the same, non-zero length")
+    block = cas_block(gpa, size)
+    if block is None:
+        return None
+    start, width = block
+    try:
+        view = memory.view(start, width)
+    except GuestMemoryError:
+        return None  # not RAM (MMIO), or split over segments
+    if any(start <= at < start + width for at in memory.patches):
+        return None  # a breakpoint's byte: the guest's value lives in the patch table
+    at = gpa - start
+    old = _t.ffi.new("uint8_t[16]")
+    new = _t.ffi.new("uint8_t[16]")
+    address = _t.ffi.cast("void *", view.ctypes.data)
+    for _ in range(NEIGHBOUR_RETRIES):
+        current = view.tobytes()
+        if current[at:at + size] != expected:
+            return False
+        old[0:width] = current
+        new[0:width] = current[:at] + desired + current[at + size:]
+        rc = _t.lib.hvt_mem_cas(address, width, old, new)
+        if rc < 0:
+            raise HvjitError(f"hvt_mem_cas refused {width} bytes at guest-physical {start:#x}: {_t.errno_name(rc)}")
+        if rc == 1:
+            return True
+    return False  # the block keeps changing: let the caller start the instruction over
