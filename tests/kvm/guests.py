@@ -71,3 +71,18 @@ def build_elf(tmp_path, source: str = ELF_ADD_TWO, bits: int = 64, text: int = 0
     subprocess.run(["ld", "-m", "elf_x86_64" if bits == 64 else "elf_i386", f"-Ttext={text:#x}", "-e", "_start",
                     "-o", str(out), str(obj)], check=True)
     return out.read_bytes()
+
+
+# A loop whose `add` at TARGET runs three times: rbx goes 1, 12, 23, then the guest exits 33.
+LOOP = """
+.code64
+    xor %ebx, %ebx
+1:  inc %ebx
+target:
+    add $10, %ebx
+    cmp $33, %ebx
+    jne 1b
+    mov %ebx, %eax
+    outl %eax, $0xf4
+"""
+LOOP_TARGET = LOAD + 2 + 2  # xor (2 bytes) + inc (2 bytes)

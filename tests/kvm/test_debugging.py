@@ -12,7 +12,7 @@ from hvjit.asm import assemble
 from hvjit.errors import GuestFault, UnsupportedError
 from hvjit.vcpu_debug import Capability, DebugError, host_support
 
-from .guests import build_elf, load
+from .guests import LOOP, build_elf, load
 
 needs_binutils = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
                                     reason="GNU as/ld (binutils) not installed")
@@ -62,17 +62,6 @@ def test_step_n_counts_instructions(session):
     assert ex.exitcode == VmExitCode.MTRAP and ex.rip == expected[4]
 
 
-LOOP = """
-.code64
-    xor %ebx, %ebx
-1:  inc %ebx
-target:
-    add $10, %ebx
-    cmp $33, %ebx
-    jne 1b
-    mov %ebx, %eax
-    outl %eax, $0xf4
-"""
 
 
 @pytest.mark.parametrize("cpl", [3, 0])

@@ -9,23 +9,12 @@ from hvjit import loaders
 from hvjit.abi import VmExitCode
 from hvjit.hooks import HookError
 
-from .guests import build_elf, load
+from .guests import LOOP, LOOP_TARGET, build_elf, load
 
 needs_binutils = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
                                     reason="GNU as/ld (binutils) not installed")
 
-LOOP = """
-.code64
-    xor %ebx, %ebx
-1:  inc %ebx
-target:
-    add $10, %ebx
-    cmp $33, %ebx
-    jne 1b
-    mov %ebx, %eax
-    outl %eax, $0xf4
-"""
-TARGET = 0x1000 + 2 + 2  # xor (2 bytes) + inc (2 bytes)
+TARGET = LOOP_TARGET
 
 
 @pytest.mark.parametrize("cpl", [3, 0])

@@ -25,43 +25,32 @@ int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap, uint6
     return copied;
 }
 
+/* One width of compare-and-swap: 1 if *addr held *expected (now *desired), else 0 with
+ * *expected updated to what it held. memcpy keeps the Python buffers' alignment out of it. */
+#define HVT_CAS_WIDTH(type)                                                                     \
+    do {                                                                                        \
+        type e, d;                                                                              \
+        memcpy(&e, expected, sizeof(type));                                                     \
+        memcpy(&d, desired, sizeof(type));                                                     \
+        int ok = __atomic_compare_exchange_n((type *)addr, &e, d, 0, __ATOMIC_SEQ_CST,           \
+                                             __ATOMIC_SEQ_CST);                                 \
+        memcpy(expected, &e, sizeof(type));                                                     \
+        return ok;                                                                              \
+    } while (0)
+
 int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired)
 {
     if (size == 0 || size > 16 || (size & (size - 1)) || ((uintptr_t)addr & (size - 1)))
         return -EINVAL;
     switch (size) {
-    case 1: {
-        uint8_t e, d;
-        memcpy(&e, expected, 1);
-        memcpy(&d, desired, 1);
-        int ok = __atomic_compare_exchange_n((uint8_t *)addr, &e, d, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-        memcpy(expected, &e, 1);
-        return ok;
-    }
-    case 2: {
-        uint16_t e, d;
-        memcpy(&e, expected, 2);
-        memcpy(&d, desired, 2);
-        int ok = __atomic_compare_exchange_n((uint16_t *)addr, &e, d, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-        memcpy(expected, &e, 2);
-        return ok;
-    }
-    case 4: {
-        uint32_t e, d;
-        memcpy(&e, expected, 4);
-        memcpy(&d, desired, 4);
-        int ok = __atomic_compare_exchange_n((uint32_t *)addr, &e, d, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-        memcpy(expected, &e, 4);
-        return ok;
-    }
-    case 8: {
-        uint64_t e, d;
-        memcpy(&e, expected, 8);
-        memcpy(&d, desired, 8);
-        int ok = __atomic_compare_exchange_n((uint64_t *)addr, &e, d, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-        memcpy(expected, &e, 8);
-        return ok;
-    }
+    case 1:
+        HVT_CAS_WIDTH(uint8_t);
+    case 2:
+        HVT_CAS_WIDTH(uint16_t);
+    case 4:
+        HVT_CAS_WIDTH(uint32_t);
+    case 8:
+        HVT_CAS_WIDTH(uint64_t);
     default: {
         /* cmpxchg16b (built with -mcx16): the __sync form is inlined, __atomic would call
          * libatomic, which may use a lock the guest's own cmpxchg16b does not honour. */
