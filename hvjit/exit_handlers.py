@@ -71,11 +71,12 @@ def _msr(vcpu, rec) -> Optional[VmExit]:
         return to_caller(vcpu, rec)
     r = vcpu._run[0]
     index = int(r["msr_index"])
+    extra = {"vcpu": vcpu} if getattr(handler, "takes_vcpu", False) else {}
     if int(rec["exitcode"]) == VmExitCode.WRMSR:
-        ok = handler(index, True, int(r["msr_data"]))
+        ok = handler(index, True, int(r["msr_data"]), **extra)
         r["msr_error"] = 1 if ok is False else 0
     else:
-        value = handler(index, False, 0)
+        value = handler(index, False, 0, **extra)
         r["msr_error"] = 1 if value is None else 0
         r["msr_data"] = 0 if value is None else int(value) & (1 << 64) - 1
     return None
@@ -85,6 +86,9 @@ def _debug_stop(vcpu, rec) -> Optional[VmExit]:
     """KVM_EXIT_DEBUG, or a shutdown while debug controls are on: a step, a breakpoint or a
     watchpoint (see :mod:`hvjit.vcpu_debug`); a real triple fault goes to the caller."""
     exit_ = to_caller(vcpu, rec)
+    owned = vcpu_debug.owned_hit(vcpu, exit_)
+    if owned is not None and owned.on_hit is not None:
+        return owned.on_hit(vcpu, exit_)
     shutdown = exit_.kvm_reason == KvmExit.SHUTDOWN
     if exit_.kvm_reason != KvmExit.DEBUG and not (shutdown and vcpu_debug.is_debugging(vcpu)):
         return exit_
