@@ -100,6 +100,7 @@ int hvt_vcpu_get_tsc_khz(int fd);
 int hvt_vcpu_set_guest_debug(int fd, const struct kvm_guest_debug *dbg);
 int hvt_vcpu_get_debugregs(int fd, struct kvm_debugregs *regs);
 int hvt_vcpu_set_debugregs(int fd, const struct kvm_debugregs *regs);
+int hvt_vcpu_stats_fd(int fd);
 int hvt_vcpu_get_xsave(int fd, void *area, int size);
 int hvt_vcpu_set_xsave(int fd, const void *area);
 int hvt_vcpu_get_xcrs(int fd, struct kvm_xcrs *xcrs);

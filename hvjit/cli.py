@@ -164,6 +164,7 @@ def run_image(args, out=sys.stdout) -> int:
             sink = out.buffer if hasattr(out, "buffer") else None
             vm.console_sink = (lambda b: (sink.write(b), sink.flush())) if sink else (
                 lambda b: (out.write(b.decode("latin-1")), out.flush()))
+        watch = _watch_boot(vm, args, fmt)
         if args.gdb:
             outcome = _serve_gdb(vm, args.gdb)
             if outcome.reason == "killed":
@@ -176,6 +177,7 @@ def run_image(args, out=sys.stdout) -> int:
         stdin_feeder = _feed_stdin(vm) if args.interactive else None
         if args.trace:
             vm.trace.enable(args.trace_size)
+        progress = _show_progress(vm, watch, args, fmt)
         try:
             if args.snapshot_at:
                 result = _run_with_snapshot(vm, args)
@@ -192,6 +194,8 @@ def run_image(args, out=sys.stdout) -> int:
                 print(f"\nhvjit: interrupted; counters: {counters}", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
+            if progress is not None:
+                progress.set()
             if stdin_feeder is not None:
                 stdin_feeder.set()
             if args.trace:
@@ -200,12 +204,52 @@ def run_image(args, out=sys.stdout) -> int:
         if args.json:
             doc = result.to_dict()
             doc.update(status=status, format=fmt, counters=result.vcpu_stats[0] if args.cpus == 1 else result.vcpu_stats)
+            if watch is not None:
+                doc["milestones"] = {name: round(t, 3) for name, t in watch.reached.items()}
             _print_json(doc)
         else:
             print(f"hvjit: {result}", file=sys.stderr)
             if result.exit.report is not None:
                 print(f"hvjit: {result.exit.report}", file=sys.stderr)
     return status
+
+
+def _watch_boot(vm, args, fmt):
+    """Milestones of a Linux boot (or the user's --marker), seen on the console."""
+    if fmt != "linux" and not args.marker:
+        return None
+    from .boot_progress import LINUX_MILESTONES, BootWatch
+
+    watch = BootWatch(LINUX_MILESTONES if fmt == "linux" else (), marker=(args.marker or "").encode() or None)
+    inner = vm.console_sink
+
+    def sink(chunk: bytes) -> None:
+        watch.feed(chunk)
+        if inner is not None:
+            inner(chunk)
+
+    vm.console_sink = sink
+    return watch
+
+
+def _show_progress(vm, watch, args, fmt):
+    """A progress line on stderr every --progress-every seconds (auto: Linux on a terminal)."""
+    import threading
+
+    wanted = args.progress == "on" or (args.progress == "auto" and fmt == "linux" and sys.stderr.isatty())
+    if not wanted or watch is None:
+        return None
+    stop = threading.Event()
+    tty = sys.stderr.isatty()
+
+    def report():
+        while not stop.wait(args.progress_every):
+            line = watch.line(vm)
+            print(f"\r\x1b[K{line}" if tty else f"hvjit: {line}", end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+
+    threading.Thread(target=report, name="hvjit-progress", daemon=True).start()
+    return stop
 
 
 def _save_trace(vm, path) -> None:
@@ -478,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", metavar="FILE", help="run FILE through the fuzzing harness (docs/fuzzing.md); "
                      "--timeout is then per input")
     run.add_argument("-v", "--verbose", action="store_true", help="print what was loaded where")
+    run.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                     help="a progress line on stderr: latest boot milestone, exits, emulation counters "
+                          "(auto: Linux kernels on a terminal)")
+    run.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS")
+    run.add_argument("--marker", default=None,
+                     help="a console string that counts as the last milestone (e.g. a shell script's output)")
     run.add_argument("--json", action="store_true", help="print the exit record, counters and console as JSON")
     run.set_defaults(func=cmd_run)
 

@@ -31,7 +31,10 @@ def _port_io(vcpu, rec) -> Optional[VmExit]:
     """A port claimed by a Python handler: call it for each element of the access."""
     handler = vcpu.vm.bus.port_handler(int(rec["port"]))
     if handler is None:
-        return to_caller(vcpu, rec)
+        if vcpu.vm.unassigned_ports != "ones":
+            return to_caller(vcpu, rec)
+        handler = _unassigned_port
+        vcpu.vm.unassigned_port_accesses += 1
     r, page = vcpu._run[0], vcpu._page
     size, count = int(r["io_size"]), int(r["io_count"])
     port, at = int(r["io_port"]), int(r["io_data_offset"])
@@ -45,6 +48,11 @@ def _port_io(vcpu, rec) -> Optional[VmExit]:
         if not is_write:
             view[:] = np.frombuffer(int(result or 0).to_bytes(8, "little", signed=False)[:size], np.uint8)
     return None
+
+
+def _unassigned_port(port: int, size: int, is_write: bool, value: int) -> int:
+    """A port no device decodes, on a PC bus: reads float high, writes go nowhere."""
+    return (1 << (8 * size)) - 1
 
 
 def _mmio(vcpu, rec) -> Optional[VmExit]:

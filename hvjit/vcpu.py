@@ -34,11 +34,13 @@ from .abi import (
     KVM_XSAVE_SIZE,
     SEGMENT_NAMES,
     VM_EXIT_DTYPE,
+    Cap,
     SuspendHow,
     VmExitCode,
 )
 from .errors import KvmError, ObjectDestroyedError, RegisterError
 from .exits import VmExit
+from .kvm_stats import KvmStats
 from .vcpu_lifecycle import Request, RunControl, VcpuBusyError, VcpuState, authorize, ensure_kick_signal
 
 Vm = Any  # hvjit.vm.Vm: not imported, the VM imports this module
@@ -174,6 +176,7 @@ class Vcpu:
         self.tick_hooks: list[Callable[["Vcpu"], None]] = []
         self.tick_period = 0.02
         self._tick_due = False
+        self._kvm_stats: Optional[KvmStats] = None  # opened on first use
         # Without KVM_SET_CPUID2 a guest sees almost no features (long mode included).
         self.set_cpuid(vm.kvm.vcpu_cpuid(index))
 
@@ -200,6 +203,8 @@ class Vcpu:
         return self._control.release_when_idle(self._release, wait)
 
     def _release(self) -> None:
+        if self._kvm_stats is not None:
+            self._kvm_stats.close()
         # Drop every numpy view of the run page before unmapping it.
         self._page = self._run = None
         _t.lib.hvt_vcpu_destroy(self.fd, self._run_ptr, self._mmap_size)
@@ -210,6 +215,23 @@ class Vcpu:
 
     def _call(self, rc: int, op: str) -> int:
         return _t.check(rc, op, f"vcpu {self.index} of VM {self.vm.name!r}")
+
+    def kvm_stats(self) -> dict[str, int]:
+        """KVM's own counters for this vCPU (``exits``, ``insn_emulation``, ...), {} where the
+        host has no KVM_CAP_BINARY_STATS_FD."""
+        stats = self._open_kvm_stats()
+        return stats.read() if stats is not None else {}
+
+    def kvm_stat(self, name: str) -> Optional[int]:
+        """One of KVM's counters, None if the host does not keep it."""
+        stats = self._open_kvm_stats()
+        return stats.get(name) if stats is not None else None
+
+    def _open_kvm_stats(self) -> Optional[KvmStats]:
+        self._check()
+        if self._kvm_stats is None and self.vm.kvm.has(Cap.BINARY_STATS_FD):
+            self._kvm_stats = KvmStats(self.fd)
+        return self._kvm_stats
 
     # ---- whole register files ------------------------------------------------------------
 

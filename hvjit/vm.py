@@ -95,6 +95,10 @@ class Vm:
         self._msr_handlers: dict = {}
         self._msr_exits = 0
         self.syscall_stats: Optional[syscall_entry.SyscallStats] = None
+        # A port that no device or handler claims: "exit" returns the access to the caller
+        # (an INOUT exit); "ones" answers as a PC bus does (PC guests' loaders choose it).
+        self.unassigned_ports = "exit"
+        self.unassigned_port_accesses = 0
         self.rep_string_stats: Optional[rep_strings.RepStringStats] = None
         self.uart: Optional[Uart16550] = None
         self.debug_exit: Optional[DebugExit] = None

@@ -21,9 +21,10 @@ LAYERS = [
                      "hvjit.msr_filter", "hvjit.tsc", "hvjit.vcpu", "hvjit.vcpu_threads", "hvjit.dirty",
                      "hvjit.snapshot_file", "hvjit.snapshot", "hvjit.reset", "hvjit.gdb_protocol", "hvjit.gdb_registers",
                      "hvjit.gdbstub", "hvjit.trace", "hvjit.hooks", "hvjit.syscall_entry", "hvjit.rep_strings",
+                     "hvjit.kvm_stats",
                      "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
     ("management", ["hvjit.handles", "hvjit.objects", "hvjit.factory", "hvjit.gip", "hvjit.session"]),
-    ("front", ["hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
+    ("front", ["hvjit.boot_progress", "hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
                "hvjit.fuzz", "hvjit.fuzz.*", "hvjit.fleet", "hvjit.cli", "hvjit.__main__", "hvjit.trace_plot"]),
 ]
 # Stricter rooms inside a layer: pure kernels and devices see only the base (and their own package).

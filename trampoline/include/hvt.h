@@ -91,6 +91,8 @@ HVT_EXPORT int hvt_vcpu_set_guest_debug(int vcpu_fd, const struct kvm_guest_debu
 /* DR0-DR3, DR6, DR7 as the guest sees them (KVM_CAP_DEBUGREGS). */
 HVT_EXPORT int hvt_vcpu_get_debugregs(int vcpu_fd, struct kvm_debugregs *regs);
 HVT_EXPORT int hvt_vcpu_set_debugregs(int vcpu_fd, const struct kvm_debugregs *regs);
+/* A file descriptor for the vCPU's binary statistics (KVM_GET_STATS_FD); -errno on failure. */
+HVT_EXPORT int hvt_vcpu_stats_fd(int vcpu_fd);
 /* The XSAVE area (standard format; `size` from KVM_CAP_XSAVE2 on the VM fd, at least 4096). */
 HVT_EXPORT int hvt_vcpu_get_xsave(int vcpu_fd, void *area, int size);
 HVT_EXPORT int hvt_vcpu_set_xsave(int vcpu_fd, const void *area);

@@ -132,6 +132,14 @@ int hvt_vcpu_set_guest_debug(int fd, const struct kvm_guest_debug *dbg)
     return ioctl_rc(ioctl(fd, KVM_SET_GUEST_DEBUG, dbg));
 }
 
+int hvt_vcpu_stats_fd(int fd)
+{
+#ifndef KVM_GET_STATS_FD
+#define KVM_GET_STATS_FD _IO(KVMIO, 0xce) /* Linux 5.14 */
+#endif
+    return ioctl_rc(ioctl(fd, KVM_GET_STATS_FD, 0));
+}
+
 int hvt_vcpu_get_debugregs(int fd, struct kvm_debugregs *regs)
 {
     return ioctl_rc(ioctl(fd, KVM_GET_DEBUGREGS, regs));
