@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -55,6 +54,8 @@ def parse_int(text: str) -> int:
 
 
 def _print_json(obj) -> None:
+    import json
+
     json.dump(obj, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
 
@@ -199,13 +200,56 @@ def run_image(args, out=sys.stdout) -> int:
         status = _exit_status(result.exit)
         if args.json:
             doc = result.to_dict()
-            doc.update(status=status, format=fmt, counters=result.vcpu_stats[0] if args.cpus == 1 else result.vcpu_stats)
+            doc.update(status=status, format=fmt, counters=result.vcpu_stats[0] if args.cpus == 1 else result.vcpu_stats,
+                       startup=startup_figures())
             _print_json(doc)
         else:
             print(f"hvjit: {result}", file=sys.stderr)
             if result.exit.report is not None:
                 print(f"hvjit: {result.exit.report}", file=sys.stderr)
     return status
+
+
+def process_start_ns() -> Optional[int]:
+    """When this process started, on CLOCK_MONOTONIC (ns), from ``/proc/self/stat``: the
+    kernel keeps it in clock ticks (USER_HZ, 10 ms here), so it is up to one tick early."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, starttime
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    # starttime counts from boot (CLOCK_BOOTTIME); move it onto CLOCK_MONOTONIC.
+    offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+    return ticks * 1_000_000_000 // hz - offset
+
+
+def startup_figures() -> dict:
+    """Start-up and footprint of this process, for ``hvjit run --json``'s ``startup``:
+
+    - ``first_kvm_run_ns``: CLOCK_MONOTONIC taken in C just before the process's first KVM_RUN
+      ioctl (``hvt_vcpu_run``); compare it with a clock read before the process was spawned
+      (bench/test_bench_startup.py does) for the exact time to the first KVM_RUN.
+    - ``process_start_ns``: the process's start on the same clock (``/proc/self/stat``,
+      resolution one clock tick, 10 ms); ``first_kvm_run_s`` and ``wall_s`` count from it
+      (``wall_s``: to this report, just before the VM is torn down and the process exits).
+    - ``max_rss_kib``: peak resident set size so far (``getrusage``'s ``ru_maxrss``).
+    """
+    import resource
+
+    from . import _trampoline as _t
+
+    now = time.monotonic_ns()
+    first = int(_t.lib.hvt_vcpu_first_run_ns()) or None
+    start = process_start_ns()
+    return {
+        "first_kvm_run_ns": first,
+        "process_start_ns": start,
+        "first_kvm_run_s": round((first - start) / 1e9, 4) if first and start else None,
+        "wall_s": round((now - start) / 1e9, 4) if start else None,
+        "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
 
 
 def _save_trace(vm, path) -> None:
