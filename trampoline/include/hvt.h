@@ -72,6 +72,8 @@ HVT_EXPORT int hvt_vcpu_create(int vm_fd, int id, int mmap_size, struct kvm_run 
 HVT_EXPORT int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size);
 /* One KVM_RUN. 0 on an exit to user space; -EINTR when kicked or interrupted. */
 HVT_EXPORT int hvt_vcpu_run(int vcpu_fd);
+/* CLOCK_MONOTONIC in ns just before the process's first KVM_RUN (through hvt_vcpu_run); 0: none yet. */
+HVT_EXPORT int64_t hvt_vcpu_first_run_ns(void);
 /* Ask a vCPU thread (pthread id) that may be inside KVM_RUN to leave it now. */
 HVT_EXPORT int hvt_vcpu_kick(uint64_t thread, struct kvm_run *run);
 HVT_EXPORT int hvt_vcpu_get_regs(int vcpu_fd, struct kvm_regs *regs);
