@@ -98,9 +98,8 @@ def handler_address(vcpu, vector: int, sregs=None) -> Optional[int]:
     base, limit = int(sregs["idt"]["base"]), int(sregs["idt"]["limit"])
     if vector * 16 + 15 > limit:
         return None
-    try:
-        gate = vcpu.read_virtual(base + vector * 16, 16)
-    except GuestFault:
+    gate = _read_kernel(vcpu, base + vector * 16, 16)
+    if gate is None:
         return None
     lo, _selector, _ist, _attr, mid, hi = struct.unpack("<HHBBHI", gate[:12])
     return lo | mid << 16 | hi << 32
@@ -127,14 +126,29 @@ def arm(vcpu) -> bool:
 def _leading(vcpu, address: int) -> Optional[tuple[int, int, int]]:
     """(length, RFLAGS bits cleared, set) of the instruction at ``address`` if it is one
     this module executes itself."""
-    try:
-        code = vcpu.read_virtual(address, 5)
-    except GuestFault:
+    code = _read_kernel(vcpu, address, 5)
+    if code is None:
         return None
     for pattern, (clear, set_) in _LEADING.items():
         if code.startswith(pattern):
             return len(pattern), clear, set_
     return None
+
+
+def _read_kernel(vcpu, gla: int, n: int) -> Optional[bytes]:
+    """Bytes of kernel memory as the CPU reads the IDT and fetches a handler: supervisor
+    accesses, whatever the vCPU's CPL now (a restored guest may be in user mode)."""
+    from .emulation import guest  # the page walker loads on first use
+    from .kernels import pagewalk as pw
+
+    kw, mem = guest.paging_registers(vcpu)
+    setup = pw.copy_setup(mem, gla, n, access=pw.Access.READ, implicit_supervisor=True, **kw)
+    if setup.fault is not None:
+        return None
+    memory = vcpu.vm.memory
+    if not all(memory.is_mapped(gpa, size) for gpa, size in setup.chunks):
+        return None
+    return b"".join(memory.read(gpa, size) for gpa, size in setup.chunks)
 
 
 def _on_hit(vcpu, exit_: VmExit) -> Optional[VmExit]:

@@ -13,6 +13,7 @@ import pytest
 
 from hvjit import entry
 from hvjit.asm import assemble
+from hvjit.vm import Vm
 
 KERNEL, USER, IDT, USER_STACK = 0x200000, 0x1000, 0x300000, 0x80000
 UNMAPPED = 0x100000000000  # beyond the identity map: PML4 slot 0's PDPT has 4 entries
@@ -93,6 +94,7 @@ idtr:
 
 USER_SOURCE = f"""
 .code64
+    outb %al, $0x99            # an unclaimed port: the run returns here (snapshot point)
     mov $3, %r12d
 1:  mov %rsp, %rbx
     mov %r12, %rax
@@ -142,6 +144,7 @@ def _symbols(code: bytes) -> dict[str, int]:
 @pytest.mark.parametrize("kernel_page_user", [True, False], ids=["gp-at-swapgs", "pf-on-supervisor-text"])
 def test_syscall_from_cpl3_enters_the_kernel_as_on_hardware(session, kernel_page_user):
     vm = _boot(session, f"sys-{int(kernel_page_user)}", kernel_page_user, fixup=None)
+    assert vm.run(timeout=20).exit.port == 0x99
     result = vm.run(timeout=20)
     assert result.code == OK, f"guest reported {result.code:#x} ({result})"
     if vm.kvm.flavour == "pvm":
@@ -150,9 +153,23 @@ def test_syscall_from_cpl3_enters_the_kernel_as_on_hardware(session, kernel_page
         assert stats.syscalls == 3 and stats.faults == 1, stats
 
 
+def test_a_restored_guest_keeps_the_fixup(session):
+    """LSTAR comes back by KVM_SET_MSRS, which no trap sees: the restore arms the fix-up."""
+    vm = _boot(session, "sys-snap", False, fixup=None)
+    assert vm.run(timeout=20).exit.port == 0x99  # the kernel has set LSTAR, user mode next
+    snap = vm.snapshot()
+    vm.destroy()
+    again = Vm.restore(session, snap, name="sys-restored")
+    result = again.run(timeout=20)
+    assert result.code == OK, f"guest reported {result.code:#x} ({result})"
+    if again.kvm.flavour == "pvm":
+        assert again.syscall_stats.syscalls == 3 and again.syscall_stats.armed == 1
+
+
 def test_without_the_fixup_pvm_shows_the_quirk(session):
     """The negative control: where the host has the quirk, the guest sees it without hvjit."""
     vm = _boot(session, "sys-off", True, fixup=False)
+    assert vm.run(timeout=20).exit.port == 0x99
     result = vm.run(timeout=20)
     if vm.kvm.flavour == "pvm":
         assert result.code == GP_SEEN  # swapgs ran at CPL3
@@ -163,6 +180,7 @@ def test_without_the_fixup_pvm_shows_the_quirk(session):
 
 def test_the_fixups_breakpoints_are_not_the_users(session):
     vm = _boot(session, "sys-slots", True, fixup=None)
+    vm.unassigned_ports = "ones"
     assert vm.run(timeout=20).code == OK
     if vm.kvm.flavour != "pvm":
         pytest.skip("no fix-up on this host: syscall works natively")
