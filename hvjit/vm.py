@@ -12,7 +12,7 @@ import threading
 from typing import Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
-from . import interrupts, msr_filter, rep_strings, reset, snapshot, syscall_entry
+from . import interrupts, msr_filter, rep_strings, reset, snapshot, syscall_entry, timer_slack
 from .abi import Cap, SuspendHow
 from .devices import catalog
 from .devices.bus import IoBus
@@ -99,6 +99,7 @@ class Vm:
         # (an INOUT exit); "ones" answers as a PC bus does (PC guests' loaders choose it).
         self.unassigned_ports = "exit"
         self.unassigned_port_accesses = 0
+        self.timer_slack_stats: Optional[timer_slack.SlackStats] = None
         self.rep_string_stats: Optional[rep_strings.RepStringStats] = None
         self.uart: Optional[Uart16550] = None
         self.debug_exit: Optional[DebugExit] = None
@@ -474,6 +475,14 @@ class Vm:
         return self._msr_handlers.get(index)
 
     _msr_traps: Optional[msr_filter.MsrTraps] = None
+
+    def set_timer_slack(self, seconds: float) -> None:
+        """Let each TSC-deadline timer the guest arms fire no sooner than ``seconds`` after
+        (0: off). For guests whose ring 0 is emulated: see :mod:`hvjit.timer_slack`."""
+        self._check()
+        authorize(self, "set_timer_slack")
+        stats = timer_slack.set_slack(self, seconds)
+        self.timer_slack_stats = stats if seconds else None
 
     def trap_msrs(self, handlers: dict, *, read: bool = True, write: bool = True) -> None:
         """Send the guest's RDMSR (``read``) and WRMSR (``write``) of these MSRs to Python,

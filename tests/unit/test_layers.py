@@ -21,7 +21,7 @@ LAYERS = [
                      "hvjit.msr_filter", "hvjit.tsc", "hvjit.vcpu", "hvjit.vcpu_threads", "hvjit.dirty",
                      "hvjit.snapshot_file", "hvjit.snapshot", "hvjit.reset", "hvjit.gdb_protocol", "hvjit.gdb_registers",
                      "hvjit.gdbstub", "hvjit.trace", "hvjit.hooks", "hvjit.syscall_entry", "hvjit.rep_strings",
-                     "hvjit.kvm_stats",
+                     "hvjit.kvm_stats", "hvjit.timer_slack",
                      "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
     ("management", ["hvjit.handles", "hvjit.objects", "hvjit.factory", "hvjit.gip", "hvjit.session"]),
     ("front", ["hvjit.boot_progress", "hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
