@@ -70,6 +70,7 @@ class DirtyTracker:
         # The snapshot whose memory the VM's memory equalled when `since` was last cleared.
         self.base = None
         self.since: Bitmaps = {}
+        self.since_empty = True  # nothing folded into `since` since the last rebase
 
     def _current_layout(self) -> tuple:
         return tuple((s.slot, s.gpa, s.size, s.readonly) for s in self.vm.memory.segments)
@@ -92,6 +93,7 @@ class DirtyTracker:
         self.layout = self._current_layout()
         self.base = None
         self.since = empty_bitmaps(vm.memory.segments)
+        self.since_empty = True
 
     def collect(self) -> Bitmaps:
         """Pages written since the last collect (KVM's log is cleared by reading it)."""
@@ -108,9 +110,15 @@ class DirtyTracker:
 
     @staticmethod
     def _host_written(seg: MemorySegment) -> np.ndarray:
+        written = DirtyTracker.host_written(seg)
+        return np.zeros(bitmap_words(seg.size), np.uint64) if written is None else written
+
+    @staticmethod
+    def host_written(seg: MemorySegment):
+        """The pages hvjit wrote into ``seg`` since the last look (a bitmap), or None."""
         flags = seg.host_dirty
         if flags is None or not flags.any():
-            return np.zeros(bitmap_words(seg.size), np.uint64)
+            return None
         bitmap = pack(flags)
         flags[:] = False
         return bitmap
@@ -119,12 +127,16 @@ class DirtyTracker:
         """Fold what changed since the last look into ``since``; returns ``since``."""
         fresh = self.collect()
         self.since = union(self.since, fresh) if self.since else fresh
+        self.since_empty = False
         return self.since
 
     def rebase(self, snapshot) -> None:
-        """The VM's memory now equals ``snapshot``'s."""
+        """The VM's memory (and its device rows) now equal ``snapshot``'s."""
         self.base = snapshot
-        self.since = empty_bitmaps(self.vm.memory.segments)
+        self.vm.bus.buffer_touched = 0
+        if not self.since_empty:
+            self.since = empty_bitmaps(self.vm.memory.segments)
+            self.since_empty = True
 
 
 def tracker(vm) -> DirtyTracker:

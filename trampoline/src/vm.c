@@ -1,10 +1,12 @@
 /* A VM: memory slots, TSS/identity-map addresses, in-kernel irqchip and PIT, caps. */
-#include "hvt.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+
+#define HVT_PAGE_SIZE 4096 /* KVM's dirty log has one bit a 4 KiB page */
 
 static int ioctl_rc(int rc)
 {
@@ -128,4 +130,38 @@ int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap)
     log.slot = slot;
     log.dirty_bitmap = bitmap;
     return ioctl_rc(ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log));
+}
+
+int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus,
+                 int nvcpus)
+{
+    if (nslots < 0 || nvcpus < 0 || (nslots && !slots) || (nvcpus && !vcpus))
+        return -EINVAL;
+    int first_error = 0;
+    /* Pending exits first: finishing a string IN writes guest memory. */
+    for (int i = 0; i < nvcpus; i++) {
+        struct hvt_reset_vcpu *v = &vcpus[i];
+        v->done = v->run && v->regs && v->sregs ? hvt_vcpu_reset_finish(v->fd, v->run, v->events != NULL) : -EINVAL;
+        if (v->done < 0 && !first_error)
+            first_error = v->done;
+    }
+    if (first_error)
+        return first_error;
+    int copied = 0;
+    for (int i = 0; i < nslots; i++) {
+        struct hvt_reset_slot *s = &slots[i];
+        int rc = hvt_mem_reset_pages(vm_fd, s->slot, s->dst, s->src, s->bitmap, s->extra, s->host_dirty,
+                                     s->npages, HVT_PAGE_SIZE);
+        if (rc < 0)
+            return rc;
+        copied += rc;
+    }
+    for (int i = 0; i < nvcpus; i++) {
+        struct hvt_reset_vcpu *v = &vcpus[i];
+        int done = hvt_vcpu_reset_restore(v->fd, v->run, v->regs, v->sregs, v->events, v->xsave, v->done);
+        v->done = done < 0 ? done : done | (v->done & HVT_RESET_DID_COMPLETE);
+        if (done < 0 && !first_error)
+            first_error = done;
+    }
+    return first_error ? first_error : copied;
 }
