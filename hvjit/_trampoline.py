@@ -48,6 +48,7 @@ struct kvm_clock_data;
 struct hvt_loop_stats;
 struct hvt_reset_slot;
 struct hvt_reset_vcpu;
+struct hvt_reset_vmstate;
 
 int hvt_sys_open(const char *path);
 int hvt_sys_close(int fd);
@@ -82,7 +83,8 @@ int hvt_vm_set_pit2(int vm_fd, const struct kvm_pit_state2 *pit);
 int hvt_vm_get_clock(int vm_fd, struct kvm_clock_data *clock);
 int hvt_vm_set_clock(int vm_fd, const struct kvm_clock_data *clock);
 int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
-int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus, int nvcpus);
+int hvt_vm_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t first_page, uint32_t num_pages, uint64_t *bitmap);
+int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus, int nvcpus, const struct hvt_reset_vmstate *vmstate);
 
 int hvt_vcpu_create(int vm_fd, int id, int mmap_size, struct kvm_run **run_out);
 int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size);

@@ -108,7 +108,11 @@ HVT_LOOP_STATS_DTYPE = np.dtype([
 HVT_RESET_SLOT_DTYPE = np.dtype([("slot", "<i4"), ("pad", "<u4"), ("npages", "<u8"), ("dst", "<u8"),
                                  ("src", "<u8"), ("bitmap", "<u8"), ("extra", "<u8"), ("host_dirty", "<u8")])
 HVT_RESET_VCPU_DTYPE = np.dtype([("fd", "<i4"), ("done", "<i4"), ("run", "<u8"), ("regs", "<u8"),
-                                 ("sregs", "<u8"), ("events", "<u8"), ("xsave", "<u8")])
+                                 ("sregs", "<u8"), ("events", "<u8"), ("xsave", "<u8"), ("xcrs", "<u8"),
+                                 ("msrs", "<u8"), ("nmsrs", "<i4"), ("msrs_set", "<i4"), ("mp_state", "<u8"),
+                                 ("lapic", "<u8"), ("debugregs", "<u8")])
+HVT_RESET_VMSTATE_DTYPE = np.dtype([("irqchip", "<u8"), ("nirqchip", "<i4"), ("pad", "<u4"), ("pit2", "<u8"),
+                                    ("clock", "<u8")])
 
 
 # ---- kvm_run, flattened: the union's members become prefixed fields at their offsets -------
@@ -202,6 +206,7 @@ C_STRUCTS = {
     "hvt_loop_stats": HVT_LOOP_STATS_DTYPE,
     "hvt_reset_slot": HVT_RESET_SLOT_DTYPE,
     "hvt_reset_vcpu": HVT_RESET_VCPU_DTYPE,
+    "hvt_reset_vmstate": HVT_RESET_VMSTATE_DTYPE,
     "kvm_irq_routing_entry": KVM_IRQ_ROUTING_ENTRY_DTYPE,
     "kvm_msr_filter_range": KVM_MSR_FILTER_RANGE_DTYPE,
     "kvm_msr_filter": KVM_MSR_FILTER_DTYPE,

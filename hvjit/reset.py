@@ -30,7 +30,7 @@ import numpy as np
 
 from . import _trampoline as _t
 from . import dirty, snapshot, vcpu_events
-from .abi import HVT_RESET_SLOT_DTYPE, HVT_RESET_VCPU_DTYPE, KVM_XSAVE_SIZE, Cap
+from .abi import HVT_RESET_SLOT_DTYPE, HVT_RESET_VCPU_DTYPE, HVT_RESET_VMSTATE_DTYPE, KVM_XSAVE_SIZE, Cap
 from .errors import SnapshotError
 from .memory import PAGE_SIZE
 from .snapshot import Snapshot
@@ -85,8 +85,8 @@ def pages_between(base: Optional[Snapshot], target: Snapshot) -> Optional[dirty.
     return None
 
 
-# hvt_vcpu_reset's steps (trampoline/include/hvt.h).
-DID_COMPLETE, DID_SET_REGS, DID_SYNC, DID_XSAVE = 1, 2, 4, 8
+# hvt_vm_reset's steps (trampoline/include/hvt.h).
+DID_COMPLETE, DID_SET_REGS, DID_SYNC, DID_XSAVE, DID_PRIVILEGED, MSRS_SHORT = 1, 2, 4, 8, 32, 64
 MAX_PLANS = 8  # plans kept per snapshot (one per VM it was reset into)
 
 
@@ -94,16 +94,33 @@ def _address(cdata) -> int:
     return int(_t.ffi.cast("uintptr_t", cdata))
 
 
+class _Records:
+    """hvt_vm_reset's vCPU records for one kind of reset (CPL3-only or privileged)."""
+
+    def __init__(self, records: np.ndarray):
+        self.records = records
+        self.ptr = _t.ptr(records, "struct hvt_reset_vcpu *")
+        base = _t.ffi.cast("char *", _t.ffi.from_buffer(records))
+        fields = HVT_RESET_VCPU_DTYPE.fields
+        assert fields is not None
+        at = fields["done"][1]
+        # int32_t * to each record's `done`: read back without numpy.
+        self.done = [_t.ffi.cast("int32_t *", base + i * HVT_RESET_VCPU_DTYPE.itemsize + at)
+                     for i in range(len(records))]
+
+
 @dataclass
 class _Plan:
     """What one VM's resets to one snapshot need: hvt_vm_reset's records, every pointer in
     them made once, and the arrays they point into."""
     slots: np.ndarray  # HVT_RESET_SLOT_DTYPE, one per memory segment
-    vcpus: np.ndarray  # HVT_RESET_VCPU_DTYPE, one per vCPU (empty without KVM_CAP_SYNC_REGS)
     slots_ptr: Any
-    vcpus_ptr: Any
-    done: list  # int32_t * to each vCPU record's `done`
+    user: _Records  # one per vCPU (none without KVM_CAP_SYNC_REGS)
+    privileged: _Records  # the same, with the CPL0 state
+    vmstate_ptr: Any  # struct hvt_reset_vmstate *: PICs, IOAPIC, PIT, kvmclock
     host_dirty: list  # each segment's host_dirty array the records point into
+    bitmaps: list  # uint64_t * to each slot record's bitmap (what the reset copied)
+    devices: snapshot.DevicePlan
     xsave: bool  # the C call sets the XSAVE areas
     full: list[np.ndarray]  # all-pages bitmaps, for a target outside this VM's tree
     keep: list  # what the records point into
@@ -118,7 +135,10 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
     snapshot.check_compatible(vm, snap)
     keep: list = []
 
-    def address(array) -> int:
+    def address(array: Optional[np.ndarray]) -> int:
+        if array is None:
+            return 0
+        array = np.ascontiguousarray(array)
         keep.append(array)
         return _address(_t.ptr(array))
 
@@ -132,18 +152,18 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
         row["src"] = address(snap.dense(k))
         row["bitmap"] = address(np.zeros(dirty.bitmap_words(seg.size), np.uint64))
     sync = Cap.SYNC_REGS.name in vm.kvm.capabilities
-    vcpus = np.zeros(len(vm.vcpus) if sync else 0, HVT_RESET_VCPU_DTYPE)
+    user = np.zeros(len(vm.vcpus) if sync else 0, HVT_RESET_VCPU_DTYPE)
     xsave_size = max(KVM_XSAVE_SIZE, vm.xsave_size)
     has_xsave = sync
-    for i, v in enumerate(vm.vcpus[: len(vcpus)]):
-        row = vcpus[i]
+    for i, v in enumerate(vm.vcpus[: len(user)]):
+        row = user[i]
         row["fd"], row["run"] = v.fd, _address(v._run_ptr)
-        row["regs"] = address(np.ascontiguousarray(snap.arrays[f"vcpu{v.index}.regs"][:1]))
-        row["sregs"] = address(np.ascontiguousarray(snap.arrays[f"vcpu{v.index}.sregs"][:1]))
+        row["regs"] = address(snap.arrays[f"vcpu{v.index}.regs"][:1])
+        row["sregs"] = address(snap.arrays[f"vcpu{v.index}.sregs"][:1])
         events = snap.vcpu_array(v.index, "events")
         if events is not None:
             vcpu_events.enable_flags(v, int(events["flags"][0]))  # as the snapshot's VM had them
-            row["events"] = address(np.ascontiguousarray(events[:1]))
+            row["events"] = address(events[:1])
         area = snap.vcpu_array(v.index, "xsave")
         if area is None:
             has_xsave = False  # the legacy FPU image goes through apply_vcpu
@@ -151,13 +171,23 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
         xsave = np.zeros(xsave_size, np.uint8)  # KVM_SET_XSAVE reads the size KVM_CAP_XSAVE2 gives
         xsave[: min(xsave_size, area.size)] = area[:xsave_size]
         row["xsave"] = address(xsave)
-    base = _t.ffi.cast("char *", _t.ffi.from_buffer(vcpus))
-    fields = HVT_RESET_VCPU_DTYPE.fields
-    assert fields is not None
-    done = [_t.ffi.cast("int32_t *", base + i * HVT_RESET_VCPU_DTYPE.itemsize + fields["done"][1])
-            for i in range(len(vcpus))]
-    return _Plan(slots, vcpus, _t.ptr(slots, "struct hvt_reset_slot *"), _t.ptr(vcpus, "struct hvt_reset_vcpu *"),
-                 done, [None] * len(segments), has_xsave, list(dirty.full_bitmaps(segments).values()), keep)
+    privileged = user.copy()
+    for i, v in enumerate(vm.vcpus[: len(user)]):
+        row = privileged[i]
+        msrs = snap._writable.get(f"vcpu{v.index}.msrs", snap.arrays[f"vcpu{v.index}.msrs"])
+        row["msrs"], row["nmsrs"] = address(msrs), len(msrs)
+        for name in ("xcrs", "mp_state", "lapic", "debugregs"):
+            row[name] = address(snap.vcpu_array(v.index, name))
+    vmstate = np.zeros(1, HVT_RESET_VMSTATE_DTYPE)
+    chips = snap.arrays.get("vm.irqchip")
+    vmstate["irqchip"], vmstate["nirqchip"] = address(chips), 0 if chips is None else len(chips)
+    vmstate["pit2"] = address(snap.arrays.get("vm.pit2"))
+    vmstate["clock"] = address(snapshot.clock_to_set(snap.arrays["vm.clock"]))
+    keep.append(vmstate)
+    return _Plan(slots, _t.ptr(slots, "struct hvt_reset_slot *"), _Records(user), _Records(privileged),
+                 _t.ptr(vmstate, "struct hvt_reset_vmstate *"), [None] * len(segments),
+                 [_t.ffi.cast("uint64_t *", int(a)) for a in slots["bitmap"]], snapshot.device_plan(vm, snap), has_xsave,
+                 list(dirty.full_bitmaps(segments).values()), keep)
 
 
 def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
@@ -190,35 +220,53 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
             plan.slots[k]["extra"] = 0 if extra is None else _address(_t.ptr(extra))
         plan.extra = bool(extras)
     # Device rows and bookkeeping before the vCPU ioctls.
-    snapshot.reset_devices(vm, snap, since_snapshot=at_snap)
+    snapshot.reset_devices(vm, snap, since_snapshot=at_snap, plan=plan.devices)
     console = snap.console
     if len(vm._console) != len(console) or vm._console != console:
         vm._console[:] = console
-    nvcpus = len(plan.vcpus)
+    records = plan.privileged if privileged else plan.user
+    nvcpus = len(records.done)
     if not nvcpus:  # no KVM_CAP_SYNC_REGS: one ioctl per register set
         for v in vm.vcpus:
             snapshot.complete_pending(v)
-    rc = _t.lib.hvt_vm_reset(vm.fd, plan.slots_ptr, len(segments), plan.vcpus_ptr, nvcpus)
+    rc = _t.lib.hvt_vm_reset(vm.fd, plan.slots_ptr, len(segments), records.ptr, nvcpus,
+                             plan.vmstate_ptr if privileged and nvcpus else _t.ffi.NULL)
     if rc < 0:
-        _raise_reset_error(vm, plan, rc)
-    completed = sum(p[0] & DID_COMPLETE for p in plan.done)
-    synced = sum(p[0] & DID_SYNC for p in plan.done) // DID_SYNC
-    if privileged or not plan.xsave:
-        for v in vm.vcpus:
-            snapshot.apply_vcpu(v, snap, cpuid=False, registers=not nvcpus, privileged=privileged,
-                                fpu=not plan.xsave)
-    if privileged:
-        snapshot.apply_vm(vm, snap)
-        snapshot.apply_clock(vm, snap)
+        _raise_reset_error(vm, records, rc)
+    done = [p[0] for p in records.done]
+    if not nvcpus or not plan.xsave or any(d & MSRS_SHORT for d in done):
+        _slow_rest(vm, snap, plan, privileged, done)
     tracker.rebase(snap)
-    return ResetStats(rc, full, completed, synced)
+    tracker.after_reset(rc, plan.bitmaps)
+    return ResetStats(rc, full, sum(d & DID_COMPLETE for d in done), sum(bool(d & DID_SYNC) for d in done))
 
 
-def _raise_reset_error(vm, plan: _Plan, rc: int):
-    for v, done in zip(vm.vcpus, plan.done):
+def _slow_rest(vm, snap: Snapshot, plan: _Plan, privileged: bool, done: list[int]) -> None:
+    """What the C call left: everything but memory without KVM_CAP_SYNC_REGS; the legacy FPU
+    image; the vCPU state after an MSR KVM refused (then the plan leaves it out)."""
+    nvcpus = len(done)
+    for v in vm.vcpus:
+        short = bool(nvcpus and done[v.index] & MSRS_SHORT)
+        if nvcpus and not short and plan.xsave:
+            continue
+        snapshot.apply_vcpu(v, snap, cpuid=False, registers=not nvcpus, privileged=privileged and (short or not nvcpus),
+                            fpu=not plan.xsave)
+        if short:  # _set_msrs kept the MSRs KVM takes: point the record at them
+            msrs = np.ascontiguousarray(snap._writable[f"vcpu{v.index}.msrs"])
+            plan.keep.append(msrs)
+            plan.privileged.records[v.index]["msrs"] = _address(_t.ptr(msrs))
+            plan.privileged.records[v.index]["nmsrs"] = len(msrs)
+    if privileged and not nvcpus:
+        snapshot.apply_vm(vm, snap)
+    if privileged:
+        snapshot.apply_clock(vm, snap)  # last, after any MSR set here
+
+
+def _raise_reset_error(vm, records: _Records, rc: int):
+    for v, done in zip(vm.vcpus, records.done):
         if done[0] == -errno.EBUSY:
             raise SnapshotError(f"vcpu {v.index} stopped inside a repeated I/O instruction; "
                                 "run on to the next exit before taking or restoring state")
         if done[0] < 0:
-            v._call(int(done[0]), "fast reset (KVM_RUN, KVM_SET_REGS, KVM_SET_XSAVE)")
-    vm._kvm_call(rc, "fast reset (KVM_GET_DIRTY_LOG, page copies)")
+            v._call(int(done[0]), "fast reset (KVM_RUN, KVM_SET_REGS, KVM_SET_XSAVE, CPL0 state)")
+    vm._kvm_call(rc, "fast reset (KVM_GET_DIRTY_LOG, page copies, irqchip, kvmclock)")

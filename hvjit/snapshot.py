@@ -49,7 +49,7 @@ from .abi import (
 from .devices import kinds
 from .devices.bus import PortDevice, handlers_take_buffer
 from .errors import HvjitError, SnapshotError
-from .memory import PAGE_SIZE
+from .memory import PAGE_SIZE, allocate_segment
 from .snapshot_file import FORMAT, VERSION
 
 MAX_CPUID_ENTRIES = 256
@@ -103,7 +103,7 @@ class Snapshot:
         """Segment ``k``'s contents as one array (built on first use, for resets)."""
         if k not in self._dense:
             size = int(self.manifest["memory"][k]["size"])
-            out = np.zeros(size, np.uint8)
+            _, out = allocate_segment(size)  # huge pages, as guest memory: fewer TLB misses in resets
             pages = self.arrays[f"mem{k}.pages"]
             out.reshape(-1, PAGE_SIZE)[pages] = self.arrays[f"mem{k}.data"]
             self._dense[k] = out
@@ -326,10 +326,15 @@ def _set_msrs(vcpu, snap: "Snapshot") -> None:
         snap._writable[key] = np.delete(entries, skipped)
 
 
-def _set_clock(vm, clock: np.ndarray) -> None:
+def clock_to_set(clock: np.ndarray) -> np.ndarray:
+    """A saved kvmclock as KVM_SET_CLOCK should take it: without KVM_CLOCK_REALTIME."""
     clock = clock.copy()
     clock["flags"] &= ~np.uint32(KVM_CLOCK_REALTIME)
-    _set(vm, _t.lib.hvt_vm_set_clock, clock, "KVM_SET_CLOCK")
+    return clock
+
+
+def _set_clock(vm, clock: np.ndarray) -> None:
+    _set(vm, _t.lib.hvt_vm_set_clock, clock_to_set(clock), "KVM_SET_CLOCK")
 
 
 def apply_vm(vm, snap: Snapshot) -> None:
@@ -437,13 +442,17 @@ class DevicePlan:
     buffers: list  # (slot, device, j, saved state row, live buffer, saved buffer)
     python: list  # (device, manifest entry, j) of devices with Python-side fields
     row_ptrs: dict[int, tuple]  # slot -> (live state row, saved state row)
+    rows_differ: tuple  # hvt_mem_rows_differ's arguments
+
+    def valid(self, bus) -> bool:
+        return self.dev_buf is bus.dev_buf and self.dev_state is bus.dev_state
 
 
 def device_plan(vm, snap: Snapshot) -> DevicePlan:
     bus = vm.bus
-    key = tuple(id(d) for d in vm.devices)
+    key = tuple(map(id, vm.devices))
     plan = snap._device_plan.get(key)
-    if plan is not None and plan.dev_buf is bus.dev_buf and plan.dev_state is bus.dev_state:
+    if plan is not None and plan.valid(bus):
         return plan
     entries = snap.manifest["devices"]
     native = [(j, d) for j, (d, e) in enumerate(zip(vm.devices, entries)) if e["native"]]
@@ -458,20 +467,25 @@ def device_plan(vm, snap: Snapshot) -> DevicePlan:
                 char_ptr(snap.arrays[f"dev{j}.buf"])) for j, d in native if _buffer_may_change(d)]
     python = [(d, e, j) for j, (d, e) in enumerate(zip(vm.devices, entries)) if _has_python_state(d)]
     row_ptrs = {int(slot): (char_ptr(bus.dev_state[slot]), char_ptr(rows[i])) for i, slot in enumerate(slots)}
-    plan = snap._device_plan[key] = DevicePlan(bus.dev_buf, bus.dev_state, slots, rows, buffers, python, row_ptrs)
+    rows_differ = (char_ptr(bus.dev_state), char_ptr(rows), _t.ffi.cast("int64_t *", _t.ffi.from_buffer(slots)),
+                   len(slots), kinds.STATE_WORDS * 8)
+    plan = snap._device_plan[key] = DevicePlan(bus.dev_buf, bus.dev_state, slots, rows, buffers, python, row_ptrs,
+                                               rows_differ)
     return plan
 
 
-def reset_devices(vm, snap: Snapshot, *, since_snapshot: bool = False) -> None:
+def reset_devices(vm, snap: Snapshot, *, since_snapshot: bool = False, plan: Optional[DevicePlan] = None) -> None:
     """What a reset needs of :func:`apply_devices`: the state rows, the buffer bytes each
     device says its handlers can have written, and Python-side fields where they differ (then
     the whole buffer: Python may have re-laid it out).
 
     ``since_snapshot``: the devices equalled ``snap``'s when it was taken or last reset to;
     then only the devices whose state row differs (every guest access counts in it,
-    ``STATE_ACCESSES``) or whose buffer Python was handed since are put back."""
+    ``STATE_ACCESSES``) or whose buffer Python was handed since are put back. ``plan``: the
+    :func:`device_plan` a caller kept."""
     bus = vm.bus
-    plan = device_plan(vm, snap)
+    if plan is None or not plan.valid(bus):
+        plan = device_plan(vm, snap)
     rewritten = 0  # slots whose buffer was put back whole
     for device, entry, j in plan.python:
         if device.snapshot_state() != entry["state"]:
@@ -482,9 +496,7 @@ def reset_devices(vm, snap: Snapshot, *, since_snapshot: bool = False) -> None:
     row_bytes = kinds.STATE_WORDS * 8
     changed = -1  # every slot
     if since_snapshot:
-        changed = bus.buffer_touched | _t.lib.hvt_mem_rows_differ(
-            _t.ffi.from_buffer(plan.dev_state), _t.ffi.from_buffer(plan.rows),
-            _t.ffi.cast("int64_t *", _t.ffi.from_buffer(plan.slots)), len(plan.slots), row_bytes)
+        changed = bus.buffer_touched | _t.lib.hvt_mem_rows_differ(*plan.rows_differ)
         if not changed:
             return
     memmove, size = _t.ffi.memmove, kinds.BUFFER_BYTES

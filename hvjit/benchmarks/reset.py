@@ -96,9 +96,8 @@ def reset_rounds(vm, snap, rounds: int) -> dict:
 
 
 def breakdown_us(vm, snap, rounds: int) -> dict[str, float]:
-    """The steps of one full reset, timed one by one (medians, microseconds), beside the whole
-    CPL3-only reset; the rest of that is Python's bookkeeping."""
-    vcpu = vm.vcpu(0)
+    """The steps of one CPL3-only reset, timed one by one (medians, microseconds), beside the
+    whole resets; the rest of the CPL3-only one is Python's bookkeeping."""
     steps: dict[str, list[float]] = {}
 
     def timed(name, fn, *args, **kwargs):
@@ -109,7 +108,7 @@ def breakdown_us(vm, snap, rounds: int) -> dict[str, float]:
 
     vm.reset_to(snap)
     plan = next(iter(snap._reset_plan.values()))
-    seg, part = plan.slots[0], plan.vcpus[0]
+    seg, part = plan.slots[0], plan.user.records[0]
     ptr = _t.ffi.cast
     lib = _t.lib
     tracker = dirty.tracker(vm)
@@ -125,12 +124,11 @@ def breakdown_us(vm, snap, rounds: int) -> dict[str, float]:
                      ptr("struct kvm_vcpu_events *", int(part["events"])), ptr("void *", int(part["xsave"])))
         steps.setdefault("  % of them with KVM_SET_REGS alone (no 2nd KVM_RUN)", []).append(
             100.0 * bool(done & reset.DID_SET_REGS))
-        timed("XCRs, MSRs, MP state, DRs (privileged)", snapshot.apply_vcpu, vcpu, snap, cpuid=False,
-              registers=False, privileged=True, fpu=False)
-        timed("kvmclock (KVM_SET_CLOCK, privileged)", snapshot.apply_clock, vm, snap)
         tracker.rebase(snap)
         _run_once(vm)
         timed("whole CPL3-only reset (vm.reset_to)", vm.reset_to, snap, privileged=False)
+        _run_once(vm)
+        timed("whole reset, with CPL0 state (XCRs, MSRs, MP state, DRs, kvmclock)", vm.reset_to, snap)
     return {k: round(statistics.median(v), 1) for k, v in steps.items()}
 
 

@@ -161,3 +161,29 @@ def test_device_rows_the_guest_or_the_host_changed_come_back(session):
     vm.reset_to(snap, privileged=False)
     assert np.array_equal(vm.testdev.iomem[:16], saved)
     assert_same_state(snap, vm.snapshot())
+
+
+def test_a_manually_protected_log_is_cleared_and_still_catches_writes(session):
+    from hvjit import dirty
+
+    # The guest writes DATA always, and DATA + 0x1000 when the host set the flag at FLAG.
+    flag, other = DATA + 0x2000, DATA + 0x1000
+    vm = _vm(session, "manual", f".code64\n mov ${DATA:#x}, %rdi\n incq (%rdi)\n cmpb $0, {flag:#x}\n"
+                                f" je 1f\n incq {other:#x}\n1: xor %eax, %eax\n outl %eax, $0xf4\n", 3)
+    snap = vm.snapshot()
+    if not dirty.tracker(vm).manual:
+        pytest.skip("the host lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+    counts = []
+    for i in range(dirty.CLEAR_EVERY + 2):
+        writes_other = i in (0, dirty.CLEAR_EVERY + 1)
+        vm.memory.write(flag, bytes([writes_other]))
+        assert vm.run(timeout=30).reason == "poweroff"
+        assert vm.memory.read_u64(other) == int(writes_other)
+        counts.append(vm.reset_to(snap, privileged=False).pages)
+        assert vm.memory.read_u64(DATA) == vm.memory.read_u64(other) == 0 and vm.memory.read(flag, 1) == b"\0"
+    # Written once, the page stays in the log (no write fault each run) until the clear after
+    # CLEAR_EVERY resets; written again after it, it is logged and put back again.
+    n = dirty.CLEAR_EVERY
+    assert counts[1:n] == [counts[0]] * (n - 1) and counts[n] < counts[0]
+    assert counts[n + 1] > counts[n]
+    assert_same_state(snap, vm.snapshot())

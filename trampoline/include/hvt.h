@@ -62,8 +62,13 @@ HVT_EXPORT int hvt_vm_set_pit2(int vm_fd, const struct kvm_pit_state2 *pit);
 /* kvmclock: the guest's clock in ns (KVM_GET_CLOCK / KVM_SET_CLOCK). */
 HVT_EXPORT int hvt_vm_get_clock(int vm_fd, struct kvm_clock_data *clock);
 HVT_EXPORT int hvt_vm_set_clock(int vm_fd, const struct kvm_clock_data *clock);
-/* KVM_GET_DIRTY_LOG: one bit a page of `slot`, written to `bitmap`; KVM clears its own log. */
+/* KVM_GET_DIRTY_LOG: one bit a page of `slot`, written to `bitmap`; KVM clears its own log
+ * (with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled it keeps it: see hvt_vm_clear_dirty_log). */
 HVT_EXPORT int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
+/* KVM_CLEAR_DIRTY_LOG (manual protection): forget the pages set in `bitmap` (bit i = page
+ * first_page + i) and write-protect them again, so the guest's next write is logged. */
+HVT_EXPORT int hvt_vm_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t first_page, uint32_t num_pages,
+                                      uint64_t *bitmap);
 
 /* One memory slot of a fast reset: hvt_mem_reset_pages's arguments. */
 struct hvt_reset_slot {
@@ -76,24 +81,43 @@ struct hvt_reset_slot {
     const uint64_t *extra; /* pages to copy besides KVM's log; NULL: none */
     uint8_t *host_dirty;   /* a byte a page, nonzero where the host wrote; cleared; NULL: none */
 };
-/* One vCPU of a fast reset: hvt_vcpu_reset's arguments, and its answer. */
+/* One vCPU of a fast reset: hvt_vcpu_reset's arguments, the state only CPL0 code changes
+ * (each NULL: not set), and the answer. */
 struct hvt_reset_vcpu {
     int32_t fd;
-    int32_t done;          /* out: hvt_vcpu_reset's HVT_RESET_DID_* steps, or -errno */
+    int32_t done;          /* out: HVT_RESET_DID_* steps, or -errno */
     struct kvm_run *run;
     const struct kvm_regs *regs;
     const struct kvm_sregs *sregs;
     const struct kvm_vcpu_events *events; /* NULL: none */
     const void *xsave;     /* NULL: not set */
+    const struct kvm_xcrs *xcrs;
+    const struct kvm_msr_entry *msrs; /* `nmsrs` of them; KVM taking fewer stops here */
+    int32_t nmsrs;
+    int32_t msrs_set;      /* out: how many KVM_SET_MSRS took */
+    const struct kvm_mp_state *mp_state;
+    const struct kvm_lapic_state *lapic;
+    const struct kvm_debugregs *debugregs;
+};
+#define HVT_RESET_DID_PRIVILEGED 32 /* XCRs, MSRs, MP state, LAPIC, debug registers: all set */
+#define HVT_RESET_MSRS_SHORT 64     /* KVM took only `msrs_set` MSRs: the rest was not set */
+/* The VM-wide part of a fast reset (each NULL: not set). */
+struct hvt_reset_vmstate {
+    const struct kvm_irqchip *irqchip; /* `nirqchip` of them */
+    int32_t nirqchip;
+    uint32_t pad;
+    const struct kvm_pit_state2 *pit2;
+    const struct kvm_clock_data *clock; /* set last */
 };
 /*
  * A VM's fast reset in one call: each vCPU's pending exit finished, hvt_mem_reset_pages for
- * each slot, then the rest of
- * hvt_vcpu_reset for each vCPU. Returns the pages copied, or the first -errno (each vCPU's
- * `done` says which).
+ * each slot, the irqchips and PIT of `vmstate` (NULL: none), the rest of hvt_vcpu_reset and
+ * the vCPU's CPL0 state for each vCPU, then kvmclock. Returns the pages copied, or the first
+ * -errno (each vCPU's `done` says which vCPU; all positive: the VM-wide part).
  */
 HVT_EXPORT int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots,
-                            struct hvt_reset_vcpu *vcpus, int nvcpus);
+                            struct hvt_reset_vcpu *vcpus, int nvcpus,
+                            const struct hvt_reset_vmstate *vmstate);
 
 /* ---- vcpu.c ---------------------------------------------------------------------------- */
 /* Creates vCPU `id` and maps its kvm_run page (*run_out, mmap_size bytes). Returns the fd. */
