@@ -86,7 +86,7 @@ def pages_between(base: Optional[Snapshot], target: Snapshot) -> Optional[dirty.
 
 
 # hvt_vm_reset's steps (trampoline/include/hvt.h).
-DID_COMPLETE, DID_SET_REGS, DID_SYNC, DID_XSAVE, DID_PRIVILEGED, MSRS_SHORT = 1, 2, 4, 8, 32, 64
+DID_COMPLETE, DID_DEFER_REGS, DID_SYNC, DID_XSAVE, DID_PRIVILEGED, MSRS_SHORT = 1, 2, 4, 8, 32, 64
 MAX_PLANS = 8  # plans kept per snapshot (one per VM it was reset into)
 
 
@@ -234,6 +234,8 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
     if rc < 0:
         _raise_reset_error(vm, records, rc)
     done = [p[0] for p in records.done]
+    for v, d in zip(vm.vcpus, done):
+        v._deferred = bool(d & DID_DEFER_REGS)  # the next register ioctl applies them first
     if not nvcpus or not plan.xsave or any(d & MSRS_SHORT for d in done):
         _slow_rest(vm, snap, plan, privileged, done)
     tracker.rebase(snap)

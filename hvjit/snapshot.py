@@ -141,6 +141,8 @@ def complete_pending(vcpu) -> bool:
     A KVM_RUN with ``immediate_exit`` completes a pending port or MMIO access (and advances
     RIP past it) and returns EINTR. Returns whether that was needed.
     """
+    if vcpu._deferred:
+        vcpu._flush_deferred()
     if not _t.lib.hvt_vcpu_exit_pending(vcpu._run_ptr):
         return False
     _immediate_run(vcpu, "KVM_RUN(complete pending exit)")
@@ -359,6 +361,8 @@ def apply_vcpu(vcpu, snap: Snapshot, *, cpuid: bool = True, registers: bool = Tr
     ``fpu``: also the XSAVE area (or legacy FPU image).
     """
     lib = _t.lib
+    if vcpu._deferred:  # registers a reset left for the next KVM_RUN go first
+        vcpu._flush_deferred()
 
     def get(name):
         return snap.vcpu_array(vcpu.index, name)

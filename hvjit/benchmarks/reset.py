@@ -122,8 +122,8 @@ def breakdown_us(vm, snap, rounds: int) -> dict[str, float]:
                      ptr("struct kvm_run *", int(part["run"])), ptr("struct kvm_regs *", int(part["regs"])),
                      ptr("struct kvm_sregs *", int(part["sregs"])),
                      ptr("struct kvm_vcpu_events *", int(part["events"])), ptr("void *", int(part["xsave"])))
-        steps.setdefault("  % of them with KVM_SET_REGS alone (no 2nd KVM_RUN)", []).append(
-            100.0 * bool(done & reset.DID_SET_REGS))
+        steps.setdefault("  % of them with REGS left for the next KVM_RUN", []).append(
+            100.0 * bool(done & reset.DID_DEFER_REGS))
         tracker.rebase(snap)
         _run_once(vm)
         timed("whole CPL3-only reset (vm.reset_to)", vm.reset_to, snap, privileged=False)

@@ -89,16 +89,26 @@ def test_reset_restores_the_fpu_a_cpl3_run_changed(session, privileged):
         assert_same_state(snap, vm.snapshot())
 
 
-def test_reset_with_unchanged_sregs_sets_only_the_registers(session):
-    vm = _vm(session, "regsonly", f".code64\n mov ${DATA:#x}, %rdi\n incq (%rdi)\n xor %eax, %eax\n"
+def test_reset_with_unchanged_sregs_leaves_the_registers_for_the_next_run(session):
+    # mov $1, %al; the second entry point (CODE + 2) skips it: rax tells where the run began.
+    vm = _vm(session, "regsonly", f".code64\n mov $1, %al\n mov ${DATA:#x}, %rdi\n incq (%rdi)\n"
                                   " outl %eax, $0xf4\n", 3)
+    v = vm.vcpu(0)
+    v.set_registers(rax=0)
     snap = vm.snapshot()
-    for _ in range(3):
-        assert vm.run(timeout=30).reason == "poweroff"
+    first = vm.run(timeout=30)
+    assert first.code == 1
+    for _ in range(3):  # straight into the next run: the registers travel with its KVM_RUN
         stats = vm.reset_to(snap, privileged=False)
         assert stats.sregs_restored == 0 and stats.completed_exits == 1 and stats.pages >= 1
-        assert vm.vcpu(0).get_register("rip") == CODE and vm.memory.read_u64(DATA) == 0
-        assert_same_state(snap, vm.snapshot())
+        again = vm.run(timeout=30)
+        assert (again.code, again.rip) == (1, first.rip) and vm.memory.read_u64(DATA) == 1
+    vm.reset_to(snap, privileged=False)
+    assert v.get_register("rip") == CODE and vm.memory.read_u64(DATA) == 0  # a read sees them
+    assert_same_state(snap, vm.snapshot())
+    vm.reset_to(snap, privileged=False)
+    v.set_registers(rip=CODE + 2)  # a write after the reset wins over what the reset left
+    assert vm.run(timeout=30).code == 0
 
 
 @pytest.mark.parametrize("privileged", [True, False])

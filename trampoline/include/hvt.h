@@ -172,19 +172,25 @@ HVT_EXPORT int hvt_vcpu_exit_pending(const struct kvm_run *run);
  * A vCPU's part of a fast reset (needs KVM_CAP_SYNC_REGS), all in one call:
  *  1. If an exit is pending (hvt_vcpu_exit_pending), an immediate-exit KVM_RUN finishes it
  *     and, through kvm_run's sync area, reports the SREGS and events as they are now.
- *  2. The registers: KVM_SET_REGS alone where the SREGS and events reported in step 1 equal
- *     the wanted ones; else REGS, SREGS and events through kvm_run (one immediate KVM_RUN).
+ *  2. The registers: where the SREGS and events reported in step 1 equal the wanted ones,
+ *     REGS alone go into kvm_run's sync area with kvm_dirty_regs set: the next KVM_RUN
+ *     applies them, no ioctl now (call hvt_vcpu_flush_sync before any other register
+ *     ioctl); else REGS, SREGS and events through kvm_run at once (one immediate KVM_RUN).
  *  3. `xsave` (if not NULL): KVM_SET_XSAVE.
  * `events` may be NULL (no KVM_CAP_VCPU_EVENTS). Returns the HVT_RESET_DID_* steps taken, or
  * -errno; -EBUSY when KVM went on to a new exit (a repeated string I/O instruction).
  */
 #define HVT_RESET_DID_COMPLETE 1
-#define HVT_RESET_DID_SET_REGS 2
+#define HVT_RESET_DID_DEFER_REGS 2
 #define HVT_RESET_DID_SYNC 4
 #define HVT_RESET_DID_XSAVE 8
 HVT_EXPORT int hvt_vcpu_reset(int vcpu_fd, struct kvm_run *run, const struct kvm_regs *regs,
                               const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events,
                               const void *xsave);
+/* Registers left in kvm_run for the next KVM_RUN (kvm_dirty_regs): applied now, by an
+ * immediate-exit KVM_RUN, so that a register ioctl sees or overwrites them in order. No
+ * ioctl when nothing is left. 0 or -errno. */
+HVT_EXPORT int hvt_vcpu_flush_sync(int vcpu_fd, struct kvm_run *run);
 
 /* ---- mem.c: guest memory seen from the host -------------------------------------------- */
 /* Copy every page whose bit is set in `bitmap` (bit i = page i) from src to dst; returns how

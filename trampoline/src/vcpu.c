@@ -292,10 +292,11 @@ int hvt_vcpu_reset_restore(int fd, struct kvm_run *run, const struct kvm_regs *r
     int done = 0;
     if ((finished & HVT_RESET_REPORTED) && !memcmp(&run->s.regs.sregs, sregs, sizeof(*sregs))
         && (!events || !memcmp(&run->s.regs.events, events, sizeof(*events)))) {
-        int rc = ioctl_rc(ioctl(fd, KVM_SET_REGS, regs));
-        if (rc < 0)
-            return rc;
-        done |= HVT_RESET_DID_SET_REGS;
+        /* Only REGS differ: they ride in with the next KVM_RUN (KVM clears the bit). Any
+         * ordering against the CPL0 state set after this does not matter for them. */
+        run->s.regs.regs = *regs;
+        run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+        done |= HVT_RESET_DID_DEFER_REGS;
     } else {
         run->s.regs.regs = *regs;
         run->s.regs.sregs = *sregs;
@@ -315,6 +316,16 @@ int hvt_vcpu_reset_restore(int fd, struct kvm_run *run, const struct kvm_regs *r
         done |= HVT_RESET_DID_XSAVE;
     }
     return done;
+}
+
+int hvt_vcpu_flush_sync(int fd, struct kvm_run *run)
+{
+    if (!run)
+        return -EINVAL;
+    if (!run->kvm_dirty_regs)
+        return 0;
+    int rc = immediate_run(fd, run);
+    return rc == -EINTR || rc == -EAGAIN ? 0 : rc;
 }
 
 int hvt_vcpu_reset(int fd, struct kvm_run *run, const struct kvm_regs *regs,
