@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -36,8 +36,7 @@ from .memory import PAGE_SIZE
 from .snapshot import Snapshot
 
 
-@dataclass(frozen=True)
-class ResetStats:
+class ResetStats(NamedTuple):  # a NamedTuple: built in a fraction of a frozen dataclass's time
     pages: int  # pages copied back
     full: bool  # every page was copied (no known link to the target)
     completed_exits: int  # vCPUs whose pending exit had to be completed first
@@ -127,8 +126,8 @@ class _Plan:
     extra: bool = False  # some record points at an `extra` bitmap
 
 
-def _plan_key(vm) -> tuple:
-    return (vm.fd, tuple(map(id, vm.memory.segments)), tuple(map(id, vm.devices)), tuple(v.fd for v in vm.vcpus))
+def _plan_key(vm, segments) -> tuple:
+    return (vm.fd, tuple(map(id, segments)), tuple(map(id, vm.devices)), tuple(v.fd for v in vm.vcpus))
 
 
 def _make_plan(vm, snap: Snapshot) -> _Plan:
@@ -192,7 +191,8 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
 
 def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
     snapshot.check_stopped(vm)
-    key = _plan_key(vm)
+    segments = vm.memory.segments
+    key = _plan_key(vm, segments)
     plan = snap._reset_plan.get(key)
     if plan is None:
         if len(snap._reset_plan) >= MAX_PLANS:
@@ -202,7 +202,6 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
     at_snap = tracker.base is snap
     between = {} if at_snap else pages_between(tracker.base, snap)
     full = between is None
-    segments = vm.memory.segments
     for k, seg in enumerate(segments):
         if seg.host_dirty is not plan.host_dirty[k]:  # tracking restarted: new flags
             plan.host_dirty[k] = seg.host_dirty
@@ -233,14 +232,18 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
                              plan.vmstate_ptr if privileged and nvcpus else _t.ffi.NULL)
     if rc < 0:
         _raise_reset_error(vm, records, rc)
-    done = [p[0] for p in records.done]
-    for v, d in zip(vm.vcpus, done):
+    completed = synced = short = 0
+    for v, p in zip(vm.vcpus, records.done):
+        d = p[0]
         v._deferred = bool(d & DID_DEFER_REGS)  # the next register ioctl applies them first
-    if not nvcpus or not plan.xsave or any(d & MSRS_SHORT for d in done):
-        _slow_rest(vm, snap, plan, privileged, done)
+        completed += d & DID_COMPLETE
+        synced += bool(d & DID_SYNC)
+        short |= d & MSRS_SHORT
+    if short or not nvcpus or not plan.xsave:
+        _slow_rest(vm, snap, plan, privileged, [p[0] for p in records.done])
     tracker.rebase(snap)
     tracker.after_reset(rc, plan.bitmaps)
-    return ResetStats(rc, full, sum(d & DID_COMPLETE for d in done), sum(bool(d & DID_SYNC) for d in done))
+    return ResetStats(rc, full, completed, synced)
 
 
 def _slow_rest(vm, snap: Snapshot, plan: _Plan, privileged: bool, done: list[int]) -> None:

@@ -447,6 +447,7 @@ class DevicePlan:
     python: list  # (device, manifest entry, j) of devices with Python-side fields
     row_ptrs: dict[int, tuple]  # slot -> (live state row, saved state row)
     rows_differ: tuple  # hvt_mem_rows_differ's arguments
+    buffer_slots: int  # a bit a slot of `buffers`
 
     def valid(self, bus) -> bool:
         return self.dev_buf is bus.dev_buf and self.dev_state is bus.dev_state
@@ -474,7 +475,7 @@ def device_plan(vm, snap: Snapshot) -> DevicePlan:
     rows_differ = (char_ptr(bus.dev_state), char_ptr(rows), _t.ffi.cast("int64_t *", _t.ffi.from_buffer(slots)),
                    len(slots), kinds.STATE_WORDS * 8)
     plan = snap._device_plan[key] = DevicePlan(bus.dev_buf, bus.dev_state, slots, rows, buffers, python, row_ptrs,
-                                               rows_differ)
+                                               rows_differ, sum(1 << b[0] for b in buffers))
     return plan
 
 
@@ -504,16 +505,24 @@ def reset_devices(vm, snap: Snapshot, *, since_snapshot: bool = False, plan: Opt
         if not changed:
             return
     memmove, size = _t.ffi.memmove, kinds.BUFFER_BYTES
-    for slot, device, _j, saved_state, live, saved in plan.buffers:
-        if rewritten >> slot & 1 or not changed >> slot & 1:
-            continue
-        for start, end in device.buffer_changes(saved_state):
-            start, end = max(0, start), min(end, size)  # the device's word; the row's bounds
-            if end > start:
-                memmove(live + start, saved + start, end - start)
+    if changed & plan.buffer_slots & ~rewritten:
+        for slot, device, _j, saved_state, live, saved in plan.buffers:
+            if rewritten >> slot & 1 or not changed >> slot & 1:
+                continue
+            for start, end in device.buffer_changes(saved_state):
+                start, end = max(0, start), min(end, size)  # the device's word; the row's bounds
+                if end > start:
+                    memmove(live + start, saved + start, end - start)
     # The state rows after buffer_changes, which compares with the live rows.
-    for slot, (live, saved) in plan.row_ptrs.items():
-        if changed >> slot & 1:
+    if changed < 0:
+        for live, saved in plan.row_ptrs.values():
+            memmove(live, saved, row_bytes)
+        return
+    while changed:
+        slot = (changed & -changed).bit_length() - 1
+        changed &= changed - 1
+        if slot in plan.row_ptrs:
+            live, saved = plan.row_ptrs[slot]
             memmove(live, saved, row_bytes)
 
 
