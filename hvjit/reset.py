@@ -3,21 +3,21 @@
 Memory: the pages KVM's dirty log (and hvjit's own writes) marked since the VM last equalled
 a snapshot, plus the pages that differ between that snapshot and the target, known from the
 tree of snapshots taken in this process (each holds the pages that may differ from its
-parent). One C call per memory slot reads the log and copies them (``hvt_mem_reset_pages``).
-Without such a link (another VM's snapshot, a file) every page is copied once, and later
-resets are fast again.
+parent). Without such a link (another VM's snapshot, a file) every page is copied once, and
+later resets are fast again.
 
-vCPUs: one C call each (``hvt_vcpu_reset``). The exit each vCPU stopped at is completed first
-(else KVM would finish it on top of the restored registers) by an immediate-exit KVM_RUN that
-also reports the SREGS and events in kvm_run (KVM_CAP_SYNC_REGS); where they equal the
-snapshot's, KVM_SET_REGS alone puts the registers back, else REGS, SREGS and events travel
-in kvm_run through one more immediate-exit KVM_RUN. The XSAVE area is one ioctl: no cheaper
-way tells whether the guest touched it. ``privileged=False`` skips what only CPL0 code (or
-the host) changes — XCRs, MSRs, MP state, LAPIC, debug registers, PICs, IOAPIC, PIT,
-kvmclock — for guests that ran at CPL3 only since the snapshot.
+vCPUs: the exit each vCPU stopped at is completed first (else KVM would finish it on top of
+the restored registers) by an immediate-exit KVM_RUN that also reports the SREGS and events
+in kvm_run (KVM_CAP_SYNC_REGS). Where they equal the snapshot's, the REGS are left in
+kvm_run for the next KVM_RUN (``Vcpu._deferred``: hvjit's register accessors apply them
+first); else REGS, SREGS and events go in through one more immediate KVM_RUN. The XSAVE
+area is one ioctl: no cheaper way tells whether the guest touched it. ``privileged=False``
+skips what only CPL0 code (or the host) changes — XCRs, MSRs, MP state, LAPIC, debug
+registers, PICs, IOAPIC, PIT, kvmclock — for guests that ran at CPL3 only since the snapshot.
 
-The pointers and buffers a reset needs are made once per snapshot and VM (``_Plan``), so a
-reset is a handful of C calls and no allocation beyond the bitmaps of hvjit's own writes.
+All of it is one C call, ``hvt_vm_reset`` (docs/architecture.md lists its steps), on records
+made once per snapshot and VM (``_Plan``); Python puts back the device rows the guest or the
+host touched (:func:`hvjit.snapshot.reset_devices`) and the console.
 """
 
 from __future__ import annotations
@@ -127,12 +127,14 @@ class _Plan:
 
 
 def _plan_key(vm, segments) -> tuple:
-    return (vm.fd, tuple(map(id, segments)), tuple(map(id, vm.devices)), tuple(v.fd for v in vm.vcpus))
+    # Object ids, not fds (a reinit may reuse fd numbers); the plan holds the objects, so no
+    # id is reused while it lives.
+    return (vm.fd, tuple(map(id, segments)), tuple(map(id, vm.devices)), tuple(map(id, vm.vcpus)))
 
 
 def _make_plan(vm, snap: Snapshot) -> _Plan:
     snapshot.check_compatible(vm, snap)
-    keep: list = []
+    keep: list = [vm.memory.segments, list(vm.devices), list(vm.vcpus)]  # what _plan_key names
 
     def address(array: Optional[np.ndarray]) -> int:
         if array is None:
@@ -256,8 +258,9 @@ def _slow_rest(vm, snap: Snapshot, plan: _Plan, privileged: bool, done: list[int
             continue
         snapshot.apply_vcpu(v, snap, cpuid=False, registers=not nvcpus, privileged=privileged and (short or not nvcpus),
                             fpu=not plan.xsave)
-        if short:  # _set_msrs kept the MSRs KVM takes: point the record at them
-            msrs = np.ascontiguousarray(snap._writable[f"vcpu{v.index}.msrs"])
+        writable = snap._writable.get(f"vcpu{v.index}.msrs")
+        if short and writable is not None:  # _set_msrs kept the MSRs KVM takes: point the record at them
+            msrs = np.ascontiguousarray(writable)
             plan.keep.append(msrs)
             plan.privileged.records[v.index]["msrs"] = _address(_t.ptr(msrs))
             plan.privileged.records[v.index]["nmsrs"] = len(msrs)

@@ -197,3 +197,18 @@ def test_a_manually_protected_log_is_cleared_and_still_catches_writes(session):
     assert counts[1:n] == [counts[0]] * (n - 1) and counts[n] < counts[0]
     assert counts[n + 1] > counts[n]
     assert_same_state(snap, vm.snapshot())
+
+
+def test_reset_after_a_reinit_uses_the_new_vcpus(session):
+    # reinit closes the VM and vCPU fds and opens new ones (often the same numbers): the
+    # records made for the old vCPUs must not be used again.
+    vm = _vm(session, "reinit", USER_CHANGES, 3)
+    snap = vm.snapshot()
+    assert vm.run(timeout=30).reason == "poweroff"
+    vm.reset_to(snap)
+    vm.reinit()
+    stats = vm.reset_to(snap)
+    assert stats.full  # the new VM's dirty log knows nothing of the snapshot
+    assert_same_state(snap, vm.snapshot())
+    assert vm.run(timeout=30).reason == "poweroff" and vm.memory.read_u64(DATA) == 1
+    assert not vm.reset_to(snap).full and vm.memory.read_u64(DATA) == 0
