@@ -1,14 +1,46 @@
-"""Start-up costs: VM creation to first exit, and import + first run with a cold and a warm
-Numba cache (each in a fresh process, so nothing is shared with the pytest process)."""
+"""Start-up costs: VM creation to first exit, import + first run with a cold and a warm Numba
+cache (each in a fresh process, so nothing is shared with the pytest process), and the whole
+`hvjit run` of a tiny multiboot guest beside QEMU booting the identical image.
 
+    python -m pytest bench/test_bench_startup.py --benchmark-enable -s
+
+The side-by-side test (:func:`test_hvjit_run_vs_qemu_startup`) spawns, in alternating rounds
+(``HVJIT_BENCH_STARTUP_ROUNDS``, default 10), with a warm kernel cache:
+
+- ``hvjit run IMAGE`` (``python -m hvjit``, and the installed ``hvjit`` script beside
+  ``sys.executable`` where there is one: an editable install's import finder costs extra),
+- ``hvjit run IMAGE --json``, whose ``startup`` record gives the first KVM_RUN (CLOCK_MONOTONIC
+  read in C just before the ioctl) and the peak RSS the process saw itself,
+- QEMU on the same ELF: ``qemu-system-x86_64 -machine microvm -accel kvm -cpu
+  max,-arch-capabilities -smp 1 -m 16M -nodefaults -no-user-config -display none -serial stdio
+  -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel tiny.elf`` (microvm boots a
+  multiboot ELF without firmware, as `hvjit bench vmexit` runs it),
+
+and records medians of: spawn -> the first byte of the guest's serial output on the pipe (the
+milestone both VMMs reach the same way: the guest's first ``out`` to COM1, handled, written to
+stdout), spawn -> exit (whole process), peak RSS (GNU time's ``%M``), hvjit's spawn ->
+first KVM_RUN and, where ``strace`` is installed, QEMU's (and hvjit's) spawn -> first KVM_RUN
+ioctl as ``strace -f -ttt -e trace=ioctl`` sees it (strace slows both: a separate figure).
+Ratios hvjit/QEMU are reported, never asserted. The floor figures (``python -c pass``,
+``import numpy``, ``import numba``) are measured in the same rounds.
+"""
+
+import json
 import os
+import select
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+import pytest
 
 from hvjit import entry
 from hvjit.asm import assemble
+from hvjit.benchmarks import vmexit
 
 FIRST_EXIT_GUEST = ".code64\n outb %al, $0x99\n"
 
@@ -68,4 +100,168 @@ def test_import_and_first_run_cold_vs_warm(benchmark, kvm_session):
     })
     print(f"\ncold cache: process {cold_total:.2f} s (first run {cold_run:.2f} s); "
           f"warm cache: process {warm_total:.2f} s (first run {warm_run:.2f} s)")
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+# ---- hvjit run vs QEMU: process start to first KVM_RUN / first serial byte / exit ---------
+
+ROUNDS = int(os.environ.get("HVJIT_BENCH_STARTUP_ROUNDS", "10"))
+
+# Multiboot v1 (ELF32 at 1 MiB): "hi\n" on COM1, then code 0 to the debug-exit port.
+TINY_GUEST = """
+        .set MB_MAGIC, 0x1BADB002
+        .section .text
+        .code32
+        .align 4
+        .long MB_MAGIC, 0, -MB_MAGIC
+        .globl _start
+_start: mov $msg, %esi
+        mov $0x3f8, %dx
+1:      lodsb
+        test %al, %al
+        jz 2f
+        outb %al, %dx
+        jmp 1b
+2:      xor %eax, %eax
+        outl %eax, $0xf4
+3:      hlt
+        jmp 3b
+msg:    .asciz "hi\\n"
+"""
+
+
+def build_tiny_guest(directory: Path) -> Path:
+    source, obj, elf = directory / "tiny.S", directory / "tiny.o", directory / "tiny.elf"
+    source.write_text(TINY_GUEST)
+    subprocess.run(["as", "--32", "-o", str(obj), str(source)], check=True, capture_output=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0x100000", "-z", "max-page-size=0x1000", "-o", str(elf),
+                    str(obj)], check=True, capture_output=True)
+    return elf
+
+
+def qemu_tiny_command(qemu: str, image: Path) -> list[str]:
+    return [qemu, "-machine", vmexit.QEMU_MACHINE, "-accel", "kvm", "-cpu", vmexit.QEMU_CPU, "-smp", "1",
+            "-m", "16M", "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", str(image)]
+
+
+GNU_TIME = "/usr/bin/time"
+
+
+def spawn_timed(cmd: list[str], timeout: float = 120.0) -> dict:
+    """Spawn ``cmd``; seconds from just before the spawn to the first byte on its stdout and
+    to its exit, its peak RSS, status and output.
+
+    The peak RSS comes from GNU time (``%M``), which forks the command from its own small
+    process: a child exec'd straight from pytest would report pytest's peak too (Linux keeps
+    the larger ``maxrss`` across exec). Without GNU time it is left out (None)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    rss_file = None
+    if os.access(GNU_TIME, os.X_OK):
+        fd, rss_file = tempfile.mkstemp(prefix="hvjit-rss-")
+        os.close(fd)
+        cmd = [GNU_TIME, "-f", "%M", "-o", rss_file, *cmd]
+    t0 = time.monotonic_ns()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=env)
+    out = bytearray()
+    first = None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            proc.kill()
+            raise TimeoutError(f"{cmd[0]}: no exit within {timeout} s")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        if first is None:
+            first = time.monotonic_ns()
+        out += chunk
+    proc.wait()
+    t_exit = time.monotonic_ns()
+    proc.stdout.close()
+    max_rss = None
+    if rss_file is not None:
+        with open(rss_file) as f:
+            words = f.read().split()
+        os.unlink(rss_file)
+        max_rss = int(words[-1]) if words and words[-1].isdigit() else None
+    return {"spawn_ns": t0, "first_output_s": (first - t0) / 1e9 if first else None,
+            "wall_s": (t_exit - t0) / 1e9, "max_rss_kib": max_rss, "status": proc.returncode,
+            "output": bytes(out)}
+
+
+def strace_first_kvm_run(cmd: list[str], trace_file: Path) -> float | None:
+    """Seconds from spawn to the first KVM_RUN ioctl as strace timestamps it (strace's own
+    start-up and per-ioctl stops are included: compare only with the same figure)."""
+    t0 = time.time()
+    subprocess.run(["strace", "-f", "-ttt", "-e", "trace=ioctl", "-e", "signal=none", "-o", str(trace_file), *cmd],
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    for line in trace_file.read_text().splitlines():
+        if "KVM_RUN" in line:
+            words = line.split()
+            stamp = words[1] if words[0].isdigit() else words[0]
+            return float(stamp) - t0
+    return None
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+@pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")), reason="GNU as/ld (binutils) not installed")
+def test_hvjit_run_vs_qemu_startup(benchmark, kvm_session, tmp_path):
+    image = build_tiny_guest(tmp_path)
+    hvjit_cmd = [sys.executable, "-m", "hvjit", "run", str(image)]
+    script = Path(sys.executable).with_name("hvjit")
+    runners = {"hvjit": hvjit_cmd}
+    if script.exists() and os.environ.get("PYTHONPATH") is None:  # the installed entry point runs this code
+        runners["hvjit_script"] = [str(script), "run", str(image)]
+    qemu = vmexit.find_qemu()
+    if qemu:
+        runners["qemu"] = qemu_tiny_command(qemu, image)
+    floors = {"python_pass": [sys.executable, "-c", "pass"], "import_numpy": [sys.executable, "-c", "import numpy"],
+              "import_numba": [sys.executable, "-c", "import numba"]}
+    # Warm the kernel cache (and the parsed C declarations) once, untimed.
+    warm = spawn_timed(hvjit_cmd + ["--json"])
+    assert warm["status"] == 0, warm
+    samples: dict[str, list[dict]] = {k: [] for k in [*runners, "hvjit_json", *floors]}
+    for _ in range(ROUNDS):
+        for name, cmd in [*runners.items(), ("hvjit_json", hvjit_cmd + ["--json"]), *floors.items()]:
+            r = spawn_timed(cmd)
+            if name == "hvjit_json":
+                doc = json.loads(r["output"])
+                r["first_kvm_run_s"] = (doc["startup"]["first_kvm_run_ns"] - r["spawn_ns"]) / 1e9
+                r["self_max_rss_kib"] = doc["startup"]["max_rss_kib"]
+            elif name in runners:
+                assert r["output"].replace(b"\r", b"") == b"hi\n", (name, r)
+                assert r["status"] == (vmexit.QEMU_SUCCESS_STATUS if name == "qemu" else 0), (name, r)
+            samples[name].append(r)
+    info: dict = {"rounds": ROUNDS, "qemu": qemu and vmexit.qemu_version(qemu),
+                  "qemu_command": runners.get("qemu"), "milestone": "first byte of guest COM1 output on stdout"}
+    for name, rs in samples.items():
+        info[name] = {key: _median(r.get(key) for r in rs)
+                      for key in ("first_output_s", "first_kvm_run_s", "wall_s", "max_rss_kib", "self_max_rss_kib")
+                      if any(r.get(key) is not None for r in rs)}
+    if shutil.which("strace"):
+        for name in [n for n in ("hvjit", "qemu") if n in runners]:
+            stamps = [strace_first_kvm_run(runners[name], tmp_path / f"{name}.strace") for _ in range(max(ROUNDS // 3, 1))]
+            info[name]["first_kvm_run_strace_s"] = _median(stamps)
+    if "qemu" in info:
+        hv, q = info["hvjit"], info["qemu"]
+        info["ratios_hvjit_over_qemu"] = {
+            "first_output": _ratio(hv["first_output_s"], q["first_output_s"]),
+            "wall": _ratio(hv["wall_s"], q["wall_s"]),
+            "max_rss": _ratio(hv["max_rss_kib"], q["max_rss_kib"]),
+            "first_kvm_run_strace": _ratio(hv.get("first_kvm_run_strace_s"), q.get("first_kvm_run_strace_s")),
+        }
+    benchmark.extra_info.update(info)
+    print("\n" + json.dumps({k: v for k, v in info.items() if k != "qemu_command"}, indent=1))
     benchmark.pedantic(lambda: None, rounds=1)

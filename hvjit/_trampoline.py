@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import importlib.util
 import os
 import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-import cffi
-from numba import types
-
+from ._cachedir import cache_base
 from .errors import HvjitError, KvmError
 
 _CDEF = """
@@ -89,6 +89,7 @@ int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt
 int hvt_vcpu_create(int vm_fd, int id, int mmap_size, struct kvm_run **run_out);
 int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size);
 int hvt_vcpu_run(int vcpu_fd);
+int64_t hvt_vcpu_first_run_ns(void);
 int hvt_vcpu_kick(uint64_t thread, struct kvm_run *run);
 int hvt_vcpu_get_regs(int fd, struct kvm_regs *regs);
 int hvt_vcpu_set_regs(int fd, const struct kvm_regs *regs);
@@ -105,6 +106,7 @@ int hvt_vcpu_get_tsc_khz(int fd);
 int hvt_vcpu_set_guest_debug(int fd, const struct kvm_guest_debug *dbg);
 int hvt_vcpu_get_debugregs(int fd, struct kvm_debugregs *regs);
 int hvt_vcpu_set_debugregs(int fd, const struct kvm_debugregs *regs);
+int hvt_vcpu_stats_fd(int fd);
 int hvt_vcpu_get_xsave(int fd, void *area, int size);
 int hvt_vcpu_set_xsave(int fd, const void *area);
 int hvt_vcpu_get_xcrs(int fd, struct kvm_xcrs *xcrs);
@@ -157,24 +159,63 @@ def _load():
         )
     # RTLD_GLOBAL first: Numba's ExternalFunction resolves symbols in the global namespace.
     global_handle = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    ffi = _compiled_ffi()
+    return ffi, ffi.dlopen(str(path)), global_handle, path
+
+
+def _inline_ffi():
+    import cffi
+
     ffi = cffi.FFI()
     ffi.cdef(_CDEF)
-    return ffi, ffi.dlopen(str(path)), global_handle, path
+    return ffi
+
+
+def _compiled_ffi():
+    """The FFI for ``_CDEF``, parsed once: cffi's out-of-line ABI mode writes the parsed
+    declarations as a small Python module (under the kernel cache directory, named by a hash of
+    ``_CDEF`` and cffi's version), which later processes import instead of parsing the C text
+    with pycparser again (~30-50 ms a start-up). Same FFI operations, same library; where the
+    cache cannot be written, the declarations are parsed in process as before."""
+    import _cffi_backend
+
+    digest = hashlib.sha256(f"{_CDEF}\0{_cffi_backend.__version__}".encode()).hexdigest()[:16]
+    name = f"_hvt_ffi_{digest}"
+    path = cache_base() / "cffi" / f"{name}.py"
+    try:
+        if not path.exists():
+            import cffi
+
+            builder = cffi.FFI()
+            builder.cdef(_CDEF)
+            builder.set_source(name, None, compiler_verbose=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            builder.emit_python_code(str(tmp))
+            os.replace(tmp, path)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.ffi
+    except (OSError, ImportError, SyntaxError, AttributeError):
+        return _inline_ffi()
 
 
 ffi, lib, _global_handle, LIBRARY = _load()
 
 
-# C scalar types of the prototypes, as Numba sees them; every pointer is a void pointer.
+# C scalar types of the prototypes, as Numba sees them (by name in numba.types, imported only
+# when a kernel needs one: `hvjit info` needs no Numba); every pointer is a void pointer.
 _NUMBA_SCALARS = {
-    "void": types.void,
-    "int": types.int32,
-    "unsigned int": types.uint32,
-    "long": types.int64,
-    "unsigned long": types.uint64,
-    "uint16_t": types.uint16,
-    "uint32_t": types.uint32,
-    "uint64_t": types.uint64,
+    "void": "void",
+    "int": "int32",
+    "unsigned int": "uint32",
+    "long": "int64",
+    "unsigned long": "uint64",
+    "uint16_t": "uint16",
+    "uint32_t": "uint32",
+    "uint64_t": "uint64",
+    "int64_t": "int64",
 }
 _PROTOTYPE = re.compile(r"^\s*([\w ]+?)\s*(\*?)\s*(hvt_\w+)\((.*)\);\s*$")
 
@@ -196,14 +237,18 @@ def prototypes() -> dict[str, tuple[str, list[str]]]:
 
 
 def _numba_type(ctype: str):
+    from numba import types
+
     if "*" in ctype:
         return types.voidptr
-    return _NUMBA_SCALARS[ctype.replace("const ", "").strip()]
+    return getattr(types, _NUMBA_SCALARS[ctype.replace("const ", "").strip()])
 
 
 @cache
-def external(name: str) -> types.ExternalFunction:
+def external(name: str):
     """The Numba ``ExternalFunction`` for trampoline symbol ``name``, typed from ``_CDEF``."""
+    from numba import types
+
     try:
         ret, args = prototypes()[name]
     except KeyError:

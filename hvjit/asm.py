@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ._cachedir import cache_base
 from .errors import HvjitError
 
 
@@ -29,9 +30,7 @@ def _tool(name: str) -> str:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("HVJIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hvjit")
-    return Path(base) / "asm"
+    return cache_base() / "asm"
 
 
 def assemble(source: str, origin: int = 0) -> bytes:

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import os
 import sys
 import time
@@ -55,6 +55,8 @@ def parse_int(text: str) -> int:
 
 
 def _print_json(obj) -> None:
+    import json
+
     json.dump(obj, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
 
@@ -164,6 +166,7 @@ def run_image(args, out=sys.stdout) -> int:
             sink = out.buffer if hasattr(out, "buffer") else None
             vm.console_sink = (lambda b: (sink.write(b), sink.flush())) if sink else (
                 lambda b: (out.write(b.decode("latin-1")), out.flush()))
+        watch = _watch_boot(vm, args, fmt)
         if args.gdb:
             outcome = _serve_gdb(vm, args.gdb)
             if outcome.reason == "killed":
@@ -176,6 +179,8 @@ def run_image(args, out=sys.stdout) -> int:
         stdin_feeder = _feed_stdin(vm) if args.interactive else None
         if args.trace:
             vm.trace.enable(args.trace_size)
+        progress = _show_progress(vm, watch, args, fmt)
+        startup_done()
         try:
             if args.snapshot_at:
                 result = _run_with_snapshot(vm, args)
@@ -192,6 +197,8 @@ def run_image(args, out=sys.stdout) -> int:
                 print(f"\nhvjit: interrupted; counters: {counters}", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
+            if progress is not None:
+                progress.set()
             if stdin_feeder is not None:
                 stdin_feeder.set()
             if args.trace:
@@ -199,13 +206,96 @@ def run_image(args, out=sys.stdout) -> int:
         status = _exit_status(result.exit)
         if args.json:
             doc = result.to_dict()
-            doc.update(status=status, format=fmt, counters=result.vcpu_stats[0] if args.cpus == 1 else result.vcpu_stats)
+            doc.update(status=status, format=fmt, counters=result.vcpu_stats[0] if args.cpus == 1 else result.vcpu_stats,
+                       startup=startup_figures())
+            if watch is not None:
+                doc["milestones"] = {name: round(t, 3) for name, t in watch.reached.items()}
             _print_json(doc)
         else:
             print(f"hvjit: {result}", file=sys.stderr)
             if result.exit.report is not None:
                 print(f"hvjit: {result.exit.report}", file=sys.stderr)
     return status
+
+
+def _watch_boot(vm, args, fmt):
+    """Milestones of a Linux boot (or the user's --marker), seen on the console."""
+    if fmt != "linux" and not args.marker:
+        return None
+    from .boot_progress import LINUX_MILESTONES, BootWatch
+
+    watch = BootWatch(LINUX_MILESTONES if fmt == "linux" else (), marker=(args.marker or "").encode() or None)
+    inner = vm.console_sink
+
+    def sink(chunk: bytes) -> None:
+        watch.feed(chunk)
+        if inner is not None:
+            inner(chunk)
+
+    vm.console_sink = sink
+    return watch
+
+
+def _show_progress(vm, watch, args, fmt):
+    """A progress line on stderr every --progress-every seconds (auto: Linux on a terminal)."""
+    import threading
+
+    wanted = args.progress == "on" or (args.progress == "auto" and fmt == "linux" and sys.stderr.isatty())
+    if not wanted or watch is None:
+        return None
+    stop = threading.Event()
+    tty = sys.stderr.isatty()
+
+    def report():
+        while not stop.wait(args.progress_every):
+            line = watch.line(vm)
+            print(f"\r\x1b[K{line}" if tty else f"hvjit: {line}", end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+
+    threading.Thread(target=report, name="hvjit-progress", daemon=True).start()
+    return stop
+
+
+def process_start_ns() -> Optional[int]:
+    """When this process started, on CLOCK_MONOTONIC (ns), from ``/proc/self/stat``: the
+    kernel keeps it in clock ticks (USER_HZ, 10 ms here), so it is up to one tick early."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, starttime
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    # starttime counts from boot (CLOCK_BOOTTIME); move it onto CLOCK_MONOTONIC.
+    offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+    return ticks * 1_000_000_000 // hz - offset
+
+
+def startup_figures() -> dict:
+    """Start-up and footprint of this process, for ``hvjit run --json``'s ``startup``:
+
+    - ``first_kvm_run_ns``: CLOCK_MONOTONIC taken in C just before the process's first KVM_RUN
+      ioctl (``hvt_vcpu_run``); compare it with a clock read before the process was spawned
+      (bench/test_bench_startup.py does) for the exact time to the first KVM_RUN.
+    - ``process_start_ns``: the process's start on the same clock (``/proc/self/stat``,
+      resolution one clock tick, 10 ms); ``first_kvm_run_s`` and ``wall_s`` count from it
+      (``wall_s``: to this report, just before the VM is torn down and the process exits).
+    - ``max_rss_kib``: peak resident set size so far (``getrusage``'s ``ru_maxrss``).
+    """
+    import resource
+
+    from . import _trampoline as _t
+
+    now = time.monotonic_ns()
+    first = int(_t.lib.hvt_vcpu_first_run_ns()) or None
+    start = process_start_ns()
+    return {
+        "first_kvm_run_ns": first,
+        "process_start_ns": start,
+        "first_kvm_run_s": round((first - start) / 1e9, 4) if first and start else None,
+        "wall_s": round((now - start) / 1e9, 4) if start else None,
+        "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
 
 
 def _save_trace(vm, path) -> None:
@@ -478,6 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", metavar="FILE", help="run FILE through the fuzzing harness (docs/fuzzing.md); "
                      "--timeout is then per input")
     run.add_argument("-v", "--verbose", action="store_true", help="print what was loaded where")
+    run.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                     help="a progress line on stderr: latest boot milestone, exits, emulation counters "
+                          "(auto: Linux kernels on a terminal)")
+    run.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS")
+    run.add_argument("--marker", default=None,
+                     help="a console string that counts as the last milestone (e.g. a shell script's output)")
     run.add_argument("--json", action="store_true", help="print the exit record, counters and console as JSON")
     run.set_defaults(func=cmd_run)
 
@@ -519,8 +615,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def startup_done() -> None:
+    """Start-up is over: move what it allocated (mostly the imported modules' objects) out of
+    the cyclic collector's way and turn the collector back on (see :func:`main`)."""
+    gc.freeze()
+    gc.enable()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    # Imports allocate ~10^6 objects and free few: cyclic collections during start-up are pure
+    # cost, and so is the collection of all of them when the interpreter exits. The collector
+    # is off until the guest is about to run (`run`) or the command starts its work (others),
+    # and everything left at the end is frozen rather than collected (open resources are
+    # released by their owners' `with` blocks and atexit hooks, which still run).
+    gc.disable()
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_run:
+        startup_done()
     try:
         return args.func(args)
     except KvmUnavailableError as e:
@@ -531,6 +642,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        startup_done()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ def _port_io(vcpu, rec) -> Optional[VmExit]:
     """A port claimed by a Python handler: call it for each element of the access."""
     handler = vcpu.vm.bus.port_handler(int(rec["port"]))
     if handler is None:
-        return to_caller(vcpu, rec)
+        if vcpu.vm.unassigned_ports != "ones":
+            return to_caller(vcpu, rec)
+        handler = _unassigned_port
+        vcpu.vm.unassigned_port_accesses += 1
     r, page = vcpu._run[0], vcpu._page
     size, count = int(r["io_size"]), int(r["io_count"])
     port, at = int(r["io_port"]), int(r["io_data_offset"])
@@ -45,6 +48,11 @@ def _port_io(vcpu, rec) -> Optional[VmExit]:
         if not is_write:
             view[:] = np.frombuffer(int(result or 0).to_bytes(8, "little", signed=False)[:size], np.uint8)
     return None
+
+
+def _unassigned_port(port: int, size: int, is_write: bool, value: int) -> int:
+    """A port no device decodes, on a PC bus: reads float high, writes go nowhere."""
+    return (1 << (8 * size)) - 1
 
 
 def _mmio(vcpu, rec) -> Optional[VmExit]:
@@ -71,11 +79,12 @@ def _msr(vcpu, rec) -> Optional[VmExit]:
         return to_caller(vcpu, rec)
     r = vcpu._run[0]
     index = int(r["msr_index"])
+    extra = {"vcpu": vcpu} if getattr(handler, "takes_vcpu", False) else {}
     if int(rec["exitcode"]) == VmExitCode.WRMSR:
-        ok = handler(index, True, int(r["msr_data"]))
+        ok = handler(index, True, int(r["msr_data"]), **extra)
         r["msr_error"] = 1 if ok is False else 0
     else:
-        value = handler(index, False, 0)
+        value = handler(index, False, 0, **extra)
         r["msr_error"] = 1 if value is None else 0
         r["msr_data"] = 0 if value is None else int(value) & (1 << 64) - 1
     return None
@@ -85,6 +94,9 @@ def _debug_stop(vcpu, rec) -> Optional[VmExit]:
     """KVM_EXIT_DEBUG, or a shutdown while debug controls are on: a step, a breakpoint or a
     watchpoint (see :mod:`hvjit.vcpu_debug`); a real triple fault goes to the caller."""
     exit_ = to_caller(vcpu, rec)
+    owned = vcpu_debug.owned_hit(vcpu, exit_)
+    if owned is not None and owned.on_hit is not None:
+        return owned.on_hit(vcpu, exit_)
     shutdown = exit_.kvm_reason == KvmExit.SHUTDOWN
     if exit_.kvm_reason != KvmExit.DEBUG and not (shutdown and vcpu_debug.is_debugging(vcpu)):
         return exit_

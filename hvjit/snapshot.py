@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _trampoline as _t
-from . import dirty, snapshot_file, vcpu_events
+from . import dirty, snapshot_file, syscall_entry, vcpu_events
 from .abi import (
     KVM_CLOCK_DATA_DTYPE,
     KVM_CPUID_ENTRY2_DTYPE,
@@ -290,7 +290,8 @@ def capture(vm) -> Snapshot:
         "version": VERSION,
         "vm": {"name": vm.name, "vcpus": len(vm.vcpus), "irqchip": bool(vm.irqchip),
                "default_devices": bool(getattr(vm, "default_devices", True)),
-               "msr_exits": int(vm._msr_exits)},
+               "msr_exits": int(vm._msr_exits),
+               "unassigned_ports": str(getattr(vm, "unassigned_ports", "exit"))},
         "memory": layout,
         "devices": devices,
     }
@@ -579,6 +580,11 @@ def restore(vm_class, session, source, name: Optional[str] = None):
         apply_devices(vm, snap)
         apply_clock(vm, snap)
         vm._console[:] = snap.console
+        vm.unassigned_ports = m["vm"].get("unassigned_ports", "exit")
+        if vm.syscall_stats is not None:  # LSTAR came back by KVM_SET_MSRS: no trapped write
+            for v in vm.vcpus:
+                if v.get_msr(syscall_entry.MSR_LSTAR):
+                    syscall_entry.arm(v)
         dirty.tracker(vm).rebase(snap)
     except BaseException as e:
         vm.destroy()

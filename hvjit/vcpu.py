@@ -13,7 +13,7 @@ import errno
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -34,11 +34,13 @@ from .abi import (
     KVM_XSAVE_SIZE,
     SEGMENT_NAMES,
     VM_EXIT_DTYPE,
+    Cap,
     SuspendHow,
     VmExitCode,
 )
 from .errors import KvmError, ObjectDestroyedError, RegisterError
 from .exits import VmExit
+from .kvm_stats import KvmStats
 from .vcpu_lifecycle import Request, RunControl, VcpuBusyError, VcpuState, authorize, ensure_kick_signal
 
 Vm = Any  # hvjit.vm.Vm: not imported, the VM imports this module
@@ -116,6 +118,32 @@ class _Watchdog:
             watchdog.cancel(self._token)
 
 
+class _Ticker:
+    """Brings a running vCPU back to Python every ``period`` seconds for its tick hooks
+    (sampling, finishing long string instructions): a kick, as the watchdog's."""
+
+    def __init__(self, vcpu: "Vcpu", period: float):
+        self._vcpu, self._period = vcpu, period
+        self._lock = threading.Lock()
+        self._token: Optional[int] = watchdog.arm(period, self._fire)
+
+    def _fire(self) -> None:
+        vcpu = self._vcpu
+        with self._lock:
+            if self._token is None:
+                return
+            self._token = watchdog.arm(self._period, self._fire)
+        vcpu._tick_due = True
+        with vcpu._control.lock:
+            vcpu._control.kick_locked()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._token is not None:
+                watchdog.cancel(self._token)
+                self._token = None
+
+
 class Vcpu:
     """One vCPU of a :class:`~hvjit.vm.Vm`; created only by its VM."""
 
@@ -144,6 +172,12 @@ class Vcpu:
         self.fault_features: Optional[frozenset] = None
         self.destroyed = False
         self.handle = 0  # the session's handle for it
+        # Called with the vCPU every tick_period seconds of a run (on the vCPU's thread,
+        # between two KVM_RUNs); no ticks while the list is empty.
+        self.tick_hooks: list[Callable[["Vcpu"], None]] = []
+        self.tick_period = 0.02
+        self._tick_due = False
+        self._kvm_stats: Optional[KvmStats] = None  # opened on first use
         # Without KVM_SET_CPUID2 a guest sees almost no features (long mode included).
         self.set_cpuid(vm.kvm.vcpu_cpuid(index))
 
@@ -178,6 +212,8 @@ class Vcpu:
         return self._control.release_when_idle(self._release, wait)
 
     def _release(self) -> None:
+        if self._kvm_stats is not None:
+            self._kvm_stats.close()
         # Drop every numpy view of the run page before unmapping it.
         self._page = self._run = None
         _t.lib.hvt_vcpu_destroy(self.fd, self._run_ptr, self._mmap_size)
@@ -188,6 +224,23 @@ class Vcpu:
 
     def _call(self, rc: int, op: str) -> int:
         return _t.check(rc, op, f"vcpu {self.index} of VM {self.vm.name!r}")
+
+    def kvm_stats(self) -> dict[str, int]:
+        """KVM's own counters for this vCPU (``exits``, ``insn_emulation``, ...), {} where the
+        host has no KVM_CAP_BINARY_STATS_FD."""
+        stats = self._open_kvm_stats()
+        return stats.read() if stats is not None else {}
+
+    def kvm_stat(self, name: str) -> Optional[int]:
+        """One of KVM's counters, None if the host does not keep it."""
+        stats = self._open_kvm_stats()
+        return stats.get(name) if stats is not None else None
+
+    def _open_kvm_stats(self) -> Optional[KvmStats]:
+        self._check()
+        if self._kvm_stats is None and self.vm.kvm.has(Cap.BINARY_STATS_FD):
+            self._kvm_stats = KvmStats(self.fd)
+        return self._kvm_stats
 
     # ---- whole register files ------------------------------------------------------------
 
@@ -476,10 +529,13 @@ class Vcpu:
         try:
             self.warm_up()  # JIT time is not guest time: before the watchdog starts
             watchdog = _Watchdog(self, timeout)
+            ticker = _Ticker(self, self.tick_period) if self.tick_hooks else None
             try:
                 return self._run_until_exit(watchdog, resume_hlt, _group_stop)
             finally:
                 watchdog.cancel()
+                if ticker is not None:
+                    ticker.cancel()
         finally:
             control.leave()
 
@@ -522,6 +578,10 @@ class Vcpu:
                 # was waiting for INIT/SIPI changed state; KVM wants KVM_RUN again.
                 if err not in (errno.EINTR, errno.EAGAIN):
                     self._call(-err, "KVM_RUN")
+                if err == errno.EINTR and self._tick_due:  # no exit is half done here
+                    self._tick_due = False
+                    for hook in self.tick_hooks:
+                        hook(self)
             if watchdog.expired():
                 return self._synthetic_exit(VmExitCode.TIMEOUT)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -94,6 +94,9 @@ class HwSlot:
     address: int
     kind: str  # "x", "w" or "rw"
     length: int
+    # Set for hvjit's own breakpoints (e.g. :mod:`hvjit.syscall_entry`): called with the
+    # vCPU and the exit at a hit; returns None to let the guest go on, else the exit.
+    on_hit: Optional[Callable] = None
 
 
 @dataclass
@@ -235,9 +238,11 @@ def remove_breakpoint(vcpu, where: Address) -> None:
         v._debug.dirty = True
 
 
-def add_hw(vcpu, where: Address, kind: str = "x", length: int = 1) -> int:
+def add_hw(vcpu, where: Address, kind: str = "x", length: int = 1, *,
+           on_hit: Optional[Callable] = None) -> int:
     """A hardware breakpoint (``kind`` "x") or watchpoint ("w", "rw") in a free debug
-    register; returns its slot (0-3)."""
+    register; returns its slot (0-3). With ``on_hit`` the slot is hvjit's own: it takes the
+    highest free register, and its hits go to ``on_hit`` instead of the caller."""
     _require_guest_debug(vcpu, "hardware breakpoints")
     if kind not in HW_KINDS:
         raise DebugError(f"kind must be one of {sorted(HW_KINDS)}, not {kind!r}")
@@ -254,15 +259,30 @@ def add_hw(vcpu, where: Address, kind: str = "x", length: int = 1) -> int:
     free = [s for s in range(HW_SLOTS) if s not in state.hw]
     if not free:
         raise DebugError("all four debug registers are in use")
-    state.hw[free[0]] = HwSlot(gla, kind, length)
+    slot = free[-1] if on_hit is not None else free[0]
+    state.hw[slot] = HwSlot(gla, kind, length, on_hit)
     state.dirty = True
-    return free[0]
+    return slot
 
 
 def remove_hw(vcpu, slot: int) -> None:
-    if vcpu._debug.hw.pop(slot, None) is None:
-        raise DebugError(f"debug register slot {slot} is not in use")
+    hw = vcpu._debug.hw.get(slot)
+    if hw is None or hw.on_hit is not None:
+        raise DebugError(f"debug register slot {slot} is not in use" if hw is None else
+                         f"debug register slot {slot} is hvjit's own ({hw.on_hit.__module__})")
+    del vcpu._debug.hw[slot]
     vcpu._debug.dirty = True
+
+
+def owned_hit(vcpu, exit_: VmExit) -> Optional[HwSlot]:
+    """The slot of hvjit's own that this KVM_EXIT_DEBUG hit, if any."""
+    if exit_.kvm_reason != KvmExit.DEBUG:
+        return None
+    dr6 = (list(exit_.info) + [0, 0, 0])[2]
+    for s, hw in vcpu._debug.hw.items():
+        if hw.on_hit is not None and dr6 & (1 << s):
+            return hw
+    return None
 
 
 # ---- exits ----------------------------------------------------------------------------------

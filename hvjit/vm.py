@@ -12,7 +12,7 @@ import threading
 from typing import Callable, Iterable, Optional, Union
 
 from . import _trampoline as _t
-from . import interrupts, msr_filter, reset, snapshot
+from . import interrupts, msr_filter, rep_strings, reset, snapshot, syscall_entry
 from .abi import Cap, SuspendHow
 from .devices import catalog
 from .devices.bus import IoBus
@@ -69,7 +69,8 @@ class Vm:
     """One KVM virtual machine."""
 
     def __init__(self, session, name: str, *, memory: MemorySpec = 16 << 20, vcpus: int = 1,
-                 devices: bool = True, irqchip: bool = False, kvm: Optional[Kvm] = None):
+                 devices: bool = True, irqchip: bool = False, kvm: Optional[Kvm] = None,
+                 syscall_fixup: Optional[bool] = None, accelerate_strings: Optional[bool] = None):
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ValueError(f"VM name {name!r}: 1-32 characters of letters, digits, '.', '_', '-', "
                              "starting with a letter or digit")
@@ -93,6 +94,12 @@ class Vm:
         self._dirty = None  # hvjit.dirty.DirtyTracker, once a snapshot is taken
         self._msr_handlers: dict = {}
         self._msr_exits = 0
+        self.syscall_stats: Optional[syscall_entry.SyscallStats] = None
+        # A port that no device or handler claims: "exit" returns the access to the caller
+        # (an INOUT exit); "ones" answers as a PC bus does (PC guests' loaders choose it).
+        self.unassigned_ports = "exit"
+        self.unassigned_port_accesses = 0
+        self.rep_string_stats: Optional[rep_strings.RepStringStats] = None
         self.uart: Optional[Uart16550] = None
         self.debug_exit: Optional[DebugExit] = None
         self.testdev: Optional[TestDev] = None
@@ -125,6 +132,15 @@ class Vm:
                 vcpu = Vcpu(self, i)
                 self.vcpus.append(vcpu)
                 vcpu.handle = self._own(vcpu, "vcpu", vcpu._destroy)
+            # PVM leaves a CPL3 syscall half done (see syscall_entry); default: fix it there.
+            pvm = self.kvm.flavour == "pvm"
+            if syscall_fixup if syscall_fixup is not None else pvm:
+                syscall_entry.install(self)
+            # Ring 0 in KVM's emulator runs string instructions element by element.
+            if accelerate_strings if accelerate_strings is not None else pvm:
+                self.rep_string_stats = rep_strings.RepStringStats()
+                for vcpu in self.vcpus:
+                    vcpu.tick_hooks.append(rep_strings.on_tick)
         except BaseException:
             self.destroy()
             raise

@@ -97,6 +97,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from .._cachedir import cache_base
 from ..asm import AssemblerError
 from ..errors import HvjitError
 
@@ -152,9 +153,7 @@ def _guest_files() -> tuple[bytes, bytes]:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("HVJIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hvjit")
-    return Path(base) / "guests"
+    return cache_base() / "guests"
 
 
 def _tool(name: str) -> str:

@@ -363,6 +363,10 @@ def load(vm, image: ImageSource, *, format: str = "auto", cmdline="", initrd=Non
                         entry=entry, mode=mode, cpl=cpl, rsdp=rsdp, name=name)
     if getattr(info.image, "symbols", None):
         vm.symbols = info.image  # breakpoints and exits by symbol name
+    if fmt in ("linux", "multiboot"):
+        # PC software probes ports nobody decodes (Linux: ISA DMA page registers, COM2-4)
+        # and expects what a PC bus gives: all ones, writes lost.
+        vm.unassigned_ports = "ones"
     return info
 
 

@@ -24,6 +24,14 @@ from typing import Optional
 from ..errors import HvjitError, LoaderError
 from . import PAGE, BootInfo, Placer, encode_cmdline, read_image
 
+# Kernel arguments that spare a stock kernel boot-time work which is cheap on hardware but
+# costs minutes where KVM emulates ring 0 (PVM; docs/linux-on-pvm.md has the measurements):
+# the W+X page-table walk (rodata=off), ftrace's weak-function check, the trace-event enum
+# rewrite (trace_eval_init), and code paths KVM's emulator cannot run (SSSE3 blake2s,
+# cmpxchg16b-based SLUB fast paths, XSAVE-managed FPU state).
+EMULATED_RING0_ARGS = ("rodata=off noxsave clearcpuid=cx16,ssse3 "
+                       "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init")
+
 # Setup header offsets (in the image and in struct boot_params).
 OFF_SETUP_SECTS = 0x1F1
 OFF_VID_MODE = 0x1FA

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -50,6 +51,21 @@ def test_run_json_prints_exit_record_and_counters(tmp_path):
     assert out["exit"]["exitcode"] == "SUSPENDED" and out["exit"]["how"] == "POWEROFF"
     assert out["exit"]["code"] == 9 and out["console"] == "json"
     assert out["counters"]["pio"] == 5 and out["counters"]["native"] == 5
+
+
+def test_run_json_reports_startup_first_kvm_run_and_rss(tmp_path):
+    image = tmp_path / "guest.bin"
+    image.write_bytes(assemble(hello_source("long", "up", 0), 0x1000))
+    spawned = time.monotonic_ns()
+    p = hvjit("run", str(image), "--cpl", "3", "--json")
+    returned = time.monotonic_ns()
+    assert p.returncode == 0, p.stderr
+    st = json.loads(p.stdout)["startup"]
+    # The first KVM_RUN happened inside the process's lifetime, on the same clock as ours.
+    assert spawned < st["first_kvm_run_ns"] < returned
+    assert st["process_start_ns"] is not None and st["process_start_ns"] <= st["first_kvm_run_ns"]
+    assert 0 < st["first_kvm_run_s"] <= st["wall_s"] < (returned - spawned) / 1e9 + 0.02  # one 10 ms tick of slack
+    assert 10_000 < st["max_rss_kib"] < 4 << 20  # KiB: more than the interpreter, less than 4 GiB
 
 
 def test_run_reports_timeout_and_triple_fault(tmp_path):

@@ -12,7 +12,7 @@ PACKAGE = Path(hvjit.__file__).resolve().parent
 
 # Bottom to top; a module may import its own layer and the ones below (docs/architecture.md).
 LAYERS = [
-    ("base", ["hvjit", "hvjit._jit", "hvjit.abi", "hvjit.errors"]),
+    ("base", ["hvjit", "hvjit._cachedir", "hvjit._jit", "hvjit.abi", "hvjit.errors"]),
     ("kernels and the C ABI", ["hvjit.kernels", "hvjit.kernels.*", "hvjit._trampoline"]),
     ("devices and firmware tables", ["hvjit.devices", "hvjit.devices.*", "hvjit.firmware", "hvjit.firmware.*"]),
     ("the machine", ["hvjit.system", "hvjit.memory", "hvjit.watchdog", "hvjit.exits", "hvjit.interrupts",
@@ -20,15 +20,17 @@ LAYERS = [
                      "hvjit.vcpu_lifecycle", "hvjit.vcpu_debug", "hvjit.vcpu_events", "hvjit.cpuid",
                      "hvjit.msr_filter", "hvjit.tsc", "hvjit.vcpu", "hvjit.vcpu_threads", "hvjit.dirty",
                      "hvjit.snapshot_file", "hvjit.snapshot", "hvjit.reset", "hvjit.gdb_protocol", "hvjit.gdb_registers",
-                     "hvjit.gdbstub", "hvjit.trace", "hvjit.hooks", "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
+                     "hvjit.gdbstub", "hvjit.trace", "hvjit.hooks", "hvjit.syscall_entry", "hvjit.rep_strings",
+                     "hvjit.kvm_stats",
+                     "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
     ("management", ["hvjit.handles", "hvjit.objects", "hvjit.factory", "hvjit.gip", "hvjit.session"]),
-    ("front", ["hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
+    ("front", ["hvjit.boot_progress", "hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
                "hvjit.fuzz", "hvjit.fuzz.*", "hvjit.fleet", "hvjit.cli", "hvjit.__main__", "hvjit.trace_plot"]),
 ]
 # Stricter rooms inside a layer: pure kernels and devices see only the base (and their own package).
 ONLY = {
-    "hvjit.kernels.*": ["hvjit", "hvjit._jit", "hvjit.abi", "hvjit.errors", "hvjit.kernels", "hvjit.kernels.*"],
-    "hvjit.devices.*": ["hvjit", "hvjit._jit", "hvjit.abi", "hvjit.errors", "hvjit.devices", "hvjit.devices.*"],
+    "hvjit.kernels.*": ["hvjit", "hvjit._cachedir", "hvjit._jit", "hvjit.abi", "hvjit.errors", "hvjit.kernels", "hvjit.kernels.*"],
+    "hvjit.devices.*": ["hvjit", "hvjit._cachedir", "hvjit._jit", "hvjit.abi", "hvjit.errors", "hvjit.devices", "hvjit.devices.*"],
 }
 
 

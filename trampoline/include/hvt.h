@@ -126,6 +126,8 @@ HVT_EXPORT int hvt_vcpu_create(int vm_fd, int id, int mmap_size, struct kvm_run 
 HVT_EXPORT int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size);
 /* One KVM_RUN. 0 on an exit to user space; -EINTR when kicked or interrupted. */
 HVT_EXPORT int hvt_vcpu_run(int vcpu_fd);
+/* CLOCK_MONOTONIC in ns just before the process's first KVM_RUN (through hvt_vcpu_run); 0: none yet. */
+HVT_EXPORT int64_t hvt_vcpu_first_run_ns(void);
 /* Ask a vCPU thread (pthread id) that may be inside KVM_RUN to leave it now. */
 HVT_EXPORT int hvt_vcpu_kick(uint64_t thread, struct kvm_run *run);
 HVT_EXPORT int hvt_vcpu_get_regs(int vcpu_fd, struct kvm_regs *regs);
@@ -145,6 +147,8 @@ HVT_EXPORT int hvt_vcpu_set_guest_debug(int vcpu_fd, const struct kvm_guest_debu
 /* DR0-DR3, DR6, DR7 as the guest sees them (KVM_CAP_DEBUGREGS). */
 HVT_EXPORT int hvt_vcpu_get_debugregs(int vcpu_fd, struct kvm_debugregs *regs);
 HVT_EXPORT int hvt_vcpu_set_debugregs(int vcpu_fd, const struct kvm_debugregs *regs);
+/* A file descriptor for the vCPU's binary statistics (KVM_GET_STATS_FD); -errno on failure. */
+HVT_EXPORT int hvt_vcpu_stats_fd(int vcpu_fd);
 /* The XSAVE area (standard format; `size` from KVM_CAP_XSAVE2 on the VM fd, at least 4096). */
 HVT_EXPORT int hvt_vcpu_get_xsave(int vcpu_fd, void *area, int size);
 HVT_EXPORT int hvt_vcpu_set_xsave(int vcpu_fd, const void *area);

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 _Static_assert(sizeof(((struct kvm_run *)0)->immediate_exit) == 1, "kvm_run.immediate_exit");
@@ -44,9 +45,28 @@ int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size)
     return rc;
 }
 
+/* CLOCK_MONOTONIC (ns) taken just before this process's first KVM_RUN; 0 until then. The one
+ * process-wide value the trampoline keeps: start-up benchmarks read it (`hvjit run --json`). */
+static int64_t first_run_ns;
+
+static void note_first_run(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    int64_t now = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec, none = 0;
+    __atomic_compare_exchange_n(&first_run_ns, &none, now, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
 int hvt_vcpu_run(int vcpu_fd)
 {
+    if (__builtin_expect(__atomic_load_n(&first_run_ns, __ATOMIC_RELAXED) == 0, 0))
+        note_first_run();
     return ioctl_rc(ioctl(vcpu_fd, KVM_RUN, 0));
+}
+
+int64_t hvt_vcpu_first_run_ns(void)
+{
+    return __atomic_load_n(&first_run_ns, __ATOMIC_RELAXED);
 }
 
 int hvt_vcpu_kick(uint64_t thread, struct kvm_run *run)
@@ -130,6 +150,14 @@ int hvt_vcpu_get_tsc_khz(int fd)
 int hvt_vcpu_set_guest_debug(int fd, const struct kvm_guest_debug *dbg)
 {
     return ioctl_rc(ioctl(fd, KVM_SET_GUEST_DEBUG, dbg));
+}
+
+int hvt_vcpu_stats_fd(int fd)
+{
+#ifndef KVM_GET_STATS_FD
+#define KVM_GET_STATS_FD _IO(KVMIO, 0xce) /* Linux 5.14 */
+#endif
+    return ioctl_rc(ioctl(fd, KVM_GET_STATS_FD, 0));
 }
 
 int hvt_vcpu_get_debugregs(int fd, struct kvm_debugregs *regs)
