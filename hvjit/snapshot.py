@@ -290,7 +290,8 @@ def capture(vm) -> Snapshot:
         "version": VERSION,
         "vm": {"name": vm.name, "vcpus": len(vm.vcpus), "irqchip": bool(vm.irqchip),
                "default_devices": bool(getattr(vm, "default_devices", True)),
-               "msr_exits": int(vm._msr_exits),
+               # the reasons a user enabled; an MSR filter's (bit 2) comes back with the filter
+               "msr_exits": int(vm._msr_exits) & 3,
                "unassigned_ports": str(getattr(vm, "unassigned_ports", "exit"))},
         "memory": layout,
         "devices": devices,
