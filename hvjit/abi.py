@@ -104,6 +104,16 @@ HVT_LOOP_STATS_DTYPE = np.dtype([
     (n, "<u8") for n in ("exits", "pio", "mmio", "hlt", "last_reason", "last_port", "last_data")
 ])
 
+# hvt_vm_reset's per-slot and per-vCPU records (trampoline/include/hvt.h); pointers as uint64.
+HVT_RESET_SLOT_DTYPE = np.dtype([("slot", "<i4"), ("pad", "<u4"), ("npages", "<u8"), ("dst", "<u8"),
+                                 ("src", "<u8"), ("bitmap", "<u8"), ("extra", "<u8"), ("host_dirty", "<u8")])
+HVT_RESET_VCPU_DTYPE = np.dtype([("fd", "<i4"), ("done", "<i4"), ("run", "<u8"), ("regs", "<u8"),
+                                 ("sregs", "<u8"), ("events", "<u8"), ("xsave", "<u8"), ("xcrs", "<u8"),
+                                 ("msrs", "<u8"), ("nmsrs", "<i4"), ("msrs_set", "<i4"), ("mp_state", "<u8"),
+                                 ("lapic", "<u8"), ("debugregs", "<u8")])
+HVT_RESET_VMSTATE_DTYPE = np.dtype([("irqchip", "<u8"), ("nirqchip", "<i4"), ("pad", "<u4"), ("pit2", "<u8"),
+                                    ("clock", "<u8")])
+
 
 # ---- kvm_run, flattened: the union's members become prefixed fields at their offsets -------
 
@@ -194,6 +204,9 @@ C_STRUCTS = {
     "kvm_pit_state2": KVM_PIT_STATE2_DTYPE,
     "kvm_clock_data": KVM_CLOCK_DATA_DTYPE,
     "hvt_loop_stats": HVT_LOOP_STATS_DTYPE,
+    "hvt_reset_slot": HVT_RESET_SLOT_DTYPE,
+    "hvt_reset_vcpu": HVT_RESET_VCPU_DTYPE,
+    "hvt_reset_vmstate": HVT_RESET_VMSTATE_DTYPE,
     "kvm_irq_routing_entry": KVM_IRQ_ROUTING_ENTRY_DTYPE,
     "kvm_msr_filter_range": KVM_MSR_FILTER_RANGE_DTYPE,
     "kvm_msr_filter": KVM_MSR_FILTER_DTYPE,

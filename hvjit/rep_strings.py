@@ -74,7 +74,7 @@ def on_tick(vcpu) -> None:
     vm = vcpu.vm
     stats = vm.rep_string_stats
     stats.ticks += 1
-    if vm.breakpoints or (vm._dirty is not None and vm._dirty.valid()):
+    if vm.breakpoints or (vm._dirty is not None and vm._dirty.valid):
         return
     from .emulation import guest  # the decoder and page walker load on first use
 

@@ -3,32 +3,44 @@
 Memory: the pages KVM's dirty log (and hvjit's own writes) marked since the VM last equalled
 a snapshot, plus the pages that differ between that snapshot and the target, known from the
 tree of snapshots taken in this process (each holds the pages that may differ from its
-parent). One C call copies them. Without such a link (another VM's snapshot, a file) every
-page is copied once, and later resets are fast again.
+parent). Without such a link (another VM's snapshot, a file) every page is copied once, and
+later resets are fast again.
 
 vCPUs: the exit each vCPU stopped at is completed first (else KVM would finish it on top of
-the restored registers); REGS, SREGS and events travel in kvm_run (KVM_CAP_SYNC_REGS, one
-immediate-exit KVM_RUN); the XSAVE area is one ioctl. ``privileged=False`` skips what only
-CPL0 code (or the host) changes — XCRs, MSRs, MP state, LAPIC, debug registers, PICs,
-IOAPIC, PIT, kvmclock — for guests that ran at CPL3 only since the snapshot.
+the restored registers) by an immediate-exit KVM_RUN that also reports the SREGS and events
+in kvm_run (KVM_CAP_SYNC_REGS). Where they equal the snapshot's, the REGS are left in
+kvm_run for the next KVM_RUN (``Vcpu._deferred``: hvjit's register accessors apply them
+first); else REGS, SREGS and events go in through one more immediate KVM_RUN. The XSAVE
+area is one ioctl: no cheaper way tells whether the guest touched it. ``privileged=False``
+skips what only CPL0 code (or the host) changes — XCRs, MSRs, MP state, LAPIC, debug
+registers, PICs, IOAPIC, PIT, kvmclock — for guests that ran at CPL3 only since the snapshot.
+
+All of it is one C call, ``hvt_vm_reset`` (docs/architecture.md lists its steps), on records
+made once per snapshot and VM (``_Plan``); Python puts back the device rows the guest or the
+host touched (:func:`hvjit.snapshot.reset_devices`) and the console.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
 
 from . import _trampoline as _t
-from . import dirty, snapshot
+from . import dirty, snapshot, vcpu_events
+from .abi import HVT_RESET_SLOT_DTYPE, HVT_RESET_VCPU_DTYPE, HVT_RESET_VMSTATE_DTYPE, KVM_XSAVE_SIZE, Cap
+from .errors import SnapshotError
 from .memory import PAGE_SIZE
 from .snapshot import Snapshot
 
 
-@dataclass(frozen=True)
-class ResetStats:
+class ResetStats(NamedTuple):  # a NamedTuple: built in a fraction of a frozen dataclass's time
     pages: int  # pages copied back
     full: bool  # every page was copied (no known link to the target)
     completed_exits: int  # vCPUs whose pending exit had to be completed first
+    sregs_restored: int = 0  # vCPUs whose SREGS or events differed (set through a 2nd KVM_RUN)
 
 
 def take(vm) -> Snapshot:
@@ -72,32 +84,197 @@ def pages_between(base: Optional[Snapshot], target: Snapshot) -> Optional[dirty.
     return None
 
 
+# hvt_vm_reset's steps (trampoline/include/hvt.h).
+DID_COMPLETE, DID_DEFER_REGS, DID_SYNC, DID_XSAVE, DID_PRIVILEGED, MSRS_SHORT = 1, 2, 4, 8, 32, 64
+MAX_PLANS = 8  # plans kept per snapshot (one per VM it was reset into)
+
+
+def _address(cdata) -> int:
+    return int(_t.ffi.cast("uintptr_t", cdata))
+
+
+class _Records:
+    """hvt_vm_reset's vCPU records for one kind of reset (CPL3-only or privileged)."""
+
+    def __init__(self, records: np.ndarray):
+        self.records = records
+        self.ptr = _t.ptr(records, "struct hvt_reset_vcpu *")
+        base = _t.ffi.cast("char *", _t.ffi.from_buffer(records))
+        fields = HVT_RESET_VCPU_DTYPE.fields
+        assert fields is not None
+        at = fields["done"][1]
+        # int32_t * to each record's `done`: read back without numpy.
+        self.done = [_t.ffi.cast("int32_t *", base + i * HVT_RESET_VCPU_DTYPE.itemsize + at)
+                     for i in range(len(records))]
+
+
+@dataclass
+class _Plan:
+    """What one VM's resets to one snapshot need: hvt_vm_reset's records, every pointer in
+    them made once, and the arrays they point into."""
+    slots: np.ndarray  # HVT_RESET_SLOT_DTYPE, one per memory segment
+    slots_ptr: Any
+    user: _Records  # one per vCPU (none without KVM_CAP_SYNC_REGS)
+    privileged: _Records  # the same, with the CPL0 state
+    vmstate_ptr: Any  # struct hvt_reset_vmstate *: PICs, IOAPIC, PIT, kvmclock
+    host_dirty: list  # each segment's host_dirty array the records point into
+    bitmaps: list  # uint64_t * to each slot record's bitmap (what the reset copied)
+    devices: snapshot.DevicePlan
+    xsave: bool  # the C call sets the XSAVE areas
+    full: list[np.ndarray]  # all-pages bitmaps, for a target outside this VM's tree
+    keep: list  # what the records point into
+    extra: bool = False  # some record points at an `extra` bitmap
+
+
+def _plan_key(vm, segments) -> tuple:
+    # Object ids, not fds (a reinit may reuse fd numbers); the plan holds the objects, so no
+    # id is reused while it lives.
+    return (vm.fd, tuple(map(id, segments)), tuple(map(id, vm.devices)), tuple(map(id, vm.vcpus)))
+
+
+def _make_plan(vm, snap: Snapshot) -> _Plan:
+    snapshot.check_compatible(vm, snap)
+    keep: list = [vm.memory.segments, list(vm.devices), list(vm.vcpus)]  # what _plan_key names
+
+    def address(array: Optional[np.ndarray]) -> int:
+        if array is None:
+            return 0
+        array = np.ascontiguousarray(array)
+        keep.append(array)
+        return _address(_t.ptr(array))
+
+    segments = vm.memory.segments
+    slots = np.zeros(len(segments), HVT_RESET_SLOT_DTYPE)
+    for k, seg in enumerate(segments):
+        row = slots[k]
+        row["slot"] = -1 if seg.readonly else seg.slot  # the guest cannot write read-only memory
+        row["npages"] = seg.size // PAGE_SIZE
+        row["dst"] = seg.host_address
+        row["src"] = address(snap.dense(k))
+        row["bitmap"] = address(np.zeros(dirty.bitmap_words(seg.size), np.uint64))
+    sync = Cap.SYNC_REGS.name in vm.kvm.capabilities
+    user = np.zeros(len(vm.vcpus) if sync else 0, HVT_RESET_VCPU_DTYPE)
+    xsave_size = max(KVM_XSAVE_SIZE, vm.xsave_size)
+    has_xsave = sync
+    for i, v in enumerate(vm.vcpus[: len(user)]):
+        row = user[i]
+        row["fd"], row["run"] = v.fd, _address(v._run_ptr)
+        row["regs"] = address(snap.arrays[f"vcpu{v.index}.regs"][:1])
+        row["sregs"] = address(snap.arrays[f"vcpu{v.index}.sregs"][:1])
+        events = snap.vcpu_array(v.index, "events")
+        if events is not None:
+            vcpu_events.enable_flags(v, int(events["flags"][0]))  # as the snapshot's VM had them
+            row["events"] = address(events[:1])
+        area = snap.vcpu_array(v.index, "xsave")
+        if area is None:
+            has_xsave = False  # the legacy FPU image goes through apply_vcpu
+            continue
+        xsave = np.zeros(xsave_size, np.uint8)  # KVM_SET_XSAVE reads the size KVM_CAP_XSAVE2 gives
+        xsave[: min(xsave_size, area.size)] = area[:xsave_size]
+        row["xsave"] = address(xsave)
+    privileged = user.copy()
+    for i, v in enumerate(vm.vcpus[: len(user)]):
+        row = privileged[i]
+        msrs = snap._writable.get(f"vcpu{v.index}.msrs", snap.arrays[f"vcpu{v.index}.msrs"])
+        row["msrs"], row["nmsrs"] = address(msrs), len(msrs)
+        for name in ("xcrs", "mp_state", "lapic", "debugregs"):
+            row[name] = address(snap.vcpu_array(v.index, name))
+    vmstate = np.zeros(1, HVT_RESET_VMSTATE_DTYPE)
+    chips = snap.arrays.get("vm.irqchip")
+    vmstate["irqchip"], vmstate["nirqchip"] = address(chips), 0 if chips is None else len(chips)
+    vmstate["pit2"] = address(snap.arrays.get("vm.pit2"))
+    vmstate["clock"] = address(snapshot.clock_to_set(snap.arrays["vm.clock"]))
+    keep.append(vmstate)
+    return _Plan(slots, _t.ptr(slots, "struct hvt_reset_slot *"), _Records(user), _Records(privileged),
+                 _t.ptr(vmstate, "struct hvt_reset_vmstate *"), [None] * len(segments),
+                 [_t.ffi.cast("uint64_t *", int(a)) for a in slots["bitmap"]], snapshot.device_plan(vm, snap), has_xsave,
+                 list(dirty.full_bitmaps(segments).values()), keep)
+
+
 def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
     snapshot.check_stopped(vm)
-    snapshot.check_compatible(vm, snap)
-    tracker = dirty.tracker(vm)
-    since = tracker.accumulate()
-    between = pages_between(tracker.base, snap)
-    full = between is None
     segments = vm.memory.segments
-    pages = dirty.full_bitmaps(segments) if between is None else (dirty.union(since, between) if between else since)
-    copied = 0
+    key = _plan_key(vm, segments)
+    plan = snap._reset_plan.get(key)
+    if plan is None:
+        if len(snap._reset_plan) >= MAX_PLANS:
+            snap._reset_plan.clear()
+        plan = snap._reset_plan[key] = _make_plan(vm, snap)
+    tracker = dirty.tracker(vm)
+    at_snap = tracker.base is snap
+    between = {} if at_snap else pages_between(tracker.base, snap)
+    full = between is None
     for k, seg in enumerate(segments):
-        src = snap.dense(k)
-        copied += _t.check(_t.lib.hvt_mem_copy_pages(_t.ffi.cast("void *", seg.host_address), _t.ptr(src),
-                                                     _t.ptr(pages[k], "uint64_t *"), seg.size // PAGE_SIZE,
-                                                     PAGE_SIZE), "hvt_mem_copy_pages")
-    completed = 0
-    for v in vm.vcpus:
-        completed += snapshot.complete_pending(v)
-        synced = snapshot.sync_registers(v, snap)
-        snapshot.apply_vcpu(v, snap, cpuid=False, registers=not synced, privileged=privileged)
-    if privileged:
-        snapshot.apply_vm(vm, snap)
-        snapshot.apply_clock(vm, snap)
-    snapshot.reset_devices(vm, snap)
+        if seg.host_dirty is not plan.host_dirty[k]:  # tracking restarted: new flags
+            plan.host_dirty[k] = seg.host_dirty
+            plan.slots[k]["host_dirty"] = 0 if seg.host_dirty is None else _address(_t.ptr(seg.host_dirty))
+    extras = []  # kept alive across the call
+    if plan.extra or full or between or not tracker.since_empty:
+        # Pages KVM did not log but that can differ: what an earlier look folded into
+        # `since`, the way through the snapshot tree; every page without a link.
+        for k in range(len(segments)):
+            parts = [plan.full[k]] if full else [b[k] for b in (None if tracker.since_empty else tracker.since,
+                                                                between or None) if b is not None]
+            extra = parts[0] if len(parts) == 1 else (parts[0] | parts[1] if parts else None)
+            if extra is not None:
+                extras.append(extra)
+            plan.slots[k]["extra"] = 0 if extra is None else _address(_t.ptr(extra))
+        plan.extra = bool(extras)
+    # Device rows and bookkeeping before the vCPU ioctls.
+    snapshot.reset_devices(vm, snap, since_snapshot=at_snap, plan=plan.devices)
     console = snap.console
     if len(vm._console) != len(console) or vm._console != console:
         vm._console[:] = console
+    records = plan.privileged if privileged else plan.user
+    nvcpus = len(records.done)
+    if not nvcpus:  # no KVM_CAP_SYNC_REGS: one ioctl per register set
+        for v in vm.vcpus:
+            snapshot.complete_pending(v)
+    rc = _t.lib.hvt_vm_reset(vm.fd, plan.slots_ptr, len(segments), records.ptr, nvcpus,
+                             plan.vmstate_ptr if privileged and nvcpus else _t.ffi.NULL)
+    if rc < 0:
+        _raise_reset_error(vm, records, rc)
+    completed = synced = short = 0
+    for v, p in zip(vm.vcpus, records.done):
+        d = p[0]
+        v._deferred = bool(d & DID_DEFER_REGS)  # the next register ioctl applies them first
+        completed += d & DID_COMPLETE
+        synced += bool(d & DID_SYNC)
+        short |= d & MSRS_SHORT
+    if short or not nvcpus or not plan.xsave:
+        _slow_rest(vm, snap, plan, privileged, [p[0] for p in records.done])
     tracker.rebase(snap)
-    return ResetStats(copied, full, completed)
+    tracker.after_reset(rc, plan.bitmaps)
+    return ResetStats(rc, full, completed, synced)
+
+
+def _slow_rest(vm, snap: Snapshot, plan: _Plan, privileged: bool, done: list[int]) -> None:
+    """What the C call left: everything but memory without KVM_CAP_SYNC_REGS; the legacy FPU
+    image; the vCPU state after an MSR KVM refused (then the plan leaves it out)."""
+    nvcpus = len(done)
+    for v in vm.vcpus:
+        short = bool(nvcpus and done[v.index] & MSRS_SHORT)
+        if nvcpus and not short and plan.xsave:
+            continue
+        snapshot.apply_vcpu(v, snap, cpuid=False, registers=not nvcpus, privileged=privileged and (short or not nvcpus),
+                            fpu=not plan.xsave)
+        writable = snap._writable.get(f"vcpu{v.index}.msrs")
+        if short and writable is not None:  # _set_msrs kept the MSRs KVM takes: point the record at them
+            msrs = np.ascontiguousarray(writable)
+            plan.keep.append(msrs)
+            plan.privileged.records[v.index]["msrs"] = _address(_t.ptr(msrs))
+            plan.privileged.records[v.index]["nmsrs"] = len(msrs)
+    if privileged and not nvcpus:
+        snapshot.apply_vm(vm, snap)
+    if privileged:
+        snapshot.apply_clock(vm, snap)  # last, after any MSR set here
+
+
+def _raise_reset_error(vm, records: _Records, rc: int):
+    for v, done in zip(vm.vcpus, records.done):
+        if done[0] == -errno.EBUSY:
+            raise SnapshotError(f"vcpu {v.index} stopped inside a repeated I/O instruction; "
+                                "run on to the next exit before taking or restoring state")
+        if done[0] < 0:
+            v._call(int(done[0]), "fast reset (KVM_RUN, KVM_SET_REGS, KVM_SET_XSAVE, CPL0 state)")
+    vm._kvm_call(rc, "fast reset (KVM_GET_DIRTY_LOG, page copies, irqchip, kvmclock)")

@@ -152,6 +152,7 @@ def _handle_pio(vm_fd, run, page, port_map, dev_kind, dev_base, dev_state, dev_b
             if a == kinds.ACT_PYTHON:
                 break
     _update_irq(vm_fd, state)
+    state[kinds.STATE_ACCESSES] += 1
     counters[C_PIO] += 1
     if count > 1:
         counters[C_PIO_STRING] += 1
@@ -176,6 +177,7 @@ def _handle_mmio(run, mmio_ranges, dev_kind, dev_state, dev_buf, counters):
                 return kinds.ACT_PYTHON
             act = _mmio_device(dev_kind[slot], dev_state[slot], dev_buf[slot], gpa - start, size,
                                r["mmio_is_write"] != 0, r["mmio_data"])
+            dev_state[slot, kinds.STATE_ACCESSES] += 1
             if act != kinds.ACT_PYTHON:
                 counters[C_MMIO] += 1
             return act

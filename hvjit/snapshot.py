@@ -49,7 +49,7 @@ from .abi import (
 from .devices import kinds
 from .devices.bus import PortDevice, handlers_take_buffer
 from .errors import HvjitError, SnapshotError
-from .memory import PAGE_SIZE
+from .memory import PAGE_SIZE, allocate_segment
 from .snapshot_file import FORMAT, VERSION
 
 MAX_CPUID_ENTRIES = 256
@@ -57,10 +57,6 @@ KVM_CLOCK_REALTIME = 4  # KVM_SET_CLOCK would add the wall time since the snapsh
 
 IRQCHIPS = (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
 
-# Exits after which KVM has nothing left to finish on the next KVM_RUN.
-_NOTHING_PENDING = frozenset({KvmExit.UNKNOWN, KvmExit.HLT, KvmExit.SHUTDOWN, KvmExit.FAIL_ENTRY,
-                              KvmExit.INTR, KvmExit.INTERNAL_ERROR, KvmExit.SYSTEM_EVENT,
-                              KvmExit.DEBUG})
 _SYNC_ALL = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
 
 
@@ -76,9 +72,10 @@ class Snapshot:
     delta: Optional[dirty.Bitmaps] = None
     _dense: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _writable: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # MSRs worth setting
-    _device_plan: dict[tuple, tuple] = field(default_factory=dict, repr=False)  # per device set, for resets
+    _device_plan: dict[tuple, Any] = field(default_factory=dict, repr=False)  # per device set, for resets
     _compatible: set = field(default_factory=set, repr=False)  # layouts check_compatible passed
     _console: Optional[bytes] = field(default=None, repr=False)
+    _reset_plan: dict[tuple, Any] = field(default_factory=dict, repr=False)  # per VM, for resets (reset.py)
 
     @property
     def vcpus(self) -> int:
@@ -106,7 +103,7 @@ class Snapshot:
         """Segment ``k``'s contents as one array (built on first use, for resets)."""
         if k not in self._dense:
             size = int(self.manifest["memory"][k]["size"])
-            out = np.zeros(size, np.uint8)
+            _, out = allocate_segment(size)  # huge pages, as guest memory: fewer TLB misses in resets
             pages = self.arrays[f"mem{k}.pages"]
             out.reshape(-1, PAGE_SIZE)[pages] = self.arrays[f"mem{k}.data"]
             self._dense[k] = out
@@ -144,11 +141,12 @@ def complete_pending(vcpu) -> bool:
     A KVM_RUN with ``immediate_exit`` completes a pending port or MMIO access (and advances
     RIP past it) and returns EINTR. Returns whether that was needed.
     """
-    run = vcpu._run[0]
-    if int(run["exit_reason"]) in _NOTHING_PENDING:
+    if vcpu._deferred:
+        vcpu._flush_deferred()
+    if not _t.lib.hvt_vcpu_exit_pending(vcpu._run_ptr):
         return False
     _immediate_run(vcpu, "KVM_RUN(complete pending exit)")
-    run["exit_reason"] = KvmExit.INTR  # so the next look knows nothing is pending
+    vcpu._run[0]["exit_reason"] = KvmExit.INTR  # so the next look knows nothing is pending
     return True
 
 
@@ -292,7 +290,8 @@ def capture(vm) -> Snapshot:
         "version": VERSION,
         "vm": {"name": vm.name, "vcpus": len(vm.vcpus), "irqchip": bool(vm.irqchip),
                "default_devices": bool(getattr(vm, "default_devices", True)),
-               "msr_exits": int(vm._msr_exits),
+               # the reasons a user enabled; an MSR filter's (bit 2) comes back with the filter
+               "msr_exits": int(vm._msr_exits) & 3,
                "unassigned_ports": str(getattr(vm, "unassigned_ports", "exit"))},
         "memory": layout,
         "devices": devices,
@@ -331,10 +330,15 @@ def _set_msrs(vcpu, snap: "Snapshot") -> None:
         snap._writable[key] = np.delete(entries, skipped)
 
 
-def _set_clock(vm, clock: np.ndarray) -> None:
+def clock_to_set(clock: np.ndarray) -> np.ndarray:
+    """A saved kvmclock as KVM_SET_CLOCK should take it: without KVM_CLOCK_REALTIME."""
     clock = clock.copy()
     clock["flags"] &= ~np.uint32(KVM_CLOCK_REALTIME)
-    _set(vm, _t.lib.hvt_vm_set_clock, clock, "KVM_SET_CLOCK")
+    return clock
+
+
+def _set_clock(vm, clock: np.ndarray) -> None:
+    _set(vm, _t.lib.hvt_vm_set_clock, clock_to_set(clock), "KVM_SET_CLOCK")
 
 
 def apply_vm(vm, snap: Snapshot) -> None:
@@ -351,13 +355,16 @@ def apply_clock(vm, snap: Snapshot) -> None:
 
 
 def apply_vcpu(vcpu, snap: Snapshot, *, cpuid: bool = True, registers: bool = True,
-               privileged: bool = True) -> None:
+               privileged: bool = True, fpu: bool = True) -> None:
     """One vCPU's state, in the order KVM needs (CPUID before MSRs, SREGS before the LAPIC).
 
     ``registers``: also REGS, SREGS and events (a reset may pass them through kvm_run).
     ``privileged``: also what only CPL0 code changes (XCRs, MSRs, MP state, LAPIC, DRs).
+    ``fpu``: also the XSAVE area (or legacy FPU image).
     """
     lib = _t.lib
+    if vcpu._deferred:  # registers a reset left for the next KVM_RUN go first
+        vcpu._flush_deferred()
 
     def get(name):
         return snap.vcpu_array(vcpu.index, name)
@@ -366,7 +373,9 @@ def apply_vcpu(vcpu, snap: Snapshot, *, cpuid: bool = True, registers: bool = Tr
         vcpu.set_cpuid(get("cpuid"))
     if registers:
         _set(vcpu, lib.hvt_vcpu_set_regs, get("regs"), "KVM_SET_REGS")
-    if get("xsave") is not None:
+    if not fpu:
+        pass
+    elif get("xsave") is not None:
         vcpu.set_xsave(get("xsave"))
     elif get("fpu") is not None:
         _set(vcpu, lib.hvt_vcpu_set_fpu, get("fpu"), "KVM_SET_FPU")
@@ -429,37 +438,94 @@ def _buffer_may_change(device: Any) -> bool:
     return handlers_take_buffer(cls) or cls.buffer_changes is not PortDevice.buffer_changes
 
 
-def reset_devices(vm, snap: Snapshot) -> None:
-    """What a reset needs of :func:`apply_devices`: every state row (one numpy copy), the
-    buffer bytes each device says its handlers can have written, and Python-side fields
-    where they differ (then the whole buffer: Python may have re-laid it out)."""
-    key = tuple(id(d) for d in vm.devices)
-    plan = snap._device_plan.get(key)
-    if plan is None:
-        slots = np.array([d.slot for d, e in zip(vm.devices, snap.manifest["devices"]) if e["native"]], np.intp)
-        rows = np.array([snap.arrays[f"dev{j}.state"] for j, e in enumerate(snap.manifest["devices"])
-                         if e["native"]], np.int64).reshape(len(slots), kinds.STATE_WORDS)
-        buffers = [(d, e, j) for j, (d, e) in enumerate(zip(vm.devices, snap.manifest["devices"]))
-                   if e["native"] and _buffer_may_change(d)]
-        python = [(d, e, j) for j, (d, e) in enumerate(zip(vm.devices, snap.manifest["devices"]))
-                  if _has_python_state(d)]
-        plan = snap._device_plan[key] = (slots, rows, buffers, python)
-    slots, rows, buffers, python = plan
+@dataclass
+class DevicePlan:
+    """What resets of one VM's devices to one snapshot need, with every pointer made once."""
+    dev_buf: np.ndarray  # the bus arrays the pointers point into
+    dev_state: np.ndarray
+    slots: np.ndarray  # int64, the native devices' slots
+    rows: np.ndarray  # their saved state rows, in that order
+    buffers: list  # (slot, device, j, saved state row, live buffer, saved buffer)
+    python: list  # (device, manifest entry, j) of devices with Python-side fields
+    row_ptrs: dict[int, tuple]  # slot -> (live state row, saved state row)
+    rows_differ: tuple  # hvt_mem_rows_differ's arguments
+    buffer_slots: int  # a bit a slot of `buffers`
+
+    def valid(self, bus) -> bool:
+        return self.dev_buf is bus.dev_buf and self.dev_state is bus.dev_state
+
+
+def device_plan(vm, snap: Snapshot) -> DevicePlan:
     bus = vm.bus
-    rewritten = set()
-    for device, entry, j in python:
+    key = tuple(map(id, vm.devices))
+    plan = snap._device_plan.get(key)
+    if plan is not None and plan.valid(bus):
+        return plan
+    entries = snap.manifest["devices"]
+    native = [(j, d) for j, (d, e) in enumerate(zip(vm.devices, entries)) if e["native"]]
+    slots = np.array([d.slot for _, d in native], np.int64)
+    rows = np.array([snap.arrays[f"dev{j}.state"] for j, _ in native], np.int64).reshape(len(slots), kinds.STATE_WORDS)
+
+    def char_ptr(array):
+        return _t.ffi.cast("char *", _t.ffi.from_buffer(array))
+
+    # Bytes are copied with ffi.memmove: a numpy slice copy costs ~1 us each.
+    buffers = [(d.slot, d, j, snap.arrays[f"dev{j}.state"], char_ptr(bus.dev_buf[d.slot]),
+                char_ptr(snap.arrays[f"dev{j}.buf"])) for j, d in native if _buffer_may_change(d)]
+    python = [(d, e, j) for j, (d, e) in enumerate(zip(vm.devices, entries)) if _has_python_state(d)]
+    row_ptrs = {int(slot): (char_ptr(bus.dev_state[slot]), char_ptr(rows[i])) for i, slot in enumerate(slots)}
+    rows_differ = (char_ptr(bus.dev_state), char_ptr(rows), _t.ffi.cast("int64_t *", _t.ffi.from_buffer(slots)),
+                   len(slots), kinds.STATE_WORDS * 8)
+    plan = snap._device_plan[key] = DevicePlan(bus.dev_buf, bus.dev_state, slots, rows, buffers, python, row_ptrs,
+                                               rows_differ, sum(1 << b[0] for b in buffers))
+    return plan
+
+
+def reset_devices(vm, snap: Snapshot, *, since_snapshot: bool = False, plan: Optional[DevicePlan] = None) -> None:
+    """What a reset needs of :func:`apply_devices`: the state rows, the buffer bytes each
+    device says its handlers can have written, and Python-side fields where they differ (then
+    the whole buffer: Python may have re-laid it out).
+
+    ``since_snapshot``: the devices equalled ``snap``'s when it was taken or last reset to;
+    then only the devices whose state row differs (every guest access counts in it,
+    ``STATE_ACCESSES``) or whose buffer Python was handed since are put back. ``plan``: the
+    :func:`device_plan` a caller kept."""
+    bus = vm.bus
+    if plan is None or not plan.valid(bus):
+        plan = device_plan(vm, snap)
+    rewritten = 0  # slots whose buffer was put back whole
+    for device, entry, j in plan.python:
         if device.snapshot_state() != entry["state"]:
             device.restore_state(entry["state"])
             if entry["native"]:
                 bus.dev_buf[device.slot] = snap.arrays[f"dev{j}.buf"]
-                rewritten.add(j)
-    for device, _entry, j in buffers:
-        if j in rewritten:
-            continue
-        saved, row = snap.arrays[f"dev{j}.buf"], bus.dev_buf[device.slot]
-        for start, end in device.buffer_changes(snap.arrays[f"dev{j}.state"]):
-            row[start:end] = saved[start:end]
-    bus.dev_state[slots] = rows  # after buffer_changes, which compares with the live rows
+                rewritten |= 1 << device.slot
+    row_bytes = kinds.STATE_WORDS * 8
+    changed = -1  # every slot
+    if since_snapshot:
+        changed = bus.buffer_touched | _t.lib.hvt_mem_rows_differ(*plan.rows_differ)
+        if not changed:
+            return
+    memmove, size = _t.ffi.memmove, kinds.BUFFER_BYTES
+    if changed & plan.buffer_slots & ~rewritten:
+        for slot, device, _j, saved_state, live, saved in plan.buffers:
+            if rewritten >> slot & 1 or not changed >> slot & 1:
+                continue
+            for start, end in device.buffer_changes(saved_state):
+                start, end = max(0, start), min(end, size)  # the device's word; the row's bounds
+                if end > start:
+                    memmove(live + start, saved + start, end - start)
+    # The state rows after buffer_changes, which compares with the live rows.
+    if changed < 0:
+        for live, saved in plan.row_ptrs.values():
+            memmove(live, saved, row_bytes)
+        return
+    while changed:
+        slot = (changed & -changed).bit_length() - 1
+        changed &= changed - 1
+        if slot in plan.row_ptrs:
+            live, saved = plan.row_ptrs[slot]
+            memmove(live, saved, row_bytes)
 
 
 def apply_memory(vm, snap: Snapshot) -> None:

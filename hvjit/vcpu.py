@@ -164,6 +164,7 @@ class Vcpu:
         self._native: Any = None  # the generated run-loop module (see warm_up)
         self._control = RunControl(lambda: self._run_ptr)
         self._released = False
+        self._deferred = False  # registers wait in kvm_run for the next KVM_RUN (hvjit.reset)
         self._debug = vcpu_debug.DebugState()
         self.emulation_counts: dict[str, int] = {}
         # The guest's CPUID feature names as KVM holds them, for deciding which instructions
@@ -192,6 +193,14 @@ class Vcpu:
         self._check()
         authorize(self.vm, what)
         self._control.check_state_access()
+        if self._deferred:
+            self._flush_deferred()
+
+    def _flush_deferred(self) -> None:
+        """A reset left the registers in kvm_run for the next KVM_RUN: apply them now, before
+        an ioctl reads or overwrites them."""
+        self._deferred = False
+        self._call(_t.lib.hvt_vcpu_flush_sync(self.fd, self._run_ptr), "KVM_RUN(apply sync registers)")
 
     def _destroy(self, wait: float = DESTROY_WAIT) -> bool:
         """Stop any run, then close the fd and unmap ``kvm_run``: at once (True) or, when a

@@ -124,6 +124,8 @@ class DebugState:
 
 def apply(vcpu) -> None:
     """KVM_SET_GUEST_DEBUG with the vCPU's controls and the VM's breakpoints."""
+    if vcpu._deferred:  # it reads RFLAGS: registers a reset left in kvm_run go first
+        vcpu._flush_deferred()
     state: DebugState = vcpu._debug
     record = np.zeros(1, KVM_GUEST_DEBUG_DTYPE)
     record[0]["control"] = state.control(bool(vcpu.vm.breakpoints))

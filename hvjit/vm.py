@@ -319,6 +319,7 @@ class Vm:
         self._suspend_how = None
         self._paused = False
         self._create_kvm_vm()
+        self._dirty = None  # the new VM logs nothing yet (its fd may well have the old number)
         for seg in self.memory.segments:
             self._map_segment(seg)
         self.hooks.remap()

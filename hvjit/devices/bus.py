@@ -47,6 +47,9 @@ class IoBus:
         self.dev_base = np.zeros(kinds.MAX_DEVICES, np.int64)
         self.dev_state = np.zeros((kinds.MAX_DEVICES, kinds.STATE_WORDS), np.int64)
         self.dev_buf = np.zeros((kinds.MAX_DEVICES, kinds.BUFFER_BYTES), np.uint8)
+        # Buffer rows handed to Python since the last snapshot or reset, a bit a slot: Python
+        # may have written them (the guest's writes show in the state row's STATE_ACCESSES).
+        self.buffer_touched = 0
         self.slots: dict[int, Slot] = {}
         self._port_handlers: dict[int, tuple[int, PortHandler]] = {}  # port -> (slot, handler)
         self._mmio_handlers: list[tuple[int, int, int, MmioHandler]] = []  # start, end, slot, h
@@ -83,6 +86,7 @@ class IoBus:
         self.dev_base = np.zeros(0, np.int64)
         self.dev_state = np.zeros((0, kinds.STATE_WORDS), np.int64)
         self.dev_buf = np.zeros((0, kinds.BUFFER_BYTES), np.uint8)
+        self.buffer_touched = 0
         self.slots.clear()
         self._port_handlers.clear()
         self._mmio_handlers.clear()
@@ -91,6 +95,7 @@ class IoBus:
         return self.dev_state[slot]
 
     def buffer(self, slot: int) -> np.ndarray:
+        self.buffer_touched |= 1 << slot
         return self.dev_buf[slot]
 
     # ---- ports and ranges ----------------------------------------------------------------

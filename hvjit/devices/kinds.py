@@ -30,6 +30,9 @@ ACT_PYTHON = 4  # not handled natively after all: hand the exit to Python
 
 # State words every device may use the same way.
 STATE_EXIT_CODE = 0
+# Guest accesses to the device so far, counted by the run loop: with the rest of the row it
+# tells a reset which devices the guest can have changed since a snapshot.
+STATE_ACCESSES = STATE_WORDS - 4
 # The last three words wire a device to an interrupt line; the run loop tells KVM (through
 # KVM_IRQ_LINE, when the VM has an in-kernel irqchip) whenever the wanted level changes.
 STATE_IRQ_REPORTED = STATE_WORDS - 3  # the level KVM was last told

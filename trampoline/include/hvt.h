@@ -62,8 +62,62 @@ HVT_EXPORT int hvt_vm_set_pit2(int vm_fd, const struct kvm_pit_state2 *pit);
 /* kvmclock: the guest's clock in ns (KVM_GET_CLOCK / KVM_SET_CLOCK). */
 HVT_EXPORT int hvt_vm_get_clock(int vm_fd, struct kvm_clock_data *clock);
 HVT_EXPORT int hvt_vm_set_clock(int vm_fd, const struct kvm_clock_data *clock);
-/* KVM_GET_DIRTY_LOG: one bit a page of `slot`, written to `bitmap`; KVM clears its own log. */
+/* KVM_GET_DIRTY_LOG: one bit a page of `slot`, written to `bitmap`; KVM clears its own log
+ * (with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled it keeps it: see hvt_vm_clear_dirty_log). */
 HVT_EXPORT int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
+/* KVM_CLEAR_DIRTY_LOG (manual protection): forget the pages set in `bitmap` (bit i = page
+ * first_page + i) and write-protect them again, so the guest's next write is logged. */
+HVT_EXPORT int hvt_vm_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t first_page, uint32_t num_pages,
+                                      uint64_t *bitmap);
+
+/* One memory slot of a fast reset: hvt_mem_reset_pages's arguments. */
+struct hvt_reset_slot {
+    int32_t slot;          /* KVM slot whose dirty log is read; < 0: none (read-only memory) */
+    uint32_t pad;
+    uint64_t npages;
+    void *dst;             /* the guest's memory */
+    const void *src;       /* the snapshot's copy of it */
+    uint64_t *bitmap;      /* out: the pages copied (KVM's log | extra | host_dirty) */
+    const uint64_t *extra; /* pages to copy besides KVM's log; NULL: none */
+    uint8_t *host_dirty;   /* a byte a page, nonzero where the host wrote; cleared; NULL: none */
+};
+/* One vCPU of a fast reset: hvt_vcpu_reset's arguments, the state only CPL0 code changes
+ * (each NULL: not set), and the answer. */
+struct hvt_reset_vcpu {
+    int32_t fd;
+    int32_t done;          /* out: HVT_RESET_DID_* steps, or -errno */
+    struct kvm_run *run;
+    const struct kvm_regs *regs;
+    const struct kvm_sregs *sregs;
+    const struct kvm_vcpu_events *events; /* NULL: none */
+    const void *xsave;     /* NULL: not set */
+    const struct kvm_xcrs *xcrs;
+    const struct kvm_msr_entry *msrs; /* `nmsrs` of them; KVM taking fewer stops here */
+    int32_t nmsrs;
+    int32_t msrs_set;      /* out: how many KVM_SET_MSRS took */
+    const struct kvm_mp_state *mp_state;
+    const struct kvm_lapic_state *lapic;
+    const struct kvm_debugregs *debugregs;
+};
+#define HVT_RESET_DID_PRIVILEGED 32 /* XCRs, MSRs, MP state, LAPIC, debug registers: all set */
+#define HVT_RESET_MSRS_SHORT 64     /* KVM took only `msrs_set` MSRs: the rest was not set */
+/* The VM-wide part of a fast reset (each NULL: not set). */
+struct hvt_reset_vmstate {
+    const struct kvm_irqchip *irqchip; /* `nirqchip` of them */
+    int32_t nirqchip;
+    uint32_t pad;
+    const struct kvm_pit_state2 *pit2;
+    const struct kvm_clock_data *clock; /* set last */
+};
+/*
+ * A VM's fast reset in one call: each vCPU's pending exit finished, hvt_mem_reset_pages for
+ * each slot, the irqchips and PIT of `vmstate` (NULL: none), the rest of hvt_vcpu_reset and
+ * the vCPU's CPL0 state for each vCPU, then kvmclock. Returns the pages copied, or the first
+ * -errno (each vCPU's `done` says which vCPU; all positive: the VM-wide part).
+ */
+HVT_EXPORT int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots,
+                            struct hvt_reset_vcpu *vcpus, int nvcpus,
+                            const struct hvt_reset_vmstate *vmstate);
 
 /* ---- vcpu.c ---------------------------------------------------------------------------- */
 /* Creates vCPU `id` and maps its kvm_run page (*run_out, mmap_size bytes). Returns the fd. */
@@ -115,12 +169,54 @@ HVT_EXPORT int hvt_vcpu_set_tsc_khz(int vcpu_fd, uint32_t khz);
 HVT_EXPORT int hvt_vcpu_has_attr(int vcpu_fd, uint32_t group, uint64_t attr);
 HVT_EXPORT int hvt_vcpu_get_attr(int vcpu_fd, uint32_t group, uint64_t attr, void *value);
 HVT_EXPORT int hvt_vcpu_set_attr(int vcpu_fd, uint32_t group, uint64_t attr, const void *value);
+/* Whether KVM has an exit to finish on the next KVM_RUN (port IO, MMIO, ...), from
+ * kvm_run.exit_reason: 1 or 0. */
+HVT_EXPORT int hvt_vcpu_exit_pending(const struct kvm_run *run);
+/*
+ * A vCPU's part of a fast reset (needs KVM_CAP_SYNC_REGS), all in one call:
+ *  1. If an exit is pending (hvt_vcpu_exit_pending), an immediate-exit KVM_RUN finishes it
+ *     and, through kvm_run's sync area, reports the SREGS and events as they are now.
+ *  2. The registers: where the SREGS and events reported in step 1 equal the wanted ones,
+ *     REGS alone go into kvm_run's sync area with kvm_dirty_regs set: the next KVM_RUN
+ *     applies them, no ioctl now (call hvt_vcpu_flush_sync before any other register
+ *     ioctl); else REGS, SREGS and events through kvm_run at once (one immediate KVM_RUN).
+ *  3. `xsave` (if not NULL): KVM_SET_XSAVE.
+ * `events` may be NULL (no KVM_CAP_VCPU_EVENTS). Returns the HVT_RESET_DID_* steps taken, or
+ * -errno; -EBUSY when KVM went on to a new exit (a repeated string I/O instruction).
+ */
+#define HVT_RESET_DID_COMPLETE 1
+#define HVT_RESET_DID_DEFER_REGS 2
+#define HVT_RESET_DID_SYNC 4
+#define HVT_RESET_DID_XSAVE 8
+HVT_EXPORT int hvt_vcpu_reset(int vcpu_fd, struct kvm_run *run, const struct kvm_regs *regs,
+                              const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events,
+                              const void *xsave);
+/* Registers left in kvm_run for the next KVM_RUN (kvm_dirty_regs): applied now, by an
+ * immediate-exit KVM_RUN, so that a register ioctl sees or overwrites them in order. No
+ * ioctl when nothing is left. 0 or -errno. */
+HVT_EXPORT int hvt_vcpu_flush_sync(int vcpu_fd, struct kvm_run *run);
 
 /* ---- mem.c: guest memory seen from the host -------------------------------------------- */
 /* Copy every page whose bit is set in `bitmap` (bit i = page i) from src to dst; returns how
  * many pages were copied. */
 HVT_EXPORT int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap,
                                   uint64_t npages, uint64_t page_size);
+/*
+ * One memory slot's part of a fast reset: KVM's dirty log of `slot` into `bitmap` (no log
+ * when slot < 0), OR'd with `extra` (NULL: none) and with the pages whose `host_dirty` byte
+ * is set (NULL: none; the bytes are cleared), then hvt_mem_copy_pages from src to dst.
+ * `bitmap` holds one bit a page afterwards. Returns the pages copied, or -errno.
+ */
+HVT_EXPORT int hvt_mem_reset_pages(int vm_fd, int slot, void *dst, const void *src, uint64_t *bitmap,
+                                   const uint64_t *extra, uint8_t *host_dirty, uint64_t npages,
+                                   uint64_t page_size);
+/*
+ * Which of `count` rows of `row_bytes` differ: live row `slots[i]` (at live + slots[i] *
+ * row_bytes) against saved row i (at saved + i * row_bytes). Returns a mask with bit slots[i]
+ * set for each that differs (slots must be below 64).
+ */
+HVT_EXPORT uint64_t hvt_mem_rows_differ(const void *live, const void *saved, const int64_t *slots,
+                                        int count, uint64_t row_bytes);
 /*
  * Compare-and-swap of the `size` bytes at `addr` (1, 2, 4, 8 or 16, naturally aligned): they
  * become *desired if they equal *expected. Returns 1 when swapped, 0 when not (*expected then

@@ -25,6 +25,21 @@ int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap, uint6
     return copied;
 }
 
+uint64_t hvt_mem_rows_differ(const void *live, const void *saved, const int64_t *slots, int count,
+                             uint64_t row_bytes)
+{
+    uint64_t mask = 0;
+    for (int i = 0; i < count; i++) {
+        int64_t slot = slots[i];
+        if (slot < 0 || slot >= 64)
+            continue;
+        if (memcmp((const char *)live + (uint64_t)slot * row_bytes, (const char *)saved + (uint64_t)i * row_bytes,
+                   row_bytes))
+            mask |= 1ull << slot;
+    }
+    return mask;
+}
+
 /* One width of compare-and-swap: 1 if *addr held *expected (now *desired), else 0 with
  * *expected updated to what it held. memcpy keeps the Python buffers' alignment out of it. */
 #define HVT_CAS_WIDTH(type)                                                                     \
@@ -62,4 +77,29 @@ int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired)
         return seen == e;
     }
     }
+}
+
+int hvt_mem_reset_pages(int vm_fd, int slot, void *dst, const void *src, uint64_t *bitmap,
+                        const uint64_t *extra, uint8_t *host_dirty, uint64_t npages, uint64_t page_size)
+{
+    if (!bitmap)
+        return -EINVAL;
+    uint64_t words = (npages + 63) / 64;
+    if (slot >= 0) {
+        int rc = hvt_vm_get_dirty_log(vm_fd, (uint32_t)slot, bitmap);
+        if (rc < 0)
+            return rc;
+    } else {
+        memset(bitmap, 0, words * sizeof(*bitmap));
+    }
+    if (extra)
+        for (uint64_t w = 0; w < words; w++)
+            bitmap[w] |= extra[w];
+    if (host_dirty)
+        for (uint64_t p = 0; p < npages; p++)
+            if (host_dirty[p]) {
+                host_dirty[p] = 0;
+                bitmap[p / 64] |= 1ull << (p % 64);
+            }
+    return hvt_mem_copy_pages(dst, src, bitmap, npages, page_size);
 }

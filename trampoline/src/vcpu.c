@@ -265,3 +265,106 @@ int hvt_vcpu_set_attr(int fd, uint32_t group, uint64_t attr, const void *value)
     struct kvm_device_attr a = {.group = group, .attr = attr, .addr = (uint64_t)(uintptr_t)value};
     return ioctl_rc(ioctl(fd, KVM_SET_DEVICE_ATTR, &a));
 }
+
+/* KVM_RUN that returns at once (kvm_run.immediate_exit): KVM first finishes a pending exit
+ * and applies kvm_dirty_regs, and reports kvm_valid_regs. -EINTR is the expected answer. */
+static int immediate_run(int fd, struct kvm_run *run)
+{
+    run->immediate_exit = 1;
+    int rc = ioctl_rc(ioctl(fd, KVM_RUN, 0));
+    run->immediate_exit = 0;
+    if (rc == 0)
+        return -EBUSY; /* KVM went on to a new exit: not a stop point */
+    if (rc == -EINTR || rc == -EAGAIN)
+        run->exit_reason = KVM_EXIT_INTR; /* nothing is pending any more */
+    return rc;
+}
+
+int hvt_vcpu_exit_pending(const struct kvm_run *run)
+{
+    switch (run->exit_reason) {
+    case KVM_EXIT_UNKNOWN:
+    case KVM_EXIT_HLT:
+    case KVM_EXIT_SHUTDOWN:
+    case KVM_EXIT_FAIL_ENTRY:
+    case KVM_EXIT_INTR:
+    case KVM_EXIT_INTERNAL_ERROR:
+    case KVM_EXIT_SYSTEM_EVENT:
+    case KVM_EXIT_DEBUG:
+        return 0;
+    default:
+        return 1;
+    }
+}
+
+int hvt_vcpu_reset_finish(int fd, struct kvm_run *run, int with_events)
+{
+    if (!hvt_vcpu_exit_pending(run))
+        return 0;
+    /* The pending exit must finish before the registers change: KVM applies kvm_dirty_regs
+     * before it, on top of the state it would complete. */
+    uint64_t valid = run->kvm_valid_regs;
+    run->kvm_valid_regs = valid | KVM_SYNC_X86_SREGS | (with_events ? KVM_SYNC_X86_EVENTS : 0);
+    int rc = immediate_run(fd, run);
+    run->kvm_valid_regs = valid;
+    if (rc != -EINTR && rc != -EAGAIN)
+        return rc;
+    /* KVM stores the sync area on its way out of an interrupted run */
+    return HVT_RESET_DID_COMPLETE | (rc == -EINTR ? HVT_RESET_REPORTED : 0);
+}
+
+int hvt_vcpu_reset_restore(int fd, struct kvm_run *run, const struct kvm_regs *regs,
+                           const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events,
+                           const void *xsave, int finished)
+{
+    int done = 0;
+    if ((finished & HVT_RESET_REPORTED) && !memcmp(&run->s.regs.sregs, sregs, sizeof(*sregs))
+        && (!events || !memcmp(&run->s.regs.events, events, sizeof(*events)))) {
+        /* Only REGS differ: they ride in with the next KVM_RUN (KVM clears the bit). Any
+         * ordering against the CPL0 state set after this does not matter for them. */
+        run->s.regs.regs = *regs;
+        run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+        done |= HVT_RESET_DID_DEFER_REGS;
+    } else {
+        run->s.regs.regs = *regs;
+        run->s.regs.sregs = *sregs;
+        if (events)
+            run->s.regs.events = *events;
+        run->kvm_dirty_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | (events ? KVM_SYNC_X86_EVENTS : 0);
+        int rc = immediate_run(fd, run);
+        run->kvm_dirty_regs = 0;
+        if (rc != -EINTR && rc != -EAGAIN)
+            return rc;
+        done |= HVT_RESET_DID_SYNC;
+    }
+    if (xsave) {
+        int rc = ioctl_rc(ioctl(fd, KVM_SET_XSAVE, xsave));
+        if (rc < 0)
+            return rc;
+        done |= HVT_RESET_DID_XSAVE;
+    }
+    return done;
+}
+
+int hvt_vcpu_flush_sync(int fd, struct kvm_run *run)
+{
+    if (!run)
+        return -EINVAL;
+    if (!run->kvm_dirty_regs)
+        return 0;
+    int rc = immediate_run(fd, run);
+    return rc == -EINTR || rc == -EAGAIN ? 0 : rc;
+}
+
+int hvt_vcpu_reset(int fd, struct kvm_run *run, const struct kvm_regs *regs,
+                   const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events,
+                   const void *xsave)
+{
+    if (!run || !regs || !sregs)
+        return -EINVAL;
+    int finished = hvt_vcpu_reset_finish(fd, run, events != NULL);
+    if (finished < 0)
+        return finished;
+    int done = hvt_vcpu_reset_restore(fd, run, regs, sregs, events, xsave, finished);
+    return done < 0 ? done : done | (finished & HVT_RESET_DID_COMPLETE);
+}

@@ -1,10 +1,12 @@
 /* A VM: memory slots, TSS/identity-map addresses, in-kernel irqchip and PIT, caps. */
-#include "hvt.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+
+#define HVT_PAGE_SIZE 4096 /* KVM's dirty log has one bit a 4 KiB page */
 
 static int ioctl_rc(int rc)
 {
@@ -128,4 +130,93 @@ int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap)
     log.slot = slot;
     log.dirty_bitmap = bitmap;
     return ioctl_rc(ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log));
+}
+
+int hvt_vm_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t first_page, uint32_t num_pages,
+                           uint64_t *bitmap)
+{
+    struct kvm_clear_dirty_log log;
+    memset(&log, 0, sizeof(log));
+    log.slot = slot;
+    log.first_page = first_page;
+    log.num_pages = num_pages;
+    log.dirty_bitmap = bitmap;
+    return ioctl_rc(ioctl(vm_fd, KVM_CLEAR_DIRTY_LOG, &log));
+}
+
+/* A vCPU's state only CPL0 code changes, in the order a restore uses. */
+static int reset_privileged(struct hvt_reset_vcpu *v)
+{
+    int rc = 0;
+    if (v->xcrs && (rc = hvt_vcpu_set_xcrs(v->fd, v->xcrs)) < 0)
+        return rc;
+    if (v->msrs) {
+        rc = hvt_vcpu_set_msrs(v->fd, v->msrs, v->nmsrs);
+        if (rc < 0)
+            return rc;
+        v->msrs_set = rc;
+        if (rc < v->nmsrs)
+            return HVT_RESET_MSRS_SHORT; /* the caller decides about the refused one */
+    }
+    if (v->mp_state && (rc = hvt_vcpu_set_mp_state(v->fd, v->mp_state)) < 0)
+        return rc;
+    if (v->lapic && (rc = hvt_vcpu_set_lapic(v->fd, v->lapic)) < 0)
+        return rc;
+    if (v->debugregs && (rc = hvt_vcpu_set_debugregs(v->fd, v->debugregs)) < 0)
+        return rc;
+    return HVT_RESET_DID_PRIVILEGED;
+}
+
+int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus,
+                 int nvcpus, const struct hvt_reset_vmstate *vmstate)
+{
+    if (nslots < 0 || nvcpus < 0 || (nslots && !slots) || (nvcpus && !vcpus))
+        return -EINVAL;
+    int first_error = 0;
+    /* Pending exits first: finishing a string IN writes guest memory. */
+    for (int i = 0; i < nvcpus; i++) {
+        struct hvt_reset_vcpu *v = &vcpus[i];
+        v->done = v->run && v->regs && v->sregs ? hvt_vcpu_reset_finish(v->fd, v->run, v->events != NULL) : -EINVAL;
+        if (v->done < 0 && !first_error)
+            first_error = v->done;
+    }
+    if (first_error)
+        return first_error;
+    int copied = 0;
+    for (int i = 0; i < nslots; i++) {
+        struct hvt_reset_slot *s = &slots[i];
+        int rc = hvt_mem_reset_pages(vm_fd, s->slot, s->dst, s->src, s->bitmap, s->extra, s->host_dirty,
+                                     s->npages, HVT_PAGE_SIZE);
+        if (rc < 0)
+            return rc;
+        copied += rc;
+    }
+    if (vmstate) {
+        int rc = 0;
+        for (int i = 0; vmstate->irqchip && i < vmstate->nirqchip && rc >= 0; i++)
+            rc = hvt_vm_set_irqchip(vm_fd, &vmstate->irqchip[i]);
+        if (rc >= 0 && vmstate->pit2)
+            rc = hvt_vm_set_pit2(vm_fd, vmstate->pit2);
+        if (rc < 0)
+            return rc;
+    }
+    for (int i = 0; i < nvcpus; i++) {
+        struct hvt_reset_vcpu *v = &vcpus[i];
+        int done = hvt_vcpu_reset_restore(v->fd, v->run, v->regs, v->sregs, v->events, v->xsave, v->done);
+        if (done >= 0) {
+            int more = reset_privileged(v);
+            done = more < 0 ? more : done | more;
+        }
+        v->done = done < 0 ? done : done | (v->done & HVT_RESET_DID_COMPLETE);
+        if (done < 0 && !first_error)
+            first_error = done;
+    }
+    if (first_error)
+        return first_error;
+    if (vmstate && vmstate->clock) {
+        int rc = hvt_vm_set_clock(vm_fd, vmstate->clock);
+        if (rc < 0)
+            return rc;
+    }
+    return copied;
 }

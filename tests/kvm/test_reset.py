@@ -1,0 +1,214 @@
+"""Fast reset (``vm.reset_to``): its fast paths restore exactly what a whole restore would —
+FPU/SSE, SREGS and MSR state a run changed, several vCPUs, device rows the guest or the host
+wrote — and take the cheap route (KVM_SET_REGS alone, untouched devices left) only when it
+is sound."""
+
+import numpy as np
+import pytest
+
+from hvjit import entry
+from hvjit.asm import assemble
+
+from .test_snapshot import assert_same_state
+
+CODE = 0x1000
+DATA = 0x40000
+KERNEL_GS_BASE = 0xC0000102
+SYSENTER_ESP = 0x175
+
+# CPL3: new x87, SSE and MXCSR state and a page written, then power off.
+USER_CHANGES = f"""
+.code64
+    mov ${DATA:#x}, %rdi
+    incq (%rdi)
+    mov $0x1234567890, %rax
+    movq %rax, %xmm0
+    pshufd $0, %xmm0, %xmm7
+    fld1
+    fldpi
+    movl $0x1f00, 8(%rdi)
+    ldmxcsr 8(%rdi)
+    xor %eax, %eax
+    outl %eax, $0xf4
+"""
+
+# CPL0 (KVM's emulator on PVM hosts: kept short): an MSR write and null data segments (a
+# PVM host does not show CPL3 segment loads in KVM_GET_SREGS), then power off.
+KERNEL_CHANGES = f"""
+.code64
+    mov ${KERNEL_GS_BASE:#x}, %ecx
+    mov $0x5678, %eax
+    mov $0x1, %edx
+    wrmsr
+    xor %eax, %eax
+    mov %ax, %ds
+    mov %ax, %es
+    outl %eax, $0xf4
+"""
+
+# Each vCPU bumps its own counter page (rbx) and xmm1; the one with rsi set powers off once
+# the counter at rsi (the other vCPU's) reached 1000.
+SPIN = """
+.code64
+    mov %rbx, %rdi
+1:  incq (%rdi)
+    movq (%rdi), %xmm1
+    test %rsi, %rsi
+    jz 1b
+    cmpq $1000, (%rsi)
+    jb 1b
+    xor %eax, %eax
+    outl %eax, $0xf4
+"""
+
+
+def _vm(session, name, code, cpl, vcpus=1):
+    vm = session.create_vm(name, memory=1 << 20, vcpus=vcpus)
+    vm.memory.write(CODE, assemble(code, CODE))
+    entry.setup_long_mode(vm.vcpu(0), CODE, cpl=cpl)
+    return vm
+
+
+def _fpu(vcpu) -> bytes:
+    return vcpu.get_xsave()[:512].tobytes()  # x87, MXCSR and the XMM registers
+
+
+@pytest.mark.parametrize("privileged", [True, False])
+def test_reset_restores_the_fpu_a_cpl3_run_changed(session, privileged):
+    vm = _vm(session, f"user{privileged}", USER_CHANGES, 3)
+    v = vm.vcpu(0)
+    snap = vm.snapshot()
+    sregs, fpu = v.get_sregs().tobytes(), _fpu(v)
+    for _ in range(3):
+        assert vm.run(timeout=30).reason == "poweroff"
+        assert _fpu(v) != fpu and vm.memory.read_u64(DATA) == 1  # the run changed them
+        stats = vm.reset_to(snap, privileged=privileged)
+        assert stats.completed_exits == 1 and stats.pages >= 1 and not stats.full
+        assert v.get_sregs().tobytes() == sregs and _fpu(v) == fpu
+        assert vm.memory.read_u64(DATA) == 0
+        assert_same_state(snap, vm.snapshot())
+
+
+def test_reset_with_unchanged_sregs_leaves_the_registers_for_the_next_run(session):
+    # mov $1, %al; the second entry point (CODE + 2) skips it: rax tells where the run began.
+    vm = _vm(session, "regsonly", f".code64\n mov $1, %al\n mov ${DATA:#x}, %rdi\n incq (%rdi)\n"
+                                  " outl %eax, $0xf4\n", 3)
+    v = vm.vcpu(0)
+    v.set_registers(rax=0)
+    snap = vm.snapshot()
+    first = vm.run(timeout=30)
+    assert first.code == 1
+    for _ in range(3):  # straight into the next run: the registers travel with its KVM_RUN
+        stats = vm.reset_to(snap, privileged=False)
+        assert stats.sregs_restored == 0 and stats.completed_exits == 1 and stats.pages >= 1
+        again = vm.run(timeout=30)
+        assert (again.code, again.rip) == (1, first.rip) and vm.memory.read_u64(DATA) == 1
+    vm.reset_to(snap, privileged=False)
+    assert v.get_register("rip") == CODE and vm.memory.read_u64(DATA) == 0  # a read sees them
+    assert_same_state(snap, vm.snapshot())
+    vm.reset_to(snap, privileged=False)
+    v.set_registers(rip=CODE + 2)  # a write after the reset wins over what the reset left
+    assert vm.run(timeout=30).code == 0
+
+
+@pytest.mark.parametrize("privileged", [True, False])
+def test_reset_restores_sregs_and_msrs_a_cpl0_run_and_the_host_changed(session, privileged):
+    vm = _vm(session, f"kernel{privileged}", KERNEL_CHANGES, 0)
+    v = vm.vcpu(0)
+    snap = vm.snapshot()
+    sregs, msrs = v.get_sregs().tobytes(), v.get_msrs([KERNEL_GS_BASE, SYSENTER_ESP])
+    for _ in range(2):
+        assert vm.run(timeout=60).reason == "poweroff"
+        v.set_msr(SYSENTER_ESP, 0xABCD000)
+        assert v.get_sregs().tobytes() != sregs
+        assert v.get_msrs([KERNEL_GS_BASE, SYSENTER_ESP]) == {KERNEL_GS_BASE: 0x100005678, SYSENTER_ESP: 0xABCD000}
+        stats = vm.reset_to(snap, privileged=privileged)
+        assert stats.sregs_restored == 1 and stats.completed_exits == 1
+        assert v.get_sregs().tobytes() == sregs
+        if privileged:
+            assert v.get_msrs([KERNEL_GS_BASE, SYSENTER_ESP]) == msrs
+            assert_same_state(snap, vm.snapshot())
+        else:  # CPL3 state only: the MSRs stay as they are
+            assert v.get_msr(SYSENTER_ESP) == 0xABCD000
+
+
+def test_two_vcpus_snapshot_and_reset(session):
+    vm = _vm(session, "two", SPIN, 3, vcpus=2)
+    for i, v in enumerate(vm.vcpus):
+        if i:
+            entry.setup_long_mode(v, CODE, cpl=3)
+        v.set_registers(rbx=DATA + i * 0x1000, rsi=0 if i else DATA + 0x1000)
+    snap = vm.snapshot()
+    assert snap.vcpus == 2
+    for _ in range(3):
+        result = vm.run(timeout=30)
+        assert result.reason == "poweroff" and result.vcpu == 0
+        assert vm.memory.read_u64(DATA) > 0 and vm.memory.read_u64(DATA + 0x1000) >= 1000
+        stats = vm.reset_to(snap)
+        assert stats.pages >= 2 and not stats.full
+        assert [v.get_register("rip") for v in vm.vcpus] == [CODE, CODE]
+        assert [v.get_register("rbx") for v in vm.vcpus] == [DATA, DATA + 0x1000]
+        assert vm.memory.read_u64(DATA) == 0 and vm.memory.read_u64(DATA + 0x1000) == 0
+        assert_same_state(snap, vm.snapshot())
+    # A snapshot of another VM has no link into this one's tree: every page once, then fast.
+    twin = _vm(session, "twin", SPIN, 3, vcpus=2)
+    assert twin.reset_to(snap).full and not twin.reset_to(snap).full
+    assert_same_state(snap, twin.snapshot(), names_differ=True)
+
+
+def test_device_rows_the_guest_or_the_host_changed_come_back(session):
+    # pc-testdev's scratch port (0xe0) is native: the guest changes its state row.
+    vm = _vm(session, "devices", ".code64\n mov $0xe0, %dx\n mov $0x77, %eax\n outl %eax, %dx\n"
+                                 " xor %eax, %eax\n outl %eax, $0xf4\n", 3)
+    snap = vm.snapshot()
+    before = vm.testdev.scratch
+    assert vm.run(timeout=30).reason == "poweroff" and vm.testdev.scratch == 0x77
+    vm.reset_to(snap, privileged=False)
+    assert vm.testdev.scratch == before
+    # The host writes a device buffer (no guest access): the reset still puts it back.
+    saved = vm.testdev.iomem[:16].copy()
+    vm.testdev.iomem[:16] = 0xAB
+    vm.reset_to(snap, privileged=False)
+    assert np.array_equal(vm.testdev.iomem[:16], saved)
+    assert_same_state(snap, vm.snapshot())
+
+
+def test_a_manually_protected_log_is_cleared_and_still_catches_writes(session):
+    from hvjit import dirty
+
+    # The guest writes DATA always, and DATA + 0x1000 when the host set the flag at FLAG.
+    flag, other = DATA + 0x2000, DATA + 0x1000
+    vm = _vm(session, "manual", f".code64\n mov ${DATA:#x}, %rdi\n incq (%rdi)\n cmpb $0, {flag:#x}\n"
+                                f" je 1f\n incq {other:#x}\n1: xor %eax, %eax\n outl %eax, $0xf4\n", 3)
+    snap = vm.snapshot()
+    if not dirty.tracker(vm).manual:
+        pytest.skip("the host lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+    counts = []
+    for i in range(dirty.CLEAR_EVERY + 2):
+        writes_other = i in (0, dirty.CLEAR_EVERY + 1)
+        vm.memory.write(flag, bytes([writes_other]))
+        assert vm.run(timeout=30).reason == "poweroff"
+        assert vm.memory.read_u64(other) == int(writes_other)
+        counts.append(vm.reset_to(snap, privileged=False).pages)
+        assert vm.memory.read_u64(DATA) == vm.memory.read_u64(other) == 0 and vm.memory.read(flag, 1) == b"\0"
+    # Written once, the page stays in the log (no write fault each run) until the clear after
+    # CLEAR_EVERY resets; written again after it, it is logged and put back again.
+    n = dirty.CLEAR_EVERY
+    assert counts[1:n] == [counts[0]] * (n - 1) and counts[n] < counts[0]
+    assert counts[n + 1] > counts[n]
+    assert_same_state(snap, vm.snapshot())
+
+
+def test_reset_after_a_reinit_uses_the_new_vcpus(session):
+    # reinit closes the VM and vCPU fds and opens new ones (often the same numbers): the
+    # records made for the old vCPUs must not be used again.
+    vm = _vm(session, "reinit", USER_CHANGES, 3)
+    snap = vm.snapshot()
+    assert vm.run(timeout=30).reason == "poweroff"
+    vm.reset_to(snap)
+    vm.reinit()
+    stats = vm.reset_to(snap)
+    assert stats.full  # the new VM's dirty log knows nothing of the snapshot
+    assert_same_state(snap, vm.snapshot())
+    assert vm.run(timeout=30).reason == "poweroff" and vm.memory.read_u64(DATA) == 1
+    assert not vm.reset_to(snap).full and vm.memory.read_u64(DATA) == 0
