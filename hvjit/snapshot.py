@@ -292,7 +292,8 @@ def capture(vm) -> Snapshot:
                "default_devices": bool(getattr(vm, "default_devices", True)),
                # the reasons a user enabled; an MSR filter's (bit 2) comes back with the filter
                "msr_exits": int(vm._msr_exits) & 3,
-               "unassigned_ports": str(getattr(vm, "unassigned_ports", "exit"))},
+               "unassigned_ports": str(getattr(vm, "unassigned_ports", "exit")),
+               "syscall_fixup": getattr(vm, "syscall_stats", None) is not None},
         "memory": layout,
         "devices": devices,
     }
@@ -571,6 +572,8 @@ def restore(vm_class, session, source, name: Optional[str] = None):
     name = name or m["vm"]["name"]
     kwargs: dict[str, Any] = dict(memory=[], vcpus=m["vm"]["vcpus"], irqchip=m["vm"]["irqchip"],
                                   devices=m["vm"]["default_devices"])
+    if m["vm"].get("syscall_fixup"):
+        kwargs["syscall_fixup"] = True
     vm = session.create_vm(name, **kwargs) if session is not None else vm_class(None, name, **kwargs)
     try:
         _build(vm, snap)

@@ -133,9 +133,12 @@ class Vm:
                 vcpu = Vcpu(self, i)
                 self.vcpus.append(vcpu)
                 vcpu.handle = self._own(vcpu, "vcpu", vcpu._destroy)
-            # PVM leaves a CPL3 syscall half done (see syscall_entry); default: fix it there.
             pvm = self.kvm.flavour == "pvm"
-            if syscall_fixup if syscall_fixup is not None else pvm:
+            # PVM leaves a CPL3 syscall half done (see syscall_entry). By default the Linux
+            # and multiboot loaders install the fix-up there: its MSR trap changes how that
+            # host treats unknown MSRs, which bare guests would notice.
+            self.syscall_fixup = syscall_fixup
+            if syscall_fixup:
                 syscall_entry.install(self)
             # Ring 0 in KVM's emulator runs string instructions element by element.
             if accelerate_strings if accelerate_strings is not None else pvm:
@@ -458,7 +461,7 @@ class Vm:
         self._check()
         if not self.kvm.has(Cap.X86_USER_SPACE_MSR):
             raise CapabilityError("this host's KVM cannot exit to user space on MSR accesses")
-        reasons = (2 if unknown else 0) | (1 if invalid else 0)  # KVM_MSR_EXIT_REASON_UNKNOWN/INVAL
+        reasons = (2 if unknown else 0) | (1 if invalid else 0) | (self._msr_exits & msr_filter.EXIT_REASON_FILTER)
         self._kvm_call(_t.lib.hvt_vm_enable_cap(self.fd, Cap.X86_USER_SPACE_MSR, reasons, 0),
                        "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)")
         self._msr_exits = reasons

@@ -367,6 +367,10 @@ def load(vm, image: ImageSource, *, format: str = "auto", cmdline="", initrd=Non
         # PC software probes ports nobody decodes (Linux: ISA DMA page registers, COM2-4)
         # and expects what a PC bus gives: all ones, writes lost.
         vm.unassigned_ports = "ones"
+        if getattr(vm, "syscall_fixup", False) is None and vm.syscall_stats is None and vm.kvm.flavour == "pvm":
+            from .. import syscall_entry  # an OS with user mode: complete its syscall entries
+
+            syscall_entry.install(vm)
     return info
 
 
