@@ -70,7 +70,8 @@ def boot_hvjit(session, data) -> dict:
         where["rep_string_mib"] = round(vm.rep_string_stats.bytes / 2**20, 1)
         where["rep_string_instructions"] = vm.rep_string_stats.finished
     vm.destroy()
-    return {"milestones": dict(watch.reached), "end": result.reason, "where": where}
+    end = "stopped" if LAST in watch.reached and result.reason == "bogus" else result.reason  # bogus: our stop
+    return {"milestones": dict(watch.reached), "end": end, "where": where}
 
 
 def boot_qemu(path) -> dict:
@@ -84,7 +85,8 @@ def boot_qemu(path) -> dict:
     for chunk in iter(lambda: proc.stdout.read1(4096), b""):
         watch.feed(chunk)
         tail = (tail + chunk)[-4000:]
-        if LAST in watch.reached:
+        # QEMU pauses the VM on a KVM internal error and waits for its monitor: stop it there.
+        if LAST in watch.reached or b"internal error" in tail.lower():
             proc.kill()
     proc.wait()
     timer.cancel()
@@ -92,7 +94,8 @@ def boot_qemu(path) -> dict:
     text = tail.decode("latin-1")
     how = ("stopped" if LAST in watch.reached else "timeout" if end >= TIMEOUT
            else "internal error" if "internal error" in text.lower() else f"exit {proc.returncode}")
-    return {"milestones": dict(watch.reached), "end": how}
+    last_lines = [line for line in text.splitlines() if line.strip()][-3:]
+    return {"milestones": dict(watch.reached), "end": how, "last_lines": last_lines}
 
 
 def _num(x, digits: int = 1) -> str:
@@ -119,9 +122,11 @@ def test_boot_milestones_hvjit_vs_qemu(benchmark, kvm_session, vmlinux):
         lines.append(f"{m:<16}{_num(hb):>10}{_num(qb):>10}{_num(ratio, 3):>12}")
     info["hvjit_end"] = [r["end"] for r in runs["hvjit"]]
     info["qemu_end"] = [r["end"] for r in runs["qemu"]]
+    info["qemu_last_lines"] = runs["qemu"][-1]["last_lines"]
     info["hvjit_where"] = runs["hvjit"][-1]["where"]
     benchmark.extra_info.update(info)
     print("\n" + "\n".join(lines))
     print(f"ends: hvjit {info['hvjit_end']}, QEMU {info['qemu_end']}")
+    print("QEMU's last lines: " + " | ".join(info["qemu_last_lines"]))
     print(f"hvjit, where the time went: {info['hvjit_where']}")
     benchmark.pedantic(lambda: None, rounds=1)
