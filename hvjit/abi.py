@@ -113,6 +113,8 @@ HVT_RESET_VCPU_DTYPE = np.dtype([("fd", "<i4"), ("done", "<i4"), ("run", "<u8"),
                                  ("lapic", "<u8"), ("debugregs", "<u8")])
 HVT_RESET_VMSTATE_DTYPE = np.dtype([("irqchip", "<u8"), ("nirqchip", "<i4"), ("pad", "<u4"), ("pit2", "<u8"),
                                     ("clock", "<u8")])
+HVT_RESET_ROWS_DTYPE = np.dtype([("live", "<u8"), ("saved", "<u8"), ("slots", "<u8"), ("count", "<i4"),
+                                 ("row_bytes", "<u4"), ("touched", "<u8"), ("python", "<u8"), ("changed", "<u8")])
 
 
 # ---- kvm_run, flattened: the union's members become prefixed fields at their offsets -------
@@ -207,6 +209,7 @@ C_STRUCTS = {
     "hvt_reset_slot": HVT_RESET_SLOT_DTYPE,
     "hvt_reset_vcpu": HVT_RESET_VCPU_DTYPE,
     "hvt_reset_vmstate": HVT_RESET_VMSTATE_DTYPE,
+    "hvt_reset_rows": HVT_RESET_ROWS_DTYPE,
     "kvm_irq_routing_entry": KVM_IRQ_ROUTING_ENTRY_DTYPE,
     "kvm_msr_filter_range": KVM_MSR_FILTER_RANGE_DTYPE,
     "kvm_msr_filter": KVM_MSR_FILTER_DTYPE,

@@ -16,8 +16,11 @@ skips what only CPL0 code (or the host) changes — XCRs, MSRs, MP state, LAPIC,
 registers, PICs, IOAPIC, PIT, kvmclock — for guests that ran at CPL3 only since the snapshot.
 
 All of it is one C call, ``hvt_vm_reset`` (docs/architecture.md lists its steps), on records
-made once per snapshot and VM (``_Plan``); Python puts back the device rows the guest or the
-host touched (:func:`hvjit.snapshot.reset_devices`) and the console.
+made once per snapshot and VM (``_Plan``), the device state rows the guest or the host
+touched included; Python puts back the devices' Python-side fields, the buffer bytes of the
+devices whose handlers write their buffer (:mod:`hvjit.snapshot`'s ``reset_fields``,
+``reset_buffers``) and the console. Without an in-kernel irqchip the MP state is not set:
+KVM then has no other state than RUNNABLE.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def pages_between(base: Optional[Snapshot], target: Snapshot) -> Optional[dirty.
 
 # hvt_vm_reset's steps (trampoline/include/hvt.h).
 DID_COMPLETE, DID_DEFER_REGS, DID_SYNC, DID_XSAVE, DID_PRIVILEGED, MSRS_SHORT = 1, 2, 4, 8, 32, 64
+KVM_MP_STATE_RUNNABLE = 0
 MAX_PLANS = 8  # plans kept per snapshot (one per VM it was reset into)
 
 
@@ -117,12 +121,12 @@ class _Plan:
     user: _Records  # one per vCPU (none without KVM_CAP_SYNC_REGS)
     privileged: _Records  # the same, with the CPL0 state
     vmstate_ptr: Any  # struct hvt_reset_vmstate *: PICs, IOAPIC, PIT, kvmclock
-    host_dirty: list  # each segment's host_dirty array the records point into
     bitmaps: list  # uint64_t * to each slot record's bitmap (what the reset copied)
     devices: snapshot.DevicePlan
     xsave: bool  # the C call sets the XSAVE areas
     full: list[np.ndarray]  # all-pages bitmaps, for a target outside this VM's tree
     keep: list  # what the records point into
+    tracker: Any = None  # the DirtyTracker whose segments' host_dirty the records point into
     extra: bool = False  # some record points at an `extra` bitmap
 
 
@@ -177,8 +181,12 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
         row = privileged[i]
         msrs = snap._writable.get(f"vcpu{v.index}.msrs", snap.arrays[f"vcpu{v.index}.msrs"])
         row["msrs"], row["nmsrs"] = address(msrs), len(msrs)
-        for name in ("xcrs", "mp_state", "lapic", "debugregs"):
+        for name in ("xcrs", "lapic", "debugregs"):
             row[name] = address(snap.vcpu_array(v.index, name))
+        mp_state = snap.vcpu_array(v.index, "mp_state")
+        # Without an in-kernel LAPIC KVM has (and takes) no MP state but RUNNABLE: nothing to set.
+        if vm.irqchip or mp_state is None or int(mp_state["mp_state"][0]) != KVM_MP_STATE_RUNNABLE:
+            row["mp_state"] = address(mp_state)
     vmstate = np.zeros(1, HVT_RESET_VMSTATE_DTYPE)
     chips = snap.arrays.get("vm.irqchip")
     vmstate["irqchip"], vmstate["nirqchip"] = address(chips), 0 if chips is None else len(chips)
@@ -186,7 +194,7 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
     vmstate["clock"] = address(snapshot.clock_to_set(snap.arrays["vm.clock"]))
     keep.append(vmstate)
     return _Plan(slots, _t.ptr(slots, "struct hvt_reset_slot *"), _Records(user), _Records(privileged),
-                 _t.ptr(vmstate, "struct hvt_reset_vmstate *"), [None] * len(segments),
+                 _t.ptr(vmstate, "struct hvt_reset_vmstate *"),
                  [_t.ffi.cast("uint64_t *", int(a)) for a in slots["bitmap"]], snapshot.device_plan(vm, snap), has_xsave,
                  list(dirty.full_bitmaps(segments).values()), keep)
 
@@ -202,26 +210,14 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
         plan = snap._reset_plan[key] = _make_plan(vm, snap)
     tracker = dirty.tracker(vm)
     at_snap = tracker.base is snap
-    between = {} if at_snap else pages_between(tracker.base, snap)
-    full = between is None
-    for k, seg in enumerate(segments):
-        if seg.host_dirty is not plan.host_dirty[k]:  # tracking restarted: new flags
-            plan.host_dirty[k] = seg.host_dirty
-            plan.slots[k]["host_dirty"] = 0 if seg.host_dirty is None else _address(_t.ptr(seg.host_dirty))
-    extras = []  # kept alive across the call
-    if plan.extra or full or between or not tracker.since_empty:
-        # Pages KVM did not log but that can differ: what an earlier look folded into
-        # `since`, the way through the snapshot tree; every page without a link.
-        for k in range(len(segments)):
-            parts = [plan.full[k]] if full else [b[k] for b in (None if tracker.since_empty else tracker.since,
-                                                                between or None) if b is not None]
-            extra = parts[0] if len(parts) == 1 else (parts[0] | parts[1] if parts else None)
-            if extra is not None:
-                extras.append(extra)
-            plan.slots[k]["extra"] = 0 if extra is None else _address(_t.ptr(extra))
-        plan.extra = bool(extras)
-    # Device rows and bookkeeping before the vCPU ioctls.
-    snapshot.reset_devices(vm, snap, since_snapshot=at_snap, plan=plan.devices)
+    full, extras = False, ()  # `extras`: kept alive across the call
+    if plan.tracker is not tracker or not at_snap or plan.extra or not tracker.since_empty:
+        full, extras = _extra_pages(vm, snap, plan, tracker, segments, at_snap)
+    bus, devices = vm.bus, plan.devices
+    if not devices.valid(bus):
+        devices = plan.devices = snapshot.device_plan(vm, snap)
+    rewritten = snapshot.reset_fields(devices, bus, snap) if devices.python else 0
+    devices.touched[0] = bus.buffer_touched if at_snap else snapshot.ALL_ROWS
     console = snap.console
     if len(vm._console) != len(console) or vm._console != console:
         vm._console[:] = console
@@ -231,7 +227,10 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
         for v in vm.vcpus:
             snapshot.complete_pending(v)
     rc = _t.lib.hvt_vm_reset(vm.fd, plan.slots_ptr, len(segments), records.ptr, nvcpus,
-                             plan.vmstate_ptr if privileged and nvcpus else _t.ffi.NULL)
+                             plan.vmstate_ptr if privileged and nvcpus else _t.ffi.NULL, devices.record_ptr)
+    changed = devices.changed[0] & devices.buffer_slots  # rows the C call left: buffers first
+    if changed:
+        snapshot.reset_buffers(devices, changed, rewritten)
     if rc < 0:
         _raise_reset_error(vm, records, rc)
     completed = synced = short = 0
@@ -246,6 +245,29 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
     tracker.rebase(snap)
     tracker.after_reset(rc, plan.bitmaps)
     return ResetStats(rc, full, completed, synced)
+
+
+def _extra_pages(vm, snap: Snapshot, plan: _Plan, tracker, segments, at_snap: bool) -> tuple[bool, tuple]:
+    """Point the slot records at what KVM's log does not show: the pages hvjit wrote (each
+    segment's host_dirty, new with each tracker), what an earlier look folded into `since`,
+    the way through the snapshot tree; every page without a link. Returns whether every page
+    goes back, and the bitmaps the records point at."""
+    if plan.tracker is not tracker:
+        plan.tracker = tracker
+        for k, seg in enumerate(segments):
+            plan.slots[k]["host_dirty"] = 0 if seg.host_dirty is None else _address(_t.ptr(seg.host_dirty))
+    between = {} if at_snap else pages_between(tracker.base, snap)
+    full = between is None
+    extras = []
+    since = None if tracker.since_empty else tracker.since
+    for k in range(len(segments)):
+        parts = [plan.full[k]] if full else [b[k] for b in (since, between or None) if b is not None]
+        extra = parts[0] if len(parts) == 1 else (parts[0] | parts[1] if parts else None)
+        if extra is not None:
+            extras.append(extra)
+        plan.slots[k]["extra"] = 0 if extra is None else _address(_t.ptr(extra))
+    plan.extra = bool(extras)
+    return full, tuple(extras)
 
 
 def _slow_rest(vm, snap: Snapshot, plan: _Plan, privileged: bool, done: list[int]) -> None:

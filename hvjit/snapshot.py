@@ -24,6 +24,7 @@ import numpy as np
 from . import _trampoline as _t
 from . import dirty, snapshot_file, syscall_entry, vcpu_events
 from .abi import (
+    HVT_RESET_ROWS_DTYPE,
     KVM_CLOCK_DATA_DTYPE,
     KVM_CPUID_ENTRY2_DTYPE,
     KVM_DEBUGREGS_DTYPE,
@@ -446,11 +447,13 @@ class DevicePlan:
     dev_state: np.ndarray
     slots: np.ndarray  # int64, the native devices' slots
     rows: np.ndarray  # their saved state rows, in that order
-    buffers: list  # (slot, device, j, saved state row, live buffer, saved buffer)
+    buffers: list  # (slot, device, saved state row, live buffer, saved buffer, live row, saved row)
     python: list  # (device, manifest entry, j) of devices with Python-side fields
-    row_ptrs: dict[int, tuple]  # slot -> (live state row, saved state row)
-    rows_differ: tuple  # hvt_mem_rows_differ's arguments
-    buffer_slots: int  # a bit a slot of `buffers`
+    record: np.ndarray  # HVT_RESET_ROWS_DTYPE: hvt_mem_reset_rows's (and hvt_vm_reset's) record
+    record_ptr: Any
+    touched: Any  # uint64_t * to the record's `touched`, `changed`
+    changed: Any
+    buffer_slots: int  # a bit a slot of `buffers`: the rows the C side leaves to Python
 
     def valid(self, bus) -> bool:
         return self.dev_buf is bus.dev_buf and self.dev_state is bus.dev_state
@@ -466,67 +469,80 @@ def device_plan(vm, snap: Snapshot) -> DevicePlan:
     native = [(j, d) for j, (d, e) in enumerate(zip(vm.devices, entries)) if e["native"]]
     slots = np.array([d.slot for _, d in native], np.int64)
     rows = np.array([snap.arrays[f"dev{j}.state"] for j, _ in native], np.int64).reshape(len(slots), kinds.STATE_WORDS)
+    index = {int(slot): i for i, slot in enumerate(slots)}
 
     def char_ptr(array):
         return _t.ffi.cast("char *", _t.ffi.from_buffer(array))
 
     # Bytes are copied with ffi.memmove: a numpy slice copy costs ~1 us each.
-    buffers = [(d.slot, d, j, snap.arrays[f"dev{j}.state"], char_ptr(bus.dev_buf[d.slot]),
-                char_ptr(snap.arrays[f"dev{j}.buf"])) for j, d in native if _buffer_may_change(d)]
+    buffers = [(d.slot, d, snap.arrays[f"dev{j}.state"], char_ptr(bus.dev_buf[d.slot]),
+                char_ptr(snap.arrays[f"dev{j}.buf"]), char_ptr(bus.dev_state[d.slot]), char_ptr(rows[index[d.slot]]))
+               for j, d in native if _buffer_may_change(d)]
     python = [(d, e, j) for j, (d, e) in enumerate(zip(vm.devices, entries)) if _has_python_state(d)]
-    row_ptrs = {int(slot): (char_ptr(bus.dev_state[slot]), char_ptr(rows[i])) for i, slot in enumerate(slots)}
-    rows_differ = (char_ptr(bus.dev_state), char_ptr(rows), _t.ffi.cast("int64_t *", _t.ffi.from_buffer(slots)),
-                   len(slots), kinds.STATE_WORDS * 8)
-    plan = snap._device_plan[key] = DevicePlan(bus.dev_buf, bus.dev_state, slots, rows, buffers, python, row_ptrs,
-                                               rows_differ, sum(1 << b[0] for b in buffers))
+    buffer_slots = sum(1 << b[0] for b in buffers)
+    record = np.zeros(1, HVT_RESET_ROWS_DTYPE)
+    record["live"] = int(_t.ffi.cast("uintptr_t", char_ptr(bus.dev_state)))
+    record["saved"] = int(_t.ffi.cast("uintptr_t", char_ptr(rows)))
+    record["slots"] = int(_t.ffi.cast("uintptr_t", _t.ffi.from_buffer(slots)))
+    record["count"], record["row_bytes"], record["python"] = len(slots), kinds.STATE_WORDS * 8, buffer_slots
+    base = _t.ffi.cast("char *", _t.ffi.from_buffer(record))
+    fields = HVT_RESET_ROWS_DTYPE.fields
+    assert fields is not None
+    plan = snap._device_plan[key] = DevicePlan(
+        bus.dev_buf, bus.dev_state, slots, rows, buffers, python, record,
+        _t.ffi.cast("struct hvt_reset_rows *", base), _t.ffi.cast("uint64_t *", base + fields["touched"][1]),
+        _t.ffi.cast("uint64_t *", base + fields["changed"][1]), buffer_slots)
     return plan
 
 
-def reset_devices(vm, snap: Snapshot, *, since_snapshot: bool = False, plan: Optional[DevicePlan] = None) -> None:
-    """What a reset needs of :func:`apply_devices`: the state rows, the buffer bytes each
-    device says its handlers can have written, and Python-side fields where they differ (then
-    the whole buffer: Python may have re-laid it out).
+ALL_ROWS = (1 << 64) - 1  # `touched` that puts every row back
 
-    ``since_snapshot``: the devices equalled ``snap``'s when it was taken or last reset to;
-    then only the devices whose state row differs (every guest access counts in it,
-    ``STATE_ACCESSES``) or whose buffer Python was handed since are put back. ``plan``: the
-    :func:`device_plan` a caller kept."""
-    bus = vm.bus
-    if plan is None or not plan.valid(bus):
-        plan = device_plan(vm, snap)
-    rewritten = 0  # slots whose buffer was put back whole
+
+def reset_fields(plan: DevicePlan, bus, snap: Snapshot) -> int:
+    """Python-side fields where they differ from the snapshot's (then the whole buffer:
+    Python may have re-laid it out). Returns the slots whose buffer went back whole."""
+    rewritten = 0
     for device, entry, j in plan.python:
         if device.snapshot_state() != entry["state"]:
             device.restore_state(entry["state"])
             if entry["native"]:
                 bus.dev_buf[device.slot] = snap.arrays[f"dev{j}.buf"]
                 rewritten |= 1 << device.slot
-    row_bytes = kinds.STATE_WORDS * 8
-    changed = -1  # every slot
-    if since_snapshot:
-        changed = bus.buffer_touched | _t.lib.hvt_mem_rows_differ(*plan.rows_differ)
-        if not changed:
-            return
-    memmove, size = _t.ffi.memmove, kinds.BUFFER_BYTES
-    if changed & plan.buffer_slots & ~rewritten:
-        for slot, device, _j, saved_state, live, saved in plan.buffers:
-            if rewritten >> slot & 1 or not changed >> slot & 1:
-                continue
+    return rewritten
+
+
+def reset_buffers(plan: DevicePlan, changed: int, rewritten: int) -> None:
+    """For the ``changed`` slots the C side left (``buffer_slots``): the buffer bytes each
+    device says its handlers can have written, then the state row (``buffer_changes``
+    compares with the live row)."""
+    memmove, size, row_bytes = _t.ffi.memmove, kinds.BUFFER_BYTES, kinds.STATE_WORDS * 8
+    for slot, device, saved_state, live, saved, live_row, saved_row in plan.buffers:
+        if not changed >> slot & 1:
+            continue
+        if not rewritten >> slot & 1:
             for start, end in device.buffer_changes(saved_state):
                 start, end = max(0, start), min(end, size)  # the device's word; the row's bounds
                 if end > start:
                     memmove(live + start, saved + start, end - start)
-    # The state rows after buffer_changes, which compares with the live rows.
-    if changed < 0:
-        for live, saved in plan.row_ptrs.values():
-            memmove(live, saved, row_bytes)
-        return
-    while changed:
-        slot = (changed & -changed).bit_length() - 1
-        changed &= changed - 1
-        if slot in plan.row_ptrs:
-            live, saved = plan.row_ptrs[slot]
-            memmove(live, saved, row_bytes)
+        memmove(live_row, saved_row, row_bytes)
+
+
+def reset_devices(vm, snap: Snapshot, *, since_snapshot: bool = False, plan: Optional[DevicePlan] = None) -> None:
+    """What a reset needs of :func:`apply_devices`: :func:`reset_fields`, the state rows
+    (``hvt_mem_reset_rows``) and :func:`reset_buffers`.
+
+    ``since_snapshot``: the devices equalled ``snap``'s when it was taken or last reset to;
+    then only the devices whose state row differs (every guest access counts in it,
+    ``STATE_ACCESSES``) or whose buffer Python was handed since are put back. ``plan``: the
+    :func:`device_plan` a caller kept. (``Vm.reset_to`` does the rows inside its C call.)"""
+    bus = vm.bus
+    if plan is None or not plan.valid(bus):
+        plan = device_plan(vm, snap)
+    rewritten = reset_fields(plan, bus, snap)
+    plan.touched[0] = bus.buffer_touched if since_snapshot else ALL_ROWS
+    changed = _t.lib.hvt_mem_reset_rows(plan.record_ptr) & plan.buffer_slots
+    if changed:
+        reset_buffers(plan, changed, rewritten)
 
 
 def apply_memory(vm, snap: Snapshot) -> None:

@@ -119,7 +119,7 @@ def breakdown_us(vm, snap, rounds: int) -> dict[str, float]:
     tracker = dirty.tracker(vm)
     for _ in range(rounds):
         _run_once(vm)
-        timed("device rows (Python)", snapshot.reset_devices, vm, snap, since_snapshot=True)
+        timed("device fields and rows (reset_devices)", snapshot.reset_devices, vm, snap, since_snapshot=True)
         timed("dirty log + page copies (hvt_mem_reset_pages)", lib.hvt_mem_reset_pages, vm.fd, int(seg["slot"]),
               ptr("void *", int(seg["dst"])), ptr("void *", int(seg["src"])), ptr("uint64_t *", int(seg["bitmap"])),
               _t.ffi.NULL, _t.ffi.NULL, int(seg["npages"]), PAGE_SIZE)

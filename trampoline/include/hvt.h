@@ -109,15 +109,28 @@ struct hvt_reset_vmstate {
     const struct kvm_pit_state2 *pit2;
     const struct kvm_clock_data *clock; /* set last */
 };
+/* The device state rows of a fast reset: a row goes back when its live copy differs from the
+ * saved one (every guest access to a device counts in its row) or its slot is `touched`. */
+struct hvt_reset_rows {
+    char *live;            /* the bus's rows, `row_bytes` apart, by slot */
+    const char *saved;     /* the snapshot's rows, in `slots` order */
+    const int64_t *slots;  /* `count` of them, each below 64 */
+    int32_t count;
+    uint32_t row_bytes;
+    uint64_t touched;      /* in: slots put back even if equal (buffers Python was handed) */
+    uint64_t python;       /* in: slots left to the caller (their buffer goes back first) */
+    uint64_t changed;      /* out: the slots that differed or were touched */
+};
 /*
- * A VM's fast reset in one call: each vCPU's pending exit finished, hvt_mem_reset_pages for
- * each slot, the irqchips and PIT of `vmstate` (NULL: none), the rest of hvt_vcpu_reset and
- * the vCPU's CPL0 state for each vCPU, then kvmclock. Returns the pages copied, or the first
- * -errno (each vCPU's `done` says which vCPU; all positive: the VM-wide part).
+ * A VM's fast reset in one call: hvt_mem_reset_rows on `rows` (NULL: none), each vCPU's
+ * pending exit finished, hvt_mem_reset_pages for each slot, the irqchips and PIT of `vmstate`
+ * (NULL: none), the rest of hvt_vcpu_reset and the vCPU's CPL0 state for each vCPU, then
+ * kvmclock. Returns the pages copied, or the first -errno (each vCPU's `done` says which
+ * vCPU; all positive: the VM-wide part).
  */
 HVT_EXPORT int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots,
                             struct hvt_reset_vcpu *vcpus, int nvcpus,
-                            const struct hvt_reset_vmstate *vmstate);
+                            const struct hvt_reset_vmstate *vmstate, struct hvt_reset_rows *rows);
 
 /* ---- vcpu.c ---------------------------------------------------------------------------- */
 /* Creates vCPU `id` and maps its kvm_run page (*run_out, mmap_size bytes). Returns the fd. */
@@ -211,12 +224,10 @@ HVT_EXPORT int hvt_mem_reset_pages(int vm_fd, int slot, void *dst, const void *s
                                    const uint64_t *extra, uint8_t *host_dirty, uint64_t npages,
                                    uint64_t page_size);
 /*
- * Which of `count` rows of `row_bytes` differ: live row `slots[i]` (at live + slots[i] *
- * row_bytes) against saved row i (at saved + i * row_bytes). Returns a mask with bit slots[i]
- * set for each that differs (slots must be below 64).
+ * The device rows of a fast reset (struct hvt_reset_rows): sets `changed` and copies each
+ * changed row back, but the `python` ones. Returns `changed`.
  */
-HVT_EXPORT uint64_t hvt_mem_rows_differ(const void *live, const void *saved, const int64_t *slots,
-                                        int count, uint64_t row_bytes);
+HVT_EXPORT uint64_t hvt_mem_reset_rows(struct hvt_reset_rows *rows);
 /*
  * Compare-and-swap of the `size` bytes at `addr` (1, 2, 4, 8 or 16, naturally aligned): they
  * become *desired if they equal *expected. Returns 1 when swapped, 0 when not (*expected then

@@ -25,19 +25,24 @@ int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap, uint6
     return copied;
 }
 
-uint64_t hvt_mem_rows_differ(const void *live, const void *saved, const int64_t *slots, int count,
-                             uint64_t row_bytes)
+uint64_t hvt_mem_reset_rows(struct hvt_reset_rows *r)
 {
-    uint64_t mask = 0;
-    for (int i = 0; i < count; i++) {
-        int64_t slot = slots[i];
+    uint64_t changed = 0;
+    for (int i = 0; i < r->count; i++) {
+        int64_t slot = r->slots[i];
         if (slot < 0 || slot >= 64)
             continue;
-        if (memcmp((const char *)live + (uint64_t)slot * row_bytes, (const char *)saved + (uint64_t)i * row_bytes,
-                   row_bytes))
-            mask |= 1ull << slot;
+        uint64_t bit = 1ull << slot;
+        char *live = r->live + (uint64_t)slot * r->row_bytes;
+        const char *saved = r->saved + (uint64_t)i * r->row_bytes;
+        if (!(r->touched & bit) && !memcmp(live, saved, r->row_bytes))
+            continue;
+        changed |= bit;
+        if (!(r->python & bit))
+            memcpy(live, saved, r->row_bytes);
     }
-    return mask;
+    r->changed = changed;
+    return changed;
 }
 
 /* One width of compare-and-swap: 1 if *addr held *expected (now *desired), else 0 with

@@ -168,10 +168,12 @@ static int reset_privileged(struct hvt_reset_vcpu *v)
 }
 
 int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus,
-                 int nvcpus, const struct hvt_reset_vmstate *vmstate)
+                 int nvcpus, const struct hvt_reset_vmstate *vmstate, struct hvt_reset_rows *rows)
 {
     if (nslots < 0 || nvcpus < 0 || (nslots && !slots) || (nvcpus && !vcpus))
         return -EINVAL;
+    if (rows)
+        hvt_mem_reset_rows(rows);
     int first_error = 0;
     /* Pending exits first: finishing a string IN writes guest memory. */
     for (int i = 0; i < nvcpus; i++) {
