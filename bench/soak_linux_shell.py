@@ -64,18 +64,19 @@ def boot_qemu(vmlinux: Path, initrd: Path, cmdline: str, timeout: float) -> dict
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     tail = b""
+    failed = False
     assert proc.stdout is not None
     for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
         watch.feed(chunk)
         tail = (tail + chunk)[-1500:]
-        if b"internal error" in tail.lower():  # QEMU pauses the VM and waits for its monitor
+        if not failed and b"internal error" in tail.lower():  # QEMU pauses the VM, waits for its monitor
+            failed = True
             proc.kill()
     proc.wait()
     timer.cancel()
     wall = time.monotonic() - watch.t0
     text = tail.decode("latin-1")
-    end = "timeout" if wall >= timeout else ("internal error" if "internal error" in text.lower()
-                                             else f"exit {proc.returncode}")
+    end = "KVM internal error" if failed else "timeout" if wall >= timeout else f"exit {proc.returncode}"
     return {"end": end, "status": proc.returncode, "wall_s": round(wall, 1),
             "milestones": {k: round(v, 2) for k, v in watch.reached.items()}, "console_tail": text}
 

@@ -82,19 +82,22 @@ def boot_qemu(path) -> dict:
     timer = threading.Timer(TIMEOUT, proc.kill)
     timer.start()
     tail = b""
+    failed = False
     for chunk in iter(lambda: proc.stdout.read1(4096), b""):
         watch.feed(chunk)
         tail = (tail + chunk)[-4000:]
         # QEMU pauses the VM on a KVM internal error and waits for its monitor: stop it there.
-        if LAST in watch.reached or b"internal error" in tail.lower():
+        failed = failed or b"internal error" in tail.lower()
+        if LAST in watch.reached or failed:
             proc.kill()
     proc.wait()
     timer.cancel()
     end = time.monotonic() - watch.t0
     text = tail.decode("latin-1")
-    how = ("stopped" if LAST in watch.reached else "timeout" if end >= TIMEOUT
-           else "internal error" if "internal error" in text.lower() else f"exit {proc.returncode}")
-    last_lines = [line for line in text.splitlines() if line.strip()][-3:]
+    how = ("stopped" if LAST in watch.reached else "KVM internal error" if failed else "timeout" if end >= TIMEOUT
+           else f"exit {proc.returncode}")
+    lines = [line for line in text.splitlines() if line.strip()]
+    last_lines = [line for line in lines if "error" in line.lower() or "failure" in line.lower()][-3:] or lines[-3:]
     return {"milestones": dict(watch.reached), "end": how, "last_lines": last_lines}
 
 
