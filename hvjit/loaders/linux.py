@@ -29,11 +29,12 @@ from . import PAGE, BootInfo, Placer, encode_cmdline, read_image
 # the W+X page-table walk (rodata=off), ftrace's weak-function check, the trace-event enum
 # rewrite (trace_eval_init), the crypto self-tests (RSA private-key operations in bignum
 # code), the BPF type information parse that the first kfunc registration triggers (BTF_INITCALLS),
-# and code paths KVM's emulator cannot run (SSSE3 blake2s, cmpxchg16b-based SLUB fast paths,
-# XSAVE-managed FPU state).
+# the Spectre-class thunks on every indirect call and return (mitigations=off), and code
+# paths KVM's emulator cannot run (SSSE3 blake2s, cmpxchg16b-based SLUB fast paths,
+# XSAVE-managed FPU state, SMAP's clac/stac at every user access and kernel entry).
 BTF_INITCALLS = ("bpf_key_sig_kfuncs_init", "bpf_prog_test_run_init", "bpf_rstat_kfunc_init",
                  "bpf_tcp_ca_kfunc_init", "cubictcp_register", "kfunc_init")
-EMULATED_RING0_ARGS = ("rodata=off noxsave clearcpuid=cx16,ssse3 cryptomgr.notests "
+EMULATED_RING0_ARGS = ("rodata=off noxsave clearcpuid=cx16,ssse3,smap mitigations=off cryptomgr.notests "
                        "initcall_blacklist=" + ",".join(("ftrace_check_for_weak_functions", "trace_eval_init",
                                                           *BTF_INITCALLS)))
 
