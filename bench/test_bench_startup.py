@@ -11,6 +11,9 @@ The side-by-side test (:func:`test_hvjit_run_vs_qemu_startup`) spawns, in altern
   ``sys.executable`` where there is one: an editable install's import finder costs extra),
 - ``hvjit run IMAGE --json``, whose ``startup`` record gives the first KVM_RUN (CLOCK_MONOTONIC
   read in C just before the ioctl) and the peak RSS the process saw itself,
+- ``hvjit run --server SOCKET IMAGE`` (and with ``--json``) through one warm ``hvjit serve``
+  started before the rounds, untimed (``hvjit_server``: the client's peak RSS by GNU time,
+  the forked child's as it reports it, ``child_max_rss_kib``, and the server's own RSS),
 - QEMU on the same ELF: ``qemu-system-x86_64 -machine microvm -accel kvm -cpu
   max,-arch-capabilities -smp 1 -m 16M -nodefaults -no-user-config -display none -serial stdio
   -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel tiny.elf`` (microvm boots a
@@ -207,6 +210,40 @@ def strace_first_kvm_run(cmd: list[str], trace_file: Path) -> float | None:
     return None
 
 
+def start_server(socket_path: Path, timeout: float = 300.0) -> subprocess.Popen:
+    """`hvjit serve` on ``socket_path``, returned once it says it serves (it warms up first)."""
+    proc = subprocess.Popen([sys.executable, "-m", "hvjit", "serve", "--socket", str(socket_path),
+                             "--idle-timeout", "3600"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    line = b""
+    while b"serving on" not in line:
+        if not select.select([proc.stderr], [], [], max(deadline - time.monotonic(), 0))[0]:
+            proc.kill()
+            raise TimeoutError(f"hvjit serve: not serving within {timeout} s")
+        line = proc.stderr.readline()
+        if not line:
+            raise RuntimeError(f"hvjit serve exited with {proc.wait()}")
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stderr.close()
+
+
+def _rss_kib(pid: int) -> dict:
+    """A live process's resident set now and at its peak (/proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {"rss_kib": int(fields["VmRSS"].split()[0]), "max_rss_kib": int(fields["VmHWM"].split()[0])}
+
+
 def _median(values):
     values = [v for v in values if v is not None]
     return round(statistics.median(values), 4) if values else None
@@ -221,7 +258,9 @@ def test_hvjit_run_vs_qemu_startup(benchmark, kvm_session, tmp_path):
     image = build_tiny_guest(tmp_path)
     hvjit_cmd = [sys.executable, "-m", "hvjit", "run", str(image)]
     script = Path(sys.executable).with_name("hvjit")
-    runners = {"hvjit": hvjit_cmd}
+    server_socket = tmp_path / "serve.sock"
+    server_cmd = [sys.executable, "-m", "hvjit", "run", "--server", str(server_socket), str(image)]
+    runners = {"hvjit": hvjit_cmd, "hvjit_server": server_cmd}
     if script.exists() and os.environ.get("PYTHONPATH") is None:  # the installed entry point runs this code
         runners["hvjit_script"] = [str(script), "run", str(image)]
     qemu = vmexit.find_qemu()
@@ -229,38 +268,63 @@ def test_hvjit_run_vs_qemu_startup(benchmark, kvm_session, tmp_path):
         runners["qemu"] = qemu_tiny_command(qemu, image)
     floors = {"python_pass": [sys.executable, "-c", "pass"], "import_numpy": [sys.executable, "-c", "import numpy"],
               "import_numba": [sys.executable, "-c", "import numba"]}
-    # Warm the kernel cache (and the parsed C declarations) once, untimed.
+    # Warm the kernel cache (and the parsed C declarations) once, untimed; then one server.
     warm = spawn_timed(hvjit_cmd + ["--json"])
     assert warm["status"] == 0, warm
-    samples: dict[str, list[dict]] = {k: [] for k in [*runners, "hvjit_json", *floors]}
-    for _ in range(ROUNDS):
-        for name, cmd in [*runners.items(), ("hvjit_json", hvjit_cmd + ["--json"]), *floors.items()]:
-            r = spawn_timed(cmd)
-            if name == "hvjit_json":
-                doc = json.loads(r["output"])
-                r["first_kvm_run_s"] = (doc["startup"]["first_kvm_run_ns"] - r["spawn_ns"]) / 1e9
-                r["self_max_rss_kib"] = doc["startup"]["max_rss_kib"]
-            elif name in runners:
-                assert r["output"].replace(b"\r", b"") == b"hi\n", (name, r)
-                assert r["status"] == (vmexit.QEMU_SUCCESS_STATUS if name == "qemu" else 0), (name, r)
-            samples[name].append(r)
+    server = start_server(server_socket)
+    json_runners = {"hvjit_json": hvjit_cmd + ["--json"], "hvjit_server_json": server_cmd + ["--json"]}
+    samples: dict[str, list[dict]] = {k: [] for k in [*runners, *json_runners, *floors]}
+    try:
+        for _ in range(ROUNDS):
+            for name, cmd in [*runners.items(), *json_runners.items(), *floors.items()]:
+                r = spawn_timed(cmd)
+                if name in json_runners:
+                    startup = json.loads(r["output"])["startup"]
+                    r["first_kvm_run_s"] = (startup["first_kvm_run_ns"] - r["spawn_ns"]) / 1e9
+                    if name == "hvjit_server_json":
+                        assert startup["server"] is True, startup
+                        r["child_max_rss_kib"] = startup["child_max_rss_kib"]
+                    else:
+                        r["self_max_rss_kib"] = startup["max_rss_kib"]
+                elif name in runners:
+                    assert r["output"].replace(b"\r", b"") == b"hi\n", (name, r)
+                    assert r["status"] == (vmexit.QEMU_SUCCESS_STATUS if name == "qemu" else 0), (name, r)
+                if name.startswith("hvjit_server"):
+                    r["client_max_rss_kib"] = r.pop("max_rss_kib")  # GNU time sees only the client
+                samples[name].append(r)
+        server_rss = _rss_kib(server.pid)
+    finally:
+        stop_server(server)
     info: dict = {"rounds": ROUNDS, "qemu": qemu and vmexit.qemu_version(qemu),
                   "qemu_command": runners.get("qemu"), "milestone": "first byte of guest COM1 output on stdout"}
     for name, rs in samples.items():
         info[name] = {key: _median(r.get(key) for r in rs)
-                      for key in ("first_output_s", "first_kvm_run_s", "wall_s", "max_rss_kib", "self_max_rss_kib")
+                      for key in ("first_output_s", "first_kvm_run_s", "wall_s", "max_rss_kib", "self_max_rss_kib",
+                                  "client_max_rss_kib", "child_max_rss_kib")
                       if any(r.get(key) is not None for r in rs)}
+    info["hvjit_server"]["server_kib"] = server_rss  # the warm server itself, after the rounds
     if shutil.which("strace"):
         for name in [n for n in ("hvjit", "qemu") if n in runners]:
             stamps = [strace_first_kvm_run(runners[name], tmp_path / f"{name}.strace") for _ in range(max(ROUNDS // 3, 1))]
             info[name]["first_kvm_run_strace_s"] = _median(stamps)
+    hv, sv = info["hvjit"], info["hvjit_server"]
+    info["ratios_hvjit_server_over_hvjit"] = {
+        "first_output": _ratio(sv["first_output_s"], hv["first_output_s"]),
+        "wall": _ratio(sv["wall_s"], hv["wall_s"]),
+        "first_kvm_run": _ratio(info["hvjit_server_json"]["first_kvm_run_s"], info["hvjit_json"]["first_kvm_run_s"]),
+    }
     if "qemu" in info:
-        hv, q = info["hvjit"], info["qemu"]
+        q = info["qemu"]
         info["ratios_hvjit_over_qemu"] = {
             "first_output": _ratio(hv["first_output_s"], q["first_output_s"]),
             "wall": _ratio(hv["wall_s"], q["wall_s"]),
             "max_rss": _ratio(hv["max_rss_kib"], q["max_rss_kib"]),
             "first_kvm_run_strace": _ratio(hv.get("first_kvm_run_strace_s"), q.get("first_kvm_run_strace_s")),
+        }
+        info["ratios_hvjit_server_over_qemu"] = {
+            "first_output": _ratio(sv["first_output_s"], q["first_output_s"]),
+            "wall": _ratio(sv["wall_s"], q["wall_s"]),
+            "client_max_rss": _ratio(sv["client_max_rss_kib"], q["max_rss_kib"]),
         }
     benchmark.extra_info.update(info)
     print("\n" + json.dumps({k: v for k, v in info.items() if k != "qemu_command"}, indent=1))

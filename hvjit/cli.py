@@ -6,6 +6,8 @@
     hvjit run --restore FILE            go on from a saved state
     hvjit run IMAGE --gdb [HOST:]PORT   the same under GDB (target remote), from the first instruction
     hvjit run IMAGE --input FILE        one input through the fuzzing harness; exits with its class
+    hvjit run --server PATH ...         the same run, in a warm `hvjit serve` (also: HVJIT_SERVER=PATH)
+    hvjit serve [--socket PATH]         a warm fork server for `hvjit run` (docs/architecture.md)
     hvjit fuzz IMAGE [--workers N]      fuzz a guest (docs/fuzzing.md); on Ray with --workers
     hvjit demo                          a greeting guest, its output and exit figures
     hvjit bench exits|decode|pagewalk   benchmarks with ratios against references (--json)
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -283,6 +286,11 @@ def startup_figures() -> dict:
       resolution one clock tick, 10 ms); ``first_kvm_run_s`` and ``wall_s`` count from it
       (``wall_s``: to this report, just before the VM is torn down and the process exits).
     - ``max_rss_kib``: peak resident set size so far (``getrusage``'s ``ru_maxrss``).
+
+    Run through `hvjit serve` (``"server": true``), the process is the server's forked child:
+    ``process_start_ns`` is the client's start (the user's process, where the run began), and
+    the peak RSS is the child's, ``child_max_rss_kib``: it counts the pages the child shares
+    with the server (the imported modules), and the client's own RSS is not in it.
     """
     import resource
 
@@ -290,13 +298,14 @@ def startup_figures() -> dict:
 
     now = time.monotonic_ns()
     first = int(_t.lib.hvt_vcpu_first_run_ns()) or None
-    start = process_start_ns()
+    start = _served_client_start_ns if _served else process_start_ns()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "first_kvm_run_ns": first,
         "process_start_ns": start,
         "first_kvm_run_s": round((first - start) / 1e9, 4) if first and start else None,
         "wall_s": round((now - start) / 1e9, 4) if start else None,
-        "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        **({"server": True, "child_max_rss_kib": rss} if _served else {"max_rss_kib": rss}),
     }
 
 
@@ -386,6 +395,51 @@ def cmd_run(args) -> int:
 
         return cmd_replay(args)
     return run_image(args)
+
+
+# ---- serve -------------------------------------------------------------------------------------
+
+# In a `hvjit serve` child: the run started in the client, at this CLOCK_MONOTONIC time.
+_served = False
+_served_client_start_ns: Optional[int] = None
+
+# Long mode, CPL3 (native even where ring 0 is emulated): one byte to COM1, then power off.
+# mov dx,0x3f8; mov al,'.'; out dx,al; mov eax,0; out 0xf4,eax
+WARM_GUEST = bytes.fromhex("66baf803" "b02e" "ee" "b800000000" "e7f4")
+
+
+def run_for_client(argv: list[str], client_start_ns: Optional[int]) -> int:
+    """A `hvjit serve` child runs the client's command here."""
+    global _served, _served_client_start_ns
+    _served, _served_client_start_ns = True, client_start_ns
+    return run_command(argv)
+
+
+def _warm_up_run() -> None:
+    """Run a tiny guest as `hvjit run IMAGE --json` does, output discarded: the modules and
+    Numba kernels a run needs are then loaded before the server forks."""
+    import contextlib
+    import io
+    import tempfile
+
+    from .loaders import bzimage, elf, flat, linux, multiboot  # noqa: F401 - every format's, for the children
+
+    with tempfile.TemporaryDirectory(prefix="hvjit-serve-") as tmp:
+        image = Path(tmp) / "warm.bin"
+        image.write_bytes(WARM_GUEST)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            status = cmd_run(build_parser().parse_args(["run", str(image), "--cpl", "3", "--json"]))
+    if status != 0:
+        raise HvjitError(f"warm-up run failed (status {status}): {out.getvalue()[-500:]}")
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+    from .serve_client import default_socket_path
+
+    return serve(args.socket or default_socket_path(), idle_timeout=args.idle_timeout, warm_up=_warm_up_run,
+                 command=run_for_client)
 
 
 # ---- demo -------------------------------------------------------------------------------------
@@ -526,6 +580,7 @@ def cmd_msr_probe(args) -> int:
     return probe_main(args)
 
 
+@functools.cache  # built once (~7 ms): a `hvjit serve` child gets the server's
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvjit", description="A hypervisor library for Python: KVM + Numba.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -580,7 +635,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--marker", default=None,
                      help="a console string that counts as the last milestone (e.g. a shell script's output)")
     run.add_argument("--json", action="store_true", help="print the exit record, counters and console as JSON")
+    # Taken out of argv by main() before parsing (the client imports nothing heavy); listed for --help.
+    run.add_argument("--server", metavar="PATH", help="run in the warm `hvjit serve` listening on PATH "
+                     "(default: $HVJIT_SERVER if set; unreachable: an error, or with only $HVJIT_SERVER, "
+                     "a note and an in-process run)")
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="a warm fork server for `hvjit run --server` (start-up without imports)")
+    serve.add_argument("--socket", metavar="PATH", default=None,
+                       help="the Unix socket (default $XDG_RUNTIME_DIR/hvjit/serve.sock, else in the cache dir)")
+    serve.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                       help="exit after SECONDS without a request (default: serve until SIGTERM/SIGINT)")
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run a greeting guest and show its exit figures")
     demo.set_defaults(func=cmd_demo)
@@ -628,6 +694,29 @@ def startup_done() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:
+        # Decided before anything heavy is imported: a client needs only the standard library.
+        from . import serve_client
+
+        server, explicit, rest = serve_client.split_server_option(argv[1:])
+        if server:
+            try:
+                return serve_client.run(server, ["run", *rest], process_start_ns())
+            except serve_client.ServerUnreachable as e:
+                if explicit:
+                    print(f"hvjit: error: {e}", file=sys.stderr)
+                    return 1
+                print(f"hvjit: {e} (${serve_client.ENV}): running in this process", file=sys.stderr)
+            except OSError as e:
+                print(f"hvjit: error: the server at {server}: {e}", file=sys.stderr)
+                return 1
+            argv = ["run", *rest]
+    return run_command(argv)
+
+
+def run_command(argv: list[str]) -> int:
+    """The command in this process."""
     # Imports allocate ~10^6 objects and free few: cyclic collections during start-up are pure
     # cost, and so is the collection of all of them when the interpreter exits. The collector
     # is off until the guest is about to run (`run`) or the command starts its work (others),

@@ -148,7 +148,7 @@ class _SessionState:
 # this thread holds a lock that the teardown needs. So the finalizer only warns and queues the
 # state (SimpleQueue.put is documented re-entrant, safe in finalizers); a daemon thread closes it.
 
-_abandoned: queue.SimpleQueue[_SessionState] = queue.SimpleQueue()
+_abandoned: queue.SimpleQueue[_SessionState | None] = queue.SimpleQueue()  # None: stop
 _reaper_lock = threading.Lock()
 _reaper_thread: threading.Thread | None = None
 
@@ -156,6 +156,8 @@ _reaper_thread: threading.Thread | None = None
 def _reap_abandoned_forever() -> None:
     while True:
         state = _abandoned.get()
+        if state is None:
+            return
         try:
             state.close()
         except Exception:
@@ -173,6 +175,17 @@ def _ensure_reaper() -> None:
             )
             thread.start()
             _reaper_thread = thread
+
+
+def stop_reaper() -> None:
+    """End the reaper thread (the next session starts another; states queued meanwhile wait
+    for it). For a process about to fork (`hvjit serve`): a child gets only the forking thread."""
+    global _reaper_thread
+    with _reaper_lock:
+        thread, _reaper_thread = _reaper_thread, None
+    if thread is not None:
+        _abandoned.put(None)
+        thread.join()
 
 
 def _forget_reaper_in_child() -> None:

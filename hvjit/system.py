@@ -127,6 +127,15 @@ class Kvm:
                 cls._instance = cls()
             return cls._instance
 
+    @classmethod
+    def close_instance(cls) -> None:
+        """Close the process-wide ``/dev/kvm`` (the next :meth:`instance` opens it again); no
+        VM made from it may be left. `hvjit serve` does so before it forks children."""
+        with cls._instance_lock:
+            kvm, cls._instance = cls._instance, None
+        if kvm is not None:
+            _t.lib.hvt_sys_close(kvm.fd)
+
     def check_extension(self, cap: int) -> int:
         rc = _t.lib.hvt_sys_check_extension(self.fd, int(cap))
         return rc if rc > 0 else 0

@@ -37,12 +37,25 @@ class _Scheduler:
         with self._cond:
             self._callbacks.pop(token, None)  # its heap entry is skipped when it comes up
 
+    def stop(self) -> None:
+        """End the timer thread; the next :meth:`arm` starts another (deadlines still armed
+        wait for it). For a process about to fork (`hvjit serve`): a child gets only the
+        forking thread, and a lock another thread held stays locked in it."""
+        with self._cond:
+            thread, self._thread = self._thread, None
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join()
+
     def _serve(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
+                while self._thread is me and (not self._heap or self._heap[0][0] > time.monotonic()):
                     timeout = self._heap[0][0] - time.monotonic() if self._heap else None
                     self._cond.wait(timeout)
+                if self._thread is not me:
+                    return
                 _, token = heapq.heappop(self._heap)
                 callback = self._callbacks.pop(token, None)
             if callback is not None:
@@ -55,3 +68,4 @@ class _Scheduler:
 _scheduler = _Scheduler()
 arm = _scheduler.arm
 cancel = _scheduler.cancel
+stop = _scheduler.stop

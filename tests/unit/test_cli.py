@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from hvjit.cli import build_parser, parse_size
+from hvjit.serve_client import split_server_option
 
 
 @pytest.mark.parametrize("text,value", [("16M", 16 << 20), ("1G", 1 << 30), ("4k", 4096),
@@ -26,6 +27,30 @@ def test_run_options_parse():
                                       "--cpus", "2", "--memory", "512M", "--format", "linux"])
     assert (args.kernel, args.append, args.cpus, args.memory, args.format) == (
         "vmlinuz", "console=ttyS0", 2, 512 << 20, "linux")
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    (["img", "--server", "/s", "--cpl", "3"], None, ("/s", True, ["img", "--cpl", "3"])),
+    (["--server=/s", "img"], "/e", ("/s", True, ["img"])),
+    (["img", "--cpl", "3"], "/e", ("/e", False, ["img", "--cpl", "3"])),
+    (["img"], None, (None, False, ["img"])),
+    (["img", "--", "--server", "/s"], None, (None, False, ["img", "--", "--server", "/s"])),
+    (["img", "--server"], None, (None, False, ["img", "--server"])),  # argparse says what is missing
+])
+def test_server_option_is_taken_out_before_parsing(monkeypatch, argv, env, expected):
+    if env is None:
+        monkeypatch.delenv("HVJIT_SERVER", raising=False)
+    else:
+        monkeypatch.setenv("HVJIT_SERVER", env)
+    assert split_server_option(argv) == expected
+
+
+def test_run_through_an_unreachable_server_fails_clearly(tmp_path, capsys, monkeypatch):
+    from hvjit import cli
+
+    monkeypatch.delenv("HVJIT_SERVER", raising=False)
+    assert cli.main(["run", "--server", str(tmp_path / "nobody.sock"), "img"]) == 1
+    assert "no hvjit server at" in capsys.readouterr().err
 
 
 def _bench(what):

@@ -25,7 +25,8 @@ LAYERS = [
                      "hvjit.vm", "hvjit.entry", "hvjit.asm"]),
     ("management", ["hvjit.handles", "hvjit.objects", "hvjit.factory", "hvjit.gip", "hvjit.session"]),
     ("front", ["hvjit.boot_progress", "hvjit.loaders", "hvjit.loaders.*", "hvjit.msr", "hvjit.benchmarks", "hvjit.benchmarks.*",
-               "hvjit.fuzz", "hvjit.fuzz.*", "hvjit.fleet", "hvjit.cli", "hvjit.__main__", "hvjit.trace_plot"]),
+               "hvjit.fuzz", "hvjit.fuzz.*", "hvjit.fleet", "hvjit.cli", "hvjit.__main__", "hvjit.trace_plot",
+               "hvjit.serve", "hvjit.serve_client"]),
 ]
 # Stricter rooms inside a layer: pure kernels and devices see only the base (and their own package).
 ONLY = {

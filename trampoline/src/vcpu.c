@@ -45,8 +45,9 @@ int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size)
     return rc;
 }
 
-/* CLOCK_MONOTONIC (ns) taken just before this process's first KVM_RUN; 0 until then. The one
- * process-wide value the trampoline keeps: start-up benchmarks read it (`hvjit run --json`). */
+/* CLOCK_MONOTONIC (ns) taken just before this process's first KVM_RUN; 0 until then (also in a
+ * forked child). The one process-wide value the trampoline keeps: start-up benchmarks read it
+ * (`hvjit run --json`). */
 static int64_t first_run_ns;
 
 static void note_first_run(void)
@@ -55,6 +56,18 @@ static void note_first_run(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     int64_t now = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec, none = 0;
     __atomic_compare_exchange_n(&first_run_ns, &none, now, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
+/* A forked child is a new process: its first KVM_RUN is its own (`hvjit serve` forks a warmed
+ * server that has run a guest). */
+static void forget_first_run(void)
+{
+    first_run_ns = 0;
+}
+
+__attribute__((constructor)) static void reset_first_run_at_fork(void)
+{
+    pthread_atfork(NULL, NULL, forget_first_run);
 }
 
 int hvt_vcpu_run(int vcpu_fd)

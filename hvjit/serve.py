@@ -1,0 +1,312 @@
+"""`hvjit serve`: a warm fork server for `hvjit run` (Android's zygote, nailgun, emacsclient).
+
+A whole `hvjit run` of a tiny guest costs ~0.5 s, nearly all of it importing numpy and Numba
+and loading the cached kernels. The server pays that once: `hvjit serve` runs a tiny guest the
+way `hvjit run` does (``cli.cmd_serve``), then stops hvjit's helper threads and closes
+``/dev/kvm`` (:func:`make_forkable`) and listens on a Unix socket (mode 0600). Each
+connection gets a forked child, which takes the client's stdin/stdout/stderr (SCM_RIGHTS),
+argv, cwd, umask and environment, runs the command, reports its status and exits; the server
+stays single-threaded, reaps its children and kills a child whose client went away. The wire
+format and the client are in :mod:`hvjit.serve_client`.
+
+What a child cannot take from the client: whatever was read when the server imported hvjit
+(``HVJIT_CACHE_DIR``, ``HVJIT_LIBHVT``, the interpreter and its options) is the server's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, NoReturn, Optional
+
+from .errors import HvjitError
+from .serve_client import read_request, send_message
+
+REQUEST_TIMEOUT = 10.0  # a client sends its request as soon as it is connected
+PR_SET_PDEATHSIG = 1
+
+# argv and the client's process start (CLOCK_MONOTONIC ns) -> exit status
+Command = Callable[[list[str], Optional[int]], int]
+
+
+def make_forkable() -> None:
+    """Stop hvjit's helper threads and close ``/dev/kvm``; fail unless the process is then
+    single-threaded and holds no KVM descriptor: a forked child gets only the forking thread
+    (a lock another thread held stays locked there), and must not share KVM objects."""
+    from .session import stop_reaper
+    from .system import Kvm
+    from .watchdog import stop as stop_watchdog
+
+    stop_reaper()
+    stop_watchdog()
+    Kvm.close_instance()
+    if threading.active_count() != 1:
+        names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        raise HvjitError(f"cannot serve: threads still running after the warm-up: {names}")
+    kvm = [target for target in _open_fds().values() if "kvm" in target]
+    if kvm:
+        raise HvjitError(f"cannot serve: KVM descriptors still open after the warm-up: {kvm}")
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the directory's own descriptor, closed by now
+    return fds
+
+
+def _claim_socket_path(path: str) -> None:
+    """Remove a stale socket (nobody listening); refuse a live server's or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise HvjitError(f"{path} exists and is not a socket: not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise HvjitError(f"a server already listens on {path}")
+
+
+def _listen(path: str) -> socket.socket:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    _claim_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)  # created 0600: only this user may hand the server commands
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise HvjitError(f"cannot listen on {path}: {e.strerror}") from None
+    finally:
+        os.umask(umask)
+    sock.listen(64)
+    return sock
+
+
+class Server:
+    def __init__(self, path: str, command: Command):
+        self.path = path
+        self.command = command
+        self.listener = _listen(path)
+        st = os.stat(path)
+        self._identity = (st.st_dev, st.st_ino)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.children: dict[int, socket.socket] = {}  # pid -> its client's connection
+        self._by_fd: dict[int, int] = {}
+        self._poll = select.poll()
+        self.stopping: Optional[int] = None
+
+    def serve(self, idle_timeout: Optional[float]) -> int:
+        def stop(signum, _frame):
+            self.stopping = signum
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake poll
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._poll.register(self.listener, select.POLLIN)
+        self._poll.register(self._wake_r, select.POLLIN)
+        print(f"hvjit: serving on {self.path} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        last = time.monotonic()
+        try:
+            while self.stopping is None:
+                timeout_ms = None
+                if idle_timeout is not None and not self.children:
+                    left = last + idle_timeout - time.monotonic()
+                    if left <= 0:
+                        print(f"hvjit: no request for {idle_timeout:g} s: server exiting", file=sys.stderr)
+                        return 0
+                    timeout_ms = int(left * 1000) + 1
+                for fd, _ in self._poll.poll(timeout_ms):
+                    if fd == self.listener.fileno():
+                        self._accept()
+                        last = time.monotonic()
+                    elif fd == self._wake_r.fileno():
+                        self._drain_wakeups()
+                    else:
+                        self._client_gone(fd)
+                if self._reap():
+                    last = time.monotonic()
+            print(f"hvjit: {signal.Signals(self.stopping).name}: server exiting", file=sys.stderr)
+            return 0
+        finally:
+            for pid in self.children:
+                os.kill(pid, signal.SIGKILL)
+            for pid in list(self.children):
+                _, status = os.waitpid(pid, 0)
+                self._finish(pid, status)
+            self.close()
+            signal.set_wakeup_fd(-1)  # last: a second SIGTERM meanwhile must not cut the clean-up short
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(256):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            print(f"hvjit: cannot fork for a request: {e}", file=sys.stderr)
+            conn.close()
+            return
+        if pid == 0:
+            self._child(conn)
+        self.children[pid] = conn
+        self._by_fd[conn.fileno()] = pid
+        # Only the client's hang-up, not its data: the child reads the request.
+        self._poll.register(conn, select.POLLRDHUP)
+
+    def _client_gone(self, fd: int) -> None:
+        """The client closed its end (exited, was killed): no one waits for the run."""
+        self._poll.unregister(fd)
+        pid = self._by_fd.pop(fd)
+        os.kill(pid, signal.SIGKILL)  # not reaped yet: the pid is still this child's
+
+    def _reap(self) -> bool:
+        reaped = False
+        while self.children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            self._finish(pid, status)
+            reaped = True
+        return reaped
+
+    def _finish(self, pid: int, status: int) -> None:
+        conn = self.children.pop(pid)
+        if self._by_fd.pop(conn.fileno(), None) is not None:
+            self._poll.unregister(conn)
+        if os.WIFSIGNALED(status):
+            # The child could not say it; the client dies of the same signal.
+            try:
+                conn.send(b'{"signal": %d}\n' % os.WTERMSIG(status), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        conn.close()
+
+    def close(self) -> None:
+        """Close the socket and remove its file (unless a successor's replaced it)."""
+        self.listener.close()
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:  # not a successor's socket
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # ---- in the child ---------------------------------------------------------------------
+
+    def _child(self, conn: socket.socket) -> NoReturn:
+        status: Optional[int] = 1
+        try:
+            status = self._run_request(conn)
+        except KeyboardInterrupt:
+            status = 130
+        except BaseException:  # noqa: BLE001 - reported to the client's stderr, never to the server
+            traceback.print_exc()
+            status = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            if status is not None:
+                try:
+                    send_message(conn, {"status": status & 0xFF})
+                except OSError:
+                    pass
+            os._exit((status or 0) & 0xFF)
+
+    def _run_request(self, conn: socket.socket) -> Optional[int]:
+        server = os.getppid()
+        # None of the server's: its own session (no terminal's signals, the client forwards
+        # them), the default signal handlers, none of the server's sockets.
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sock in (self.listener, self._wake_r, self._wake_w, *self.children.values()):
+            sock.close()
+        # Die with the server (SIGKILL'd, say): no VM outlives both server and client.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != server:
+            return None
+        conn.settimeout(REQUEST_TIMEOUT)
+        request, fds = read_request(conn)
+        if request is None:
+            return None  # a probe (is a server listening?) sends nothing
+        conn.settimeout(None)
+        if len(fds) != 3:
+            raise OSError(f"request came with {len(fds)} descriptors, not stdin, stdout and stderr")
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)  # received ones are >= 3: serve() keeps 0-2 open
+            os.close(fd)
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(line_buffering=sys.stdout.isatty())  # as the client's would be
+        os.chdir(request["cwd"])
+        os.umask(request["umask"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        send_message(conn, {"pid": os.getpid()})
+        try:
+            return self.command(request["argv"], request["process_start_ns"])
+        except SystemExit as e:  # argparse: a usage error, --help
+            if e.code is None or isinstance(e.code, int):
+                return e.code or 0
+            print(e.code, file=sys.stderr)
+            return 1
+
+
+def serve(path: str, *, idle_timeout: Optional[float], warm_up: Callable[[], None], command: Command) -> int:
+    """Serve ``command`` on the Unix socket ``path`` until SIGTERM/SIGINT (or ``idle_timeout``
+    seconds without a request). ``warm_up`` imports and loads what the command needs; it runs
+    once the socket is claimed (a live server there is refused before that work), and clients
+    that connect meanwhile wait in the backlog."""
+    for fd in (0, 1, 2):  # kept open, so descriptors a child receives never land on 0-2
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+    server = Server(path, command)
+    try:
+        warm_up()
+        make_forkable()
+    except BaseException:
+        server.close()
+        raise
+    return server.serve(idle_timeout)

@@ -1,0 +1,271 @@
+"""`hvjit serve` and `hvjit run --server`, as a user runs them: real processes, tiny CPL3
+guests. Every wait is bounded and fails when the bound passes."""
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hvjit.asm import assemble
+
+from .guests import hello_source
+
+START_TIMEOUT = 300.0  # a server's warm-up, on a shared host with a cold kernel cache at worst
+RUN_TIMEOUT = 60.0
+GONE_TIMEOUT = 5.0
+
+
+def start_server(path: Path, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "hvjit", "serve", "--socket", str(path), *extra],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + START_TIMEOUT
+    seen = b""
+    while b"serving on" not in seen:
+        if not select.select([proc.stderr], [], [], max(deadline - time.monotonic(), 0))[0]:
+            proc.kill()
+            pytest.fail(f"hvjit serve: not serving within {START_TIMEOUT} s: {seen!r}")
+        line = proc.stderr.readline()
+        if not line:
+            pytest.fail(f"hvjit serve exited with {proc.wait()}: {seen!r}")
+        seen += line
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("hvjit serve did not exit within 30 s of SIGTERM")
+    finally:
+        proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "s.sock"
+    proc = start_server(path)
+    yield proc, path
+    stop_server(proc)
+
+
+def hvjit(*args, env=None, timeout=RUN_TIMEOUT):
+    return subprocess.run([sys.executable, "-m", "hvjit", *args], capture_output=True, timeout=timeout,
+                          env=env if env is not None else {k: v for k, v in os.environ.items() if k != "HVJIT_SERVER"})
+
+
+def client(path: Path, *args, **popen):
+    return subprocess.Popen([sys.executable, "-m", "hvjit", "run", "--server", str(path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def hello(tmp_path: Path, text: str, code: int) -> Path:
+    image = tmp_path / f"hello-{code}.bin"
+    image.write_bytes(assemble(hello_source("long", text, code), 0x1000))
+    return image
+
+
+def spin(tmp_path: Path) -> Path:
+    image = tmp_path / "spin.bin"
+    image.write_bytes(b"\xeb\xfe")  # jmp . (at CPL3: never leaves the guest)
+    return image
+
+
+def children(server_pid: int) -> set[int]:
+    with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def running_child(server_pid: int, client: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> int:
+    """The server's child serving ``client``, once its vCPU exists (the guest is running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert client.poll() is None, client.communicate()
+        for pid in children(server_pid):
+            try:
+                links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            except OSError:
+                continue
+            if any("kvm-vcpu" in link for link in links):
+                return pid
+        time.sleep(0.02)
+    pytest.fail(f"no child of the server ran a vCPU within {timeout} s")
+
+
+def gone(pid: int, timeout: float = GONE_TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}"):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def quiet(server_pid: int, timeout: float = RUN_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while children(server_pid):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server still has children after {timeout} s")
+        time.sleep(0.02)
+
+
+def test_output_and_status_equal_a_direct_run(server, tmp_path):
+    _, path = server
+    image = hello(tmp_path, "same either way\\n", 23)
+    direct = hvjit("run", str(image), "--cpl", "3")
+    served = hvjit("run", "--server", str(path), str(image), "--cpl", "3")
+    assert direct.stdout == b"same either way\n", direct.stderr
+    assert (served.stdout, served.returncode) == (direct.stdout, direct.returncode) == (direct.stdout, 23), served.stderr
+    assert b"poweroff" in served.stderr and b"code 23" in served.stderr
+
+
+def test_the_client_imports_no_numpy_numba_or_vm(server, tmp_path):
+    _, path = server
+    image = hello(tmp_path, "light\\n", 0)
+    probe = ("import json, sys\n"
+             "from hvjit import cli\n"
+             f"status = cli.main(['run', '--server', {str(path)!r}, {str(image)!r}, '--cpl', '3'])\n"
+             "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+             "sys.exit(status)\n")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=RUN_TIMEOUT)
+    assert p.returncode == 0 and p.stdout == b"light\n", p.stderr
+    modules = json.loads(p.stderr.splitlines()[-1])
+    heavy = [m for m in modules if m.split(".")[0] in ("numpy", "numba", "llvmlite", "cffi", "elftools")
+             or m in ("hvjit.vm", "hvjit.session", "hvjit.system", "hvjit._trampoline", "hvjit.serve")]
+    assert heavy == []
+    assert "hvjit.serve_client" in modules
+
+
+def test_json_through_the_server_counts_from_the_client_start(server, tmp_path):
+    proc, path = server
+    image = hello(tmp_path, "up", 0)
+    spawned = time.monotonic_ns()
+    p = hvjit("run", "--server", str(path), str(image), "--cpl", "3", "--json")
+    returned = time.monotonic_ns()
+    assert p.returncode == 0, p.stderr
+    st = json.loads(p.stdout)["startup"]
+    assert st["server"] is True
+    assert "max_rss_kib" not in st and 10_000 < st["child_max_rss_kib"] < 4 << 20
+    # The client's start (one 10 ms clock tick of resolution), not the server's nor the child's.
+    assert spawned - 20_000_000 < st["process_start_ns"] < st["first_kvm_run_ns"] < returned
+    assert 0 < st["first_kvm_run_s"] <= st["wall_s"] < (returned - spawned) / 1e9 + 0.02
+
+
+def test_sigint_to_the_client_ends_the_run_like_a_direct_one(server, tmp_path):
+    proc, path = server
+    c = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120")
+    child = running_child(proc.pid, c)
+    c.send_signal(signal.SIGINT)
+    out, err = c.communicate(timeout=GONE_TIMEOUT)
+    assert c.returncode == 130, err
+    assert b"interrupted" in err
+    assert gone(child), f"child {child} still there"
+
+
+def test_a_killed_client_takes_its_child_along(server, tmp_path):
+    proc, path = server
+    c = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120")
+    child = running_child(proc.pid, c)
+    c.kill()
+    c.communicate(timeout=GONE_TIMEOUT)
+    assert gone(child), f"child {child} of a SIGKILLed client still there"
+
+
+def test_two_clients_at_once(server, tmp_path):
+    _, path = server
+    slow = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "4")  # ends by its watchdog
+    fast = client(path, str(hello(tmp_path, "second\\n", 7)), "--cpl", "3")
+    out, err = fast.communicate(timeout=RUN_TIMEOUT)
+    assert (out, fast.returncode) == (b"second\n", 7), err
+    assert slow.poll() is None, "the slow run should still be going: the two ran at once"
+    _, err = slow.communicate(timeout=RUN_TIMEOUT)
+    assert slow.returncode == 124 and b"TIMEOUT" in err, err
+
+
+def test_the_server_leaks_no_descriptors_across_requests(server, tmp_path):
+    proc, path = server
+    image = hello(tmp_path, "fd\\n", 0)
+    assert hvjit("run", "--server", str(path), str(image), "--cpl", "3").returncode == 0
+    quiet(proc.pid)
+    before = sorted(os.listdir(f"/proc/{proc.pid}/fd"))
+    for _ in range(3):
+        assert hvjit("run", "--server", str(path), str(image), "--cpl", "3").returncode == 0
+    interrupted = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120")
+    running_child(proc.pid, interrupted)
+    interrupted.kill()
+    interrupted.communicate(timeout=GONE_TIMEOUT)
+    quiet(proc.pid)
+    assert sorted(os.listdir(f"/proc/{proc.pid}/fd")) == before
+
+
+def test_a_second_server_on_a_live_socket_is_refused(server):
+    _, path = server
+    p = hvjit("serve", "--socket", str(path), timeout=RUN_TIMEOUT)
+    assert p.returncode == 1
+    assert b"already listens" in p.stderr
+    assert path.is_socket()
+    assert hvjit("run", "--server", str(path), "--help").returncode == 0  # the first one still serves
+
+
+def test_stale_socket_replaced_and_sigterm_cleans_up(tmp_path):
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays; nobody listens
+    proc = start_server(path)
+    try:
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        c = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120")
+        child = running_child(proc.pid, c)
+        proc.send_signal(signal.SIGTERM)
+        c.communicate(timeout=GONE_TIMEOUT)
+        assert c.returncode == -signal.SIGKILL  # the child was killed; its client dies alike
+        assert gone(child)
+        assert proc.wait(timeout=GONE_TIMEOUT) == 0
+    finally:
+        stop_server(proc)
+    assert not path.exists()
+
+
+def test_idle_timeout_ends_the_server(tmp_path):
+    path = tmp_path / "idle.sock"
+    proc = start_server(path, "--idle-timeout", "1")
+    try:
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop_server(proc)
+    assert not path.exists()
+
+
+def test_unreachable_server_named_by_option_is_an_error(tmp_path):
+    image = hello(tmp_path, "never\\n", 0)
+    p = hvjit("run", "--server", str(tmp_path / "nobody.sock"), str(image), "--cpl", "3")
+    assert p.returncode == 1 and p.stdout == b""
+    assert b"no hvjit server at" in p.stderr
+
+
+def test_unreachable_server_from_the_environment_runs_in_process(tmp_path):
+    image = hello(tmp_path, "here\\n", 3)
+    env = dict(os.environ, HVJIT_SERVER=str(tmp_path / "nobody.sock"))
+    p = hvjit("run", str(image), "--cpl", "3", env=env)
+    assert (p.stdout, p.returncode) == (b"here\n", 3), p.stderr
+    notes = [line for line in p.stderr.splitlines() if b"server" in line]
+    assert len(notes) == 1 and b"running in this process" in notes[0]
+
+
+def test_server_from_the_environment(server, tmp_path):
+    _, path = server
+    image = hello(tmp_path, "env", 0)
+    p = hvjit("run", str(image), "--cpl", "3", "--json", env=dict(os.environ, HVJIT_SERVER=str(path)))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["startup"]["server"] is True
