@@ -27,7 +27,7 @@ from . import PAGE, BootInfo, Placer, encode_cmdline, read_image
 # Kernel arguments that spare a stock kernel boot-time work which is cheap on hardware but
 # costs minutes where KVM emulates ring 0 (PVM; docs/linux-on-pvm.md has the measurements):
 # the W+X page-table walk (rodata=off), ftrace's weak-function check, the trace-event enum
-# rewrite (trace_eval_init), the crypto self-tests (RSA private-key operations in bignum
+# rewrite (trace_eval_init), the tracefs files of every trace event (tracer_init_tracefs), the crypto self-tests (RSA private-key operations in bignum
 # code), the BPF type information parse that the first kfunc registration triggers (BTF_INITCALLS),
 # the Spectre-class thunks on every indirect call and return (mitigations=off), and code
 # paths KVM's emulator cannot run (SSSE3 blake2s, cmpxchg16b-based SLUB fast paths,
@@ -35,7 +35,7 @@ from . import PAGE, BootInfo, Placer, encode_cmdline, read_image
 BTF_INITCALLS = ("bpf_key_sig_kfuncs_init", "bpf_prog_test_run_init", "bpf_rstat_kfunc_init",
                  "bpf_tcp_ca_kfunc_init", "cubictcp_register", "kfunc_init")
 EMULATED_RING0_ARGS = ("rodata=off noxsave clearcpuid=cx16,ssse3,smap mitigations=off cryptomgr.notests "
-                       "initcall_blacklist=" + ",".join(("ftrace_check_for_weak_functions", "trace_eval_init",
+                       "initcall_blacklist=" + ",".join(("ftrace_check_for_weak_functions", "trace_eval_init", "tracer_init_tracefs",
                                                           *BTF_INITCALLS)))
 
 # Setup header offsets (in the image and in struct boot_params).
