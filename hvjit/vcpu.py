@@ -532,6 +532,12 @@ class Vcpu:
             ticker = _Ticker(self, self.tick_period) if self.tick_hooks else None
             try:
                 return self._run_until_exit(watchdog, resume_hlt, _group_stop)
+            except ObjectDestroyedError:
+                # Destroyed from another thread while this run was in Python (a tick hook, a
+                # Python exit handler): a stop, as it is when the run is inside KVM_RUN.
+                if self.destroyed or self.vm.destroyed:
+                    return VmExit(exitcode=VmExitCode.BOGUS, rip=0, kvm_reason=-1)
+                raise
             finally:
                 watchdog.cancel()
                 if ticker is not None:

@@ -82,6 +82,7 @@ def test_pause_resume_and_destroy_of_four_spinning_vcpus_are_prompt(session):
     assert time.monotonic() - t0 < STOP_BOUND
     t.join(5)
     assert not t.is_alive()
+    assert "error" not in box, box.get("error")
     assert box["result"].exitcode == VmExitCode.BOGUS
 
 
@@ -268,3 +269,30 @@ def test_a_restricted_session_drives_only_its_own_vms(session):
             with pytest.raises(AccessDeniedError):
                 call()
     assert theirs.run(timeout=10).code == 2  # untouched, and usable by its owner
+
+
+@pytest.mark.parametrize("vcpus", [1, 4])
+def test_destroy_while_a_tick_hook_runs_is_a_stop_not_an_error(session, vcpus):
+    # A tick hook (hvjit's string accelerator is one) runs in Python between two KVM_RUNs; a
+    # destroy from another thread then must end the run as a stop does, not raise from it.
+    vm = _spinning_vm(session, f"tick-destroy{vcpus}", vcpus=vcpus)
+    in_hook = threading.Event()
+
+    def hook(vcpu):
+        in_hook.set()
+        deadline = time.monotonic() + 5
+        while not vcpu.destroyed and time.monotonic() < deadline:
+            time.sleep(0.001)
+        vcpu.get_regs()  # the vCPU is gone by now: ObjectDestroyedError inside the run
+
+    for v in vm.vcpus:
+        v.tick_hooks.append(hook)
+        v.tick_period = 0.005
+    vm.vcpu(0).warm_up()
+    t, box = _run_in_thread(vm, timeout=60)
+    assert in_hook.wait(5)
+    vm.destroy()
+    t.join(5)
+    assert not t.is_alive()
+    assert "error" not in box, box.get("error")
+    assert box["result"].exitcode == VmExitCode.BOGUS
