@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .abi import SuspendHow, VmExitCode
+from .errors import ObjectDestroyedError
 from .exits import VmExit
 
 
@@ -88,8 +89,10 @@ def run_vm(vm, *, timeout: Optional[float], resume_hlt: bool) -> RunResult:
     def stop_all() -> None:
         group_stop.set()  # before the requests: a run that registers later still sees it
         for v in vcpus:
-            if not v.destroyed:
+            try:
                 v.stop()
+            except ObjectDestroyedError:  # destroyed from another thread: its run stops anyway
+                pass
 
     def worker(v) -> None:
         # Ctrl-C must reach the caller's thread (which then stops everyone), not a vCPU
