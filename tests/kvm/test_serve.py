@@ -77,7 +77,9 @@ def hello(tmp_path: Path, text: str, code: int) -> Path:
 
 def spin(tmp_path: Path) -> Path:
     image = tmp_path / "spin.bin"
-    image.write_bytes(b"\xeb\xfe")  # jmp . (at CPL3: never leaves the guest)
+    # mov $0x3f8, %dx; mov $'R', %al; out %al, %dx; jmp . -- one byte says it runs, then it
+    # never leaves the guest (CPL3)
+    image.write_bytes(bytes.fromhex("66baf803" "b052" "ee" "ebfe"))
     return image
 
 
@@ -87,9 +89,11 @@ def children(server_pid: int) -> set[int]:
 
 
 def running_child(server_pid: int, client: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> int:
-    """The server's child serving ``client``, once its vCPU exists (the guest is running)."""
+    """The server's child serving ``client`` (a :func:`spin` guest), once the guest runs: its
+    vCPU exists and its first byte reached the client's stdout."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    child = None
+    while child is None and time.monotonic() < deadline:
         assert client.poll() is None, client.communicate()
         for pid in children(server_pid):
             try:
@@ -97,9 +101,15 @@ def running_child(server_pid: int, client: subprocess.Popen, timeout: float = RU
             except OSError:
                 continue
             if any("kvm-vcpu" in link for link in links):
-                return pid
+                child = pid
         time.sleep(0.02)
-    pytest.fail(f"no child of the server ran a vCPU within {timeout} s")
+    if child is None:
+        pytest.fail(f"no child of the server ran a vCPU within {timeout} s")
+    ready, _, _ = select.select([client.stdout], [], [], max(deadline - time.monotonic(), 0))
+    if not ready:
+        pytest.fail(f"the guest printed nothing within {timeout} s")
+    assert client.stdout.read(1) == b"R"
+    return child
 
 
 def gone(pid: int, timeout: float = GONE_TIMEOUT) -> bool:
