@@ -695,8 +695,10 @@ def startup_done() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["run"]:
-        # Decided before anything heavy is imported: a client needs only the standard library.
+    wants_server = os.environ.get("HVJIT_SERVER") or any(a == "--server" or a.startswith("--server=") for a in argv)
+    if argv[:1] == ["run"] and wants_server:
+        # Decided before anything heavy is imported: a client needs only the standard library
+        # (and a plain run does not pay for the client's socket imports).
         from . import serve_client
 
         server, explicit, rest = serve_client.split_server_option(argv[1:])
