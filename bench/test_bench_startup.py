@@ -44,6 +44,7 @@ import pytest
 from hvjit import entry
 from hvjit.asm import assemble
 from hvjit.benchmarks import vmexit
+from tests.kvm.serving import start_server, stop_server
 
 FIRST_EXIT_GUEST = ".code64\n outb %al, $0x99\n"
 
@@ -210,33 +211,6 @@ def strace_first_kvm_run(cmd: list[str], trace_file: Path) -> float | None:
     return None
 
 
-def start_server(socket_path: Path, timeout: float = 300.0) -> subprocess.Popen:
-    """`hvjit serve` on ``socket_path``, returned once it says it serves (it warms up first)."""
-    proc = subprocess.Popen([sys.executable, "-m", "hvjit", "serve", "--socket", str(socket_path),
-                             "--idle-timeout", "3600"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    line = b""
-    while b"serving on" not in line:
-        if not select.select([proc.stderr], [], [], max(deadline - time.monotonic(), 0))[0]:
-            proc.kill()
-            raise TimeoutError(f"hvjit serve: not serving within {timeout} s")
-        line = proc.stderr.readline()
-        if not line:
-            raise RuntimeError(f"hvjit serve exited with {proc.wait()}")
-    return proc
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stderr.close()
-
-
 def _rss_kib(pid: int) -> dict:
     """A live process's resident set now and at its peak (/proc/PID/status)."""
     with open(f"/proc/{pid}/status") as f:
@@ -271,7 +245,7 @@ def test_hvjit_run_vs_qemu_startup(benchmark, kvm_session, tmp_path):
     # Warm the kernel cache (and the parsed C declarations) once, untimed; then one server.
     warm = spawn_timed(hvjit_cmd + ["--json"])
     assert warm["status"] == 0, warm
-    server = start_server(server_socket)
+    server = start_server(server_socket, "--idle-timeout", "3600")
     json_runners = {"hvjit_json": hvjit_cmd + ["--json"], "hvjit_server_json": server_cmd + ["--json"]}
     samples: dict[str, list[dict]] = {k: [] for k in [*runners, *json_runners, *floors]}
     try:
