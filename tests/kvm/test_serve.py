@@ -189,6 +189,30 @@ def test_the_server_leaks_no_descriptors_across_requests(server, tmp_path):
     assert sorted(os.listdir(f"/proc/{proc.pid}/fd")) == before
 
 
+@pytest.mark.parametrize("garbage", [
+    b"",  # connect and hang up (what a probe does)
+    b"\x00\x00\x00\x05{not json",  # a request that is not JSON
+    b"\xff\xff\xff\xff",  # a length far over the limit
+    b"\x00\x00\x10\x00{}",  # cut short: the rest never comes
+])
+def test_a_malformed_request_ends_only_its_child(server, tmp_path, garbage):
+    proc, path = server
+    quiet(proc.pid)
+    before = sorted(os.listdir(f"/proc/{proc.pid}/fd"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+        s.sendall(garbage)
+    # Served after the malformed one (the backlog is first come, first served).
+    ok = hvjit("run", "--server", str(path), str(hello(tmp_path, "still\\n", 0)), "--cpl", "3")
+    assert (ok.stdout, ok.returncode) == (b"still\n", 0), ok.stderr
+    assert proc.poll() is None, "the server died of a malformed request"
+    quiet(proc.pid)
+    deadline = time.monotonic() + GONE_TIMEOUT  # the last connection closes just after its child goes
+    while sorted(os.listdir(f"/proc/{proc.pid}/fd")) != before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted(os.listdir(f"/proc/{proc.pid}/fd")) == before
+
+
 def test_a_second_server_on_a_live_socket_is_refused(server):
     _, path = server
     p = hvjit("serve", "--socket", str(path), timeout=RUN_TIMEOUT)
