@@ -11,8 +11,10 @@ def test_reset_cost_against_one_vcpu_ioctl(benchmark, kvm_session):
     for row in result["rows"]:
         assert row["pages_copied"] >= row["dirty_pages"]  # every page the guest wrote came back
         print(f"\n{row['dirty_pages']:4d} dirty pages: reset {row['reset_us']:7.1f} us "
-              f"({row['reset_over_ioctl']:.1f} ioctls), CPL3-only reset {row['reset_user_us']:7.1f} us "
-              f"({row['reset_user_over_ioctl']:.1f} ioctls); KVM_GET_REGS {row['get_regs_us']:.1f} us; "
+              f"({row['reset_over_ioctl']:.1f} warm / {row['reset_over_cold_ioctl']:.1f} cold ioctls), "
+              f"CPL3-only reset {row['reset_user_us']:7.1f} us ({row['reset_user_over_ioctl']:.1f} warm / "
+              f"{row['reset_user_over_cold_ioctl']:.1f} cold ioctls); KVM_GET_REGS {row['get_regs_us']:.1f} us "
+              f"back to back, {row['get_regs_cold_us']:.1f} us right after a guest run; "
               f"guest run (vm.run) {row['guest_run_us']:.0f} us")
         for part in ("breakdown_us", "floor_us"):
             for step, us in row.get(part, {}).items():

@@ -125,7 +125,7 @@ int hvt_vcpu_get_attr(int fd, uint32_t group, uint64_t attr, void *value);
 int hvt_vcpu_set_attr(int fd, uint32_t group, uint64_t attr, const void *value);
 int hvt_vcpu_exit_pending(const struct kvm_run *run);
 int hvt_vcpu_flush_sync(int vcpu_fd, struct kvm_run *run);
-int hvt_vcpu_reset(int vcpu_fd, struct kvm_run *run, const struct kvm_regs *regs, const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events, const void *xsave);
+int hvt_vcpu_reset(int vcpu_fd, struct kvm_run *run, const struct kvm_regs *regs, const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events, const void *xsave, uint32_t flags);
 
 int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap, uint64_t npages, uint64_t page_size);
 int hvt_mem_reset_pages(int vm_fd, int slot, void *dst, const void *src, uint64_t *bitmap, const uint64_t *extra, uint8_t *host_dirty, uint64_t npages, uint64_t page_size);

@@ -110,7 +110,7 @@ HVT_RESET_SLOT_DTYPE = np.dtype([("slot", "<i4"), ("pad", "<u4"), ("npages", "<u
 HVT_RESET_VCPU_DTYPE = np.dtype([("fd", "<i4"), ("done", "<i4"), ("run", "<u8"), ("regs", "<u8"),
                                  ("sregs", "<u8"), ("events", "<u8"), ("xsave", "<u8"), ("xcrs", "<u8"),
                                  ("msrs", "<u8"), ("nmsrs", "<i4"), ("msrs_set", "<i4"), ("mp_state", "<u8"),
-                                 ("lapic", "<u8"), ("debugregs", "<u8")])
+                                 ("lapic", "<u8"), ("debugregs", "<u8"), ("flags", "<u4"), ("pad", "<u4")])
 HVT_RESET_VMSTATE_DTYPE = np.dtype([("irqchip", "<u8"), ("nirqchip", "<i4"), ("pad", "<u4"), ("pit2", "<u8"),
                                     ("clock", "<u8")])
 HVT_RESET_ROWS_DTYPE = np.dtype([("live", "<u8"), ("saved", "<u8"), ("slots", "<u8"), ("count", "<i4"),
@@ -173,6 +173,7 @@ _KVM_RUN_FIELDS = [
 ]
 # kvm_valid_regs / kvm_dirty_regs bits (KVM_CAP_SYNC_REGS): state carried in kvm_run itself.
 KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, KVM_SYNC_X86_EVENTS = 1, 2, 4
+KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1  # kvm_run.io.direction
 KVM_RUN_SIZE = 2352  # sizeof(struct kvm_run) on x86-64
 KVM_RUN_DTYPE = np.dtype({
     "names": [f[0] for f in _KVM_RUN_FIELDS],

@@ -74,6 +74,7 @@ def cmd_info(args) -> int:
         kvm = Kvm.instance()
         info = kvm.info()
         info["debug"] = host_support(kvm)
+        info["behaviour"] = _probed_behaviour()
     except KvmUnavailableError as e:
         info = {"available": False, "reason": str(e), "flavour": detect_flavour(),
                 "cpu_vendor": cpu_vendor(), "cpu_model": cpu_model()}
@@ -94,9 +95,25 @@ def cmd_info(args) -> int:
     controls = ", ".join(f"{k} {({True: 'yes', False: 'no'}).get(v, v)}" for k, v in info["vcpu_controls"].items())
     print(f"vCPU control: {controls}")
     print("debugging:    " + "; ".join(f"{k} {v}" for k, v in info["debug"].items()))
+    print("OUT exits:    " + ("finished at the exit (a CPL3-only reset needs no completing KVM_RUN)"
+                              if info["behaviour"]["out_exit_settled"] else
+                              "finished on the next KVM_RUN (a reset completes them first)"))
     caps = ", ".join(f"{k}" + (f"={v}" if v != 1 else "") for k, v in sorted(info["capabilities"].items()))
     print(f"capabilities: {caps}")
     return 0
+
+
+def _probed_behaviour() -> dict[str, bool]:
+    """What only a probe guest shows (hvjit.reset.out_exit_settled)."""
+    from .reset import out_exit_settled
+    from .vm import Vm
+
+    probe = Vm(None, "hvjit-info", memory=1 << 20, devices=False)
+    try:
+        out_exit_settled(probe)
+    finally:
+        probe.destroy()
+    return dict(probe.kvm.behaviour)
 
 
 # ---- run --------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class DirtyTracker:
     def __init__(self, vm):
         self.vm = vm
         self.vm_fd = -1
-        self.layout: tuple = ()
+        self.layout = -1  # vm.memory.version when tracking began
         # The snapshot whose memory the VM's memory equalled when `since` was last cleared.
         self.base = None
         self.since: Bitmaps = {}
@@ -87,13 +87,10 @@ class DirtyTracker:
         self._resets = 0  # resets since the last clear
         self._baseline = -1  # pages the first reset after the last clear copied
 
-    def _current_layout(self) -> tuple:
-        return tuple((s.slot, s.gpa, s.size, s.readonly) for s in self.vm.memory.segments)
-
     @property
     def valid(self) -> bool:
         """Still tracking the VM's memory as it is (a reinit or a new segment ends that)."""
-        return self.vm_fd == self.vm.fd >= 0 and self.layout == self._current_layout()
+        return self.vm_fd == self.vm.fd >= 0 and self.layout == self.vm.memory.version
 
     def enable(self) -> None:
         """Log the guest's writes to every slot from now on (and forget any base)."""
@@ -109,7 +106,7 @@ class DirtyTracker:
                          "KVM_SET_USER_MEMORY_REGION(log dirty pages)", seg.name)
             seg.host_dirty = np.zeros(seg.size // PAGE_SIZE, bool)
         self.vm_fd = vm.fd
-        self.layout = self._current_layout()
+        self.layout = vm.memory.version
         self.base = None
         self.since = empty_bitmaps(vm.memory.segments)
         self.since_empty = True

@@ -51,6 +51,7 @@ class GuestMemory:
         # gpa -> (the guest's byte, the byte the CPU sees): software breakpoints.
         self.patches: dict[int, tuple[int, int]] = {}
         self._segments: list[MemorySegment] = []
+        self.version = 0  # counts layout changes: what a cached view of the layout checks
         self._closed = False
         self._window = None  # (segments, mem, segs) of the last host_window()
 
@@ -71,13 +72,16 @@ class GuestMemory:
     def _add(self, segment: MemorySegment) -> None:
         self._segments.append(segment)
         self._segments.sort(key=lambda s: s.gpa)
+        self.version += 1
 
     def _remove(self, segment: MemorySegment) -> None:
         self._segments.remove(segment)
+        self.version += 1
 
     def _close(self) -> None:
         self._closed = True
         self._segments.clear()
+        self.version += 1
         self._window = None
 
     # ---- access ----------------------------------------------------------------------------

@@ -33,7 +33,16 @@ import numpy as np
 
 from . import _trampoline as _t
 from . import dirty, snapshot, vcpu_events
-from .abi import HVT_RESET_SLOT_DTYPE, HVT_RESET_VCPU_DTYPE, HVT_RESET_VMSTATE_DTYPE, KVM_XSAVE_SIZE, Cap
+from .abi import (
+    HVT_RESET_SLOT_DTYPE,
+    HVT_RESET_VCPU_DTYPE,
+    HVT_RESET_VMSTATE_DTYPE,
+    KVM_EXIT_IO_OUT,
+    KVM_SYNC_X86_REGS,
+    KVM_XSAVE_SIZE,
+    Cap,
+    KvmExit,
+)
 from .errors import SnapshotError
 from .memory import PAGE_SIZE
 from .snapshot import Snapshot
@@ -44,6 +53,9 @@ class ResetStats(NamedTuple):  # a NamedTuple: built in a fraction of a frozen d
     full: bool  # every page was copied (no known link to the target)
     completed_exits: int  # vCPUs whose pending exit had to be completed first
     sregs_restored: int = 0  # vCPUs whose SREGS or events differed (set through a 2nd KVM_RUN)
+    # vCPUs stopped at an OUT this host had finished (out_exit_settled): no completing
+    # KVM_RUN, all their registers wait in kvm_run for the next one (CPL3-only resets)
+    settled_exits: int = 0
 
 
 def take(vm) -> Snapshot:
@@ -87,10 +99,66 @@ def pages_between(base: Optional[Snapshot], target: Snapshot) -> Optional[dirty.
     return None
 
 
-# hvt_vm_reset's steps (trampoline/include/hvt.h).
-DID_COMPLETE, DID_DEFER_REGS, DID_SYNC, DID_XSAVE, DID_PRIVILEGED, MSRS_SHORT = 1, 2, 4, 8, 32, 64
+# hvt_vm_reset's steps and record flags (trampoline/include/hvt.h).
+DID_COMPLETE, DID_DEFER_REGS, DID_SYNC, DID_XSAVE, DID_PRIVILEGED, MSRS_SHORT, DID_SKIP = 1, 2, 4, 8, 32, 64, 128
+OUT_SETTLED = 1
 KVM_MP_STATE_RUNNABLE = 0
 MAX_PLANS = 8  # plans kept per snapshot (one per VM it was reset into)
+
+
+PROBE_PORTS = (0x10, 0x11, 0x12)
+PROBE_CODE = bytes([0xE6, PROBE_PORTS[0], 0xE6, PROBE_PORTS[1], 0xE6, PROBE_PORTS[2]])  # out %al, $port (x3)
+PROBE_GPA = 0x1000
+
+
+def out_exit_settled(vm) -> bool:
+    """Whether this host's KVM finishes an OUT before it reports the exit, so that nothing
+    left pending rewrites registers set after it (then a CPL3-only reset needs no completing
+    KVM_RUN). Found once per host by a probe guest at CPL3: after its first OUT exit, RIP is
+    set back to that OUT, then to the third, through kvm_run; the host settles OUTs if both
+    run as set. PVM (KVM's instruction emulator) does; VMX and SVM finish an OUT on the next
+    KVM_RUN by skipping the instruction at the exit's RIP, which the first step shows."""
+    kvm = vm.kvm
+    known = kvm.behaviour.get("out_exit_settled")
+    if known is not None:
+        return known
+    settled = False
+    if Cap.SYNC_REGS.name in kvm.capabilities:
+        from .entry import setup_long_mode  # the probe alone needs guest mode set-up
+
+        probe = type(vm)(None, "hvjit-out-probe", memory=1 << 20, devices=False, kvm=kvm,
+                         syscall_fixup=False, accelerate_strings=False)
+        try:
+            probe.memory.write(PROBE_GPA, PROBE_CODE)
+            vcpu = probe.vcpu(0)
+            setup_long_mode(vcpu, PROBE_GPA, cpl=3)
+            settled = _probe_out_exits(vcpu)
+        finally:
+            probe.destroy()
+    kvm.behaviour["out_exit_settled"] = settled
+    return settled
+
+
+def _probe_out_exits(vcpu) -> bool:
+    run = vcpu._run[0]
+
+    def run_to(rip: Optional[int]) -> int:
+        if rip is not None:
+            run["sync_regs"]["rip"] = rip
+            run["kvm_dirty_regs"] = KVM_SYNC_X86_REGS
+        rc = _t.lib.hvt_vcpu_run(vcpu.fd)
+        run["kvm_dirty_regs"] = 0
+        if rc < 0 or int(run["exit_reason"]) != KvmExit.IO or int(run["io_direction"]) != KVM_EXIT_IO_OUT:
+            return -1
+        return int(run["io_port"])
+
+    run["kvm_valid_regs"] = KVM_SYNC_X86_REGS
+    try:
+        first = run_to(None)
+        return (first == PROBE_PORTS[0] and run_to(PROBE_GPA) == PROBE_PORTS[0]
+                and run_to(PROBE_GPA + 4) == PROBE_PORTS[2])
+    finally:
+        run["kvm_valid_regs"] = 0
 
 
 def _address(cdata) -> int:
@@ -130,15 +198,15 @@ class _Plan:
     extra: bool = False  # some record points at an `extra` bitmap
 
 
-def _plan_key(vm, segments) -> tuple:
-    # Object ids, not fds (a reinit may reuse fd numbers); the plan holds the objects, so no
-    # id is reused while it lives.
-    return (vm.fd, tuple(map(id, segments)), tuple(map(id, vm.devices)), tuple(map(id, vm.vcpus)))
+def _plan_key(vm) -> tuple:
+    # The VM's id (the plan holds its vCPUs, and so the VM: no id is reused while it lives)
+    # and generation (bumped by every change of its memory, devices, vCPUs or KVM VM).
+    return (id(vm), vm.generation)
 
 
 def _make_plan(vm, snap: Snapshot) -> _Plan:
     snapshot.check_compatible(vm, snap)
-    keep: list = [vm.memory.segments, list(vm.devices), list(vm.vcpus)]  # what _plan_key names
+    keep: list = [vm.memory.segments, list(vm.devices), list(vm.vcpus)]  # what the plan was made for
 
     def address(array: Optional[np.ndarray]) -> int:
         if array is None:
@@ -158,6 +226,7 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
         row["bitmap"] = address(np.zeros(dirty.bitmap_words(seg.size), np.uint64))
     sync = Cap.SYNC_REGS.name in vm.kvm.capabilities
     user = np.zeros(len(vm.vcpus) if sync else 0, HVT_RESET_VCPU_DTYPE)
+    user["flags"] = OUT_SETTLED if sync and out_exit_settled(vm) else 0
     xsave_size = max(KVM_XSAVE_SIZE, vm.xsave_size)
     has_xsave = sync
     for i, v in enumerate(vm.vcpus[: len(user)]):
@@ -177,6 +246,7 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
         xsave[: min(xsave_size, area.size)] = area[:xsave_size]
         row["xsave"] = address(xsave)
     privileged = user.copy()
+    privileged["flags"] = 0  # the SREGS go in before the CPL0 state (hvt_vm_reset also checks)
     for i, v in enumerate(vm.vcpus[: len(user)]):
         row = privileged[i]
         msrs = snap._writable.get(f"vcpu{v.index}.msrs", snap.arrays[f"vcpu{v.index}.msrs"])
@@ -202,7 +272,7 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
 def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
     snapshot.check_stopped(vm)
     segments = vm.memory.segments
-    key = _plan_key(vm, segments)
+    key = _plan_key(vm)
     plan = snap._reset_plan.get(key)
     if plan is None:
         if len(snap._reset_plan) >= MAX_PLANS:
@@ -233,18 +303,19 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
         snapshot.reset_buffers(devices, changed, rewritten)
     if rc < 0:
         _raise_reset_error(vm, records, rc)
-    completed = synced = short = 0
+    completed = synced = settled = short = 0
     for v, p in zip(vm.vcpus, records.done):
         d = p[0]
         v._deferred = bool(d & DID_DEFER_REGS)  # the next register ioctl applies them first
         completed += d & DID_COMPLETE
         synced += bool(d & DID_SYNC)
+        settled += bool(d & DID_SKIP)
         short |= d & MSRS_SHORT
     if short or not nvcpus or not plan.xsave:
         _slow_rest(vm, snap, plan, privileged, [p[0] for p in records.done])
     tracker.rebase(snap)
     tracker.after_reset(rc, plan.bitmaps)
-    return ResetStats(rc, full, completed, synced)
+    return ResetStats(rc, full, completed, synced, settled)
 
 
 def _extra_pages(vm, snap: Snapshot, plan: _Plan, tracker, segments, at_snap: bool) -> tuple[bool, tuple]:

@@ -454,6 +454,9 @@ class DevicePlan:
     touched: Any  # uint64_t * to the record's `touched`, `changed`
     changed: Any
     buffer_slots: int  # a bit a slot of `buffers`: the rows the C side leaves to Python
+    # Per `python` device, its state_version when its fields last equalled the snapshot's
+    # (None: not known).
+    seen: list = field(default_factory=list)
 
     def valid(self, bus) -> bool:
         return self.dev_buf is bus.dev_buf and self.dev_state is bus.dev_state
@@ -491,7 +494,7 @@ def device_plan(vm, snap: Snapshot) -> DevicePlan:
     plan = snap._device_plan[key] = DevicePlan(
         bus.dev_buf, bus.dev_state, slots, rows, buffers, python, record,
         _t.ffi.cast("struct hvt_reset_rows *", base), _t.ffi.cast("uint64_t *", base + fields["touched"][1]),
-        _t.ffi.cast("uint64_t *", base + fields["changed"][1]), buffer_slots)
+        _t.ffi.cast("uint64_t *", base + fields["changed"][1]), buffer_slots, [None] * len(python))
     return plan
 
 
@@ -500,14 +503,20 @@ ALL_ROWS = (1 << 64) - 1  # `touched` that puts every row back
 
 def reset_fields(plan: DevicePlan, bus, snap: Snapshot) -> int:
     """Python-side fields where they differ from the snapshot's (then the whole buffer:
-    Python may have re-laid it out). Returns the slots whose buffer went back whole."""
+    Python may have re-laid it out). Returns the slots whose buffer went back whole. A device
+    whose ``state_version`` has not moved since its fields last equalled them is skipped."""
     rewritten = 0
-    for device, entry, j in plan.python:
+    seen = plan.seen
+    for i, (device, entry, j) in enumerate(plan.python):
+        version = device.state_version
+        if version is not None and version == seen[i]:
+            continue
         if device.snapshot_state() != entry["state"]:
             device.restore_state(entry["state"])
             if entry["native"]:
                 bus.dev_buf[device.slot] = snap.arrays[f"dev{j}.buf"]
                 rewritten |= 1 << device.slot
+        seen[i] = device.state_version
     return rewritten
 
 

@@ -118,6 +118,9 @@ class Kvm:
             raise KvmUnavailableError(f"{path}: bad vCPU mmap size {size}")
         self.vcpu_mmap_size = size
         self._supported_cpuid: Optional[np.ndarray] = None
+        # What hvjit learnt by running a probe guest on this host, by name: filled by the
+        # layer that needs it (e.g. hvjit.reset's "out_exit_settled"), shown by `hvjit info`.
+        self.behaviour: dict[str, bool] = {}
 
     @classmethod
     def instance(cls) -> "Kvm":

@@ -121,6 +121,9 @@ class Vm:
         self._suspend_how: Optional[SuspendHow] = None
         self._paused = False
         self.handle = 0
+        # Counts changes of what cached plans are made for (memory layout, devices, vCPUs,
+        # the KVM VM itself): hvjit.reset checks it instead of comparing them all.
+        self.generation = 0
         self._next_slot = 0
         self.irqchip = irqchip
         try:
@@ -197,6 +200,7 @@ class Vm:
         bus = self.bus
         device.handle = self._own(device, "device", lambda: device.detach(bus))
         self.devices.append(device)
+        self.generation += 1
         if callable(getattr(device, "sync", None)):
             self._syncing.append(device)  # its native handler asks for Python with ACT_DRAIN
         self.device_specs.append((name, dict(config)))
@@ -322,6 +326,7 @@ class Vm:
         self._suspend_how = None
         self._paused = False
         self._create_kvm_vm()
+        self.generation += 1
         self._dirty = None  # the new VM logs nothing yet (its fd may well have the old number)
         for seg in self.memory.segments:
             self._map_segment(seg)
@@ -399,6 +404,7 @@ class Vm:
         self._map_segment(seg)
         self._next_slot += 1
         self.memory._add(seg)
+        self.generation += 1
         seg.handle = self._own(seg, "memory", None)
         return seg
 
@@ -415,6 +421,7 @@ class Vm:
         self._kvm_call(_t.lib.hvt_vm_set_user_memory(self.fd, segment.slot, 0, segment.gpa, 0, _t.ffi.NULL),
                        "KVM_SET_USER_MEMORY_REGION(delete)")
         self.memory._remove(segment)
+        self.generation += 1
         self._release_handles_of_kind("memory", segment.handle)
 
     # ---- devices and handlers ------------------------------------------------------------

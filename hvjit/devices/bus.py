@@ -225,6 +225,11 @@ class PortDevice:
     # The state and buffer rows are saved by the bus; a device adds only its Python-side
     # fields, and says which part of its buffer its handler can change while the guest runs.
 
+    # A device with Python-side state may count its changes here (bump it wherever
+    # snapshot_state() may change, restore_state included): a reset then compares
+    # snapshot_state() only when the count moved. None: compare every time.
+    state_version: Optional[int] = None
+
     def snapshot_state(self) -> dict:
         """Python-side fields that change after attach, as JSON-able values."""
         return {}

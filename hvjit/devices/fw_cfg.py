@@ -131,6 +131,7 @@ class FwCfg(PortDevice):
         self.files: dict[str, bytes] = {}
         self.cmdline: bytes | None = None
         self._memory_size = 0
+        self.state_version = 0  # counts changes of snapshot_state() (see PortDevice)
 
     # ---- content -------------------------------------------------------------------------
 
@@ -209,6 +210,7 @@ class FwCfg(PortDevice):
         cmdline = state["cmdline"]
         self.cmdline = None if cmdline is None else str(cmdline).encode("latin-1")
         self._memory_size = int(state["memory_size"])
+        self.state_version += 1
 
     def buffer_changes(self, saved: np.ndarray) -> list[tuple[int, int]]:
         return []  # the guest only reads the items; Python rewrites them (see snapshot_state)
@@ -225,6 +227,7 @@ class FwCfg(PortDevice):
 
     def _sync(self) -> None:
         """Lay the items out in the buffer row and the directory in the state words."""
+        self.state_version += 1  # every change of the content comes here
         if self.bus is None:
             return
         state = self.bus.state(self.slot)

@@ -202,6 +202,7 @@ class PciHost(PortDevice):
         super().__init__(ADDRESS_PORT, name)
         self.functions: dict[int, "PciDevice"] = {}
         self._mapped: dict[tuple[int, int], Optional[int]] = {}  # (device, bar) -> address
+        self.state_version = 0  # counts changes of _mapped and functions (see PortDevice)
         self._lock = threading.Lock()
         self.memory = None
 
@@ -240,6 +241,7 @@ class PciHost(PortDevice):
                 function = self.functions.get(device)
                 if function is not None and index < len(function.bars):
                     self._mapped[(device, index)] = function.map_bar(index, address)
+            self.state_version += 1
 
     @property
     def config(self) -> bytes:
@@ -266,6 +268,7 @@ class PciHost(PortDevice):
             if not 1 <= device < DEVICES or device in self.functions:
                 raise PciError(f"PCI device number {device} is invalid or taken")
             self.functions[device] = function
+            self.state_version += 1  # snapshot_state() names only present functions
             self._store(device, *function.config())
             self._assign_bars(device, function)
         self.sync(force=True)
@@ -278,6 +281,7 @@ class PciHost(PortDevice):
                 return
             for index in range(len(function.bars)):
                 self._mapped.pop((device, index), None)
+            self.state_version += 1
             if self.bus is not None and self.slot in self.bus.slots:  # not torn down already
                 self._store(device, b"\xff" * CONFIG_SIZE, bytes(CONFIG_SIZE))
                 function.unmap_bars()
@@ -332,6 +336,7 @@ class PciHost(PortDevice):
                     key = (device, index)
                     if key not in self._mapped or self._mapped[key] != address:
                         self._mapped[key] = function.map_bar(index, address)
+                        self.state_version += 1
 
 
 class PciDevice(PortDevice):

@@ -25,8 +25,9 @@ def test_info_json_reports_flavour_and_caps():
     assert info["flavour"] in ("pvm", "vmx", "svm", "unknown")
     assert "USER_MEMORY" in info["capabilities"]
     assert info["cpu_vendor"]
+    assert info["behaviour"]["out_exit_settled"] in (True, False)  # a probe guest ran
     human = hvjit("info")
-    assert b"flavour" in human.stdout and human.returncode == 0
+    assert b"flavour" in human.stdout and b"OUT exits:" in human.stdout and human.returncode == 0
 
 
 @pytest.mark.parametrize("mode,cpl,gpa", [

@@ -98,7 +98,14 @@ struct hvt_reset_vcpu {
     const struct kvm_mp_state *mp_state;
     const struct kvm_lapic_state *lapic;
     const struct kvm_debugregs *debugregs;
+    uint32_t flags;        /* HVT_RESET_OUT_SETTLED */
+    uint32_t pad;
 };
+/* This host's KVM finishes an OUT before it reports the exit (RIP is past it and nothing
+ * pending rewrites registers): after an OUT exit the registers are set without the
+ * completing KVM_RUN, all of them left in kvm_run for the next KVM_RUN. Only for a record
+ * without CPL0 state (that must follow the SREGS). */
+#define HVT_RESET_OUT_SETTLED 1
 #define HVT_RESET_DID_PRIVILEGED 32 /* XCRs, MSRs, MP state, LAPIC, debug registers: all set */
 #define HVT_RESET_MSRS_SHORT 64     /* KVM took only `msrs_set` MSRs: the rest was not set */
 /* The VM-wide part of a fast reset (each NULL: not set). */
@@ -188,7 +195,9 @@ HVT_EXPORT int hvt_vcpu_exit_pending(const struct kvm_run *run);
 /*
  * A vCPU's part of a fast reset (needs KVM_CAP_SYNC_REGS), all in one call:
  *  1. If an exit is pending (hvt_vcpu_exit_pending), an immediate-exit KVM_RUN finishes it
- *     and, through kvm_run's sync area, reports the SREGS and events as they are now.
+ *     and, through kvm_run's sync area, reports the SREGS and events as they are now. With
+ *     `flags` HVT_RESET_OUT_SETTLED an OUT exit is left as it is (HVT_RESET_DID_SKIP) and
+ *     REGS, SREGS and events all go into kvm_run for the next KVM_RUN, no ioctl now.
  *  2. The registers: where the SREGS and events reported in step 1 equal the wanted ones,
  *     REGS alone go into kvm_run's sync area with kvm_dirty_regs set: the next KVM_RUN
  *     applies them, no ioctl now (call hvt_vcpu_flush_sync before any other register
@@ -201,9 +210,10 @@ HVT_EXPORT int hvt_vcpu_exit_pending(const struct kvm_run *run);
 #define HVT_RESET_DID_DEFER_REGS 2
 #define HVT_RESET_DID_SYNC 4
 #define HVT_RESET_DID_XSAVE 8
+#define HVT_RESET_DID_SKIP 128 /* an OUT exit needed no completing KVM_RUN (HVT_RESET_OUT_SETTLED) */
 HVT_EXPORT int hvt_vcpu_reset(int vcpu_fd, struct kvm_run *run, const struct kvm_regs *regs,
                               const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events,
-                              const void *xsave);
+                              const void *xsave, uint32_t flags);
 /* Registers left in kvm_run for the next KVM_RUN (kvm_dirty_regs): applied now, by an
  * immediate-exit KVM_RUN, so that a register ioctl sees or overwrites them in order. No
  * ioctl when nothing is left. 0 or -errno. */

@@ -12,7 +12,7 @@ int hvt_msrs_ioctl(int fd, unsigned long req, struct kvm_msr_entry *entries, int
  * HVT_RESET_REPORTED when kvm_run's sync area holds the SREGS and events now; 0 when nothing
  * was pending; or -errno. restore: the other HVT_RESET_DID_* steps, or -errno. */
 #define HVT_RESET_REPORTED 16
-int hvt_vcpu_reset_finish(int fd, struct kvm_run *run, int with_events);
+int hvt_vcpu_reset_finish(int fd, struct kvm_run *run, int with_events, uint32_t flags);
 int hvt_vcpu_reset_restore(int fd, struct kvm_run *run, const struct kvm_regs *regs,
                            const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events,
                            const void *xsave, int finished);

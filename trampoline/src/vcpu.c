@@ -310,10 +310,13 @@ int hvt_vcpu_exit_pending(const struct kvm_run *run)
     }
 }
 
-int hvt_vcpu_reset_finish(int fd, struct kvm_run *run, int with_events)
+int hvt_vcpu_reset_finish(int fd, struct kvm_run *run, int with_events, uint32_t flags)
 {
     if (!hvt_vcpu_exit_pending(run))
         return 0;
+    if ((flags & HVT_RESET_OUT_SETTLED) && run->exit_reason == KVM_EXIT_IO
+        && run->io.direction == KVM_EXIT_IO_OUT)
+        return HVT_RESET_DID_SKIP; /* done at the exit: the registers may change at once */
     /* The pending exit must finish before the registers change: KVM applies kvm_dirty_regs
      * before it, on top of the state it would complete. */
     uint64_t valid = run->kvm_valid_regs;
@@ -331,7 +334,16 @@ int hvt_vcpu_reset_restore(int fd, struct kvm_run *run, const struct kvm_regs *r
                            const void *xsave, int finished)
 {
     int done = 0;
-    if ((finished & HVT_RESET_REPORTED) && !memcmp(&run->s.regs.sregs, sregs, sizeof(*sregs))
+    if (finished & HVT_RESET_DID_SKIP) {
+        /* Nothing to compare with, nothing pending: all of it rides in with the next KVM_RUN,
+         * which applies kvm_dirty_regs before anything else. */
+        run->s.regs.regs = *regs;
+        run->s.regs.sregs = *sregs;
+        if (events)
+            run->s.regs.events = *events;
+        run->kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | (events ? KVM_SYNC_X86_EVENTS : 0);
+        done |= HVT_RESET_DID_DEFER_REGS | HVT_RESET_DID_SKIP;
+    } else if ((finished & HVT_RESET_REPORTED) && !memcmp(&run->s.regs.sregs, sregs, sizeof(*sregs))
         && (!events || !memcmp(&run->s.regs.events, events, sizeof(*events)))) {
         /* Only REGS differ: they ride in with the next KVM_RUN (KVM clears the bit). Any
          * ordering against the CPL0 state set after this does not matter for them. */
@@ -371,11 +383,11 @@ int hvt_vcpu_flush_sync(int fd, struct kvm_run *run)
 
 int hvt_vcpu_reset(int fd, struct kvm_run *run, const struct kvm_regs *regs,
                    const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events,
-                   const void *xsave)
+                   const void *xsave, uint32_t flags)
 {
     if (!run || !regs || !sregs)
         return -EINVAL;
-    int finished = hvt_vcpu_reset_finish(fd, run, events != NULL);
+    int finished = hvt_vcpu_reset_finish(fd, run, events != NULL, flags);
     if (finished < 0)
         return finished;
     int done = hvt_vcpu_reset_restore(fd, run, regs, sregs, events, xsave, finished);

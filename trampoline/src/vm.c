@@ -178,7 +178,9 @@ int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt
     /* Pending exits first: finishing a string IN writes guest memory. */
     for (int i = 0; i < nvcpus; i++) {
         struct hvt_reset_vcpu *v = &vcpus[i];
-        v->done = v->run && v->regs && v->sregs ? hvt_vcpu_reset_finish(v->fd, v->run, v->events != NULL) : -EINVAL;
+        /* CPL0 state must follow the SREGS: with it, they cannot wait for the next KVM_RUN */
+        uint32_t flags = v->xcrs || v->msrs || v->mp_state || v->lapic || v->debugregs ? 0 : v->flags;
+        v->done = v->run && v->regs && v->sregs ? hvt_vcpu_reset_finish(v->fd, v->run, v->events != NULL, flags) : -EINVAL;
         if (v->done < 0 && !first_error)
             first_error = v->done;
     }
