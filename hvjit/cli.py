@@ -278,21 +278,6 @@ def _show_progress(vm, watch, args, fmt):
     return stop
 
 
-def process_start_ns() -> Optional[int]:
-    """When this process started, on CLOCK_MONOTONIC (ns), from ``/proc/self/stat``: the
-    kernel keeps it in clock ticks (USER_HZ, 10 ms here), so it is up to one tick early."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        ticks = int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, starttime
-        hz = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-    # starttime counts from boot (CLOCK_BOOTTIME); move it onto CLOCK_MONOTONIC.
-    offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
-    return ticks * 1_000_000_000 // hz - offset
-
-
 def startup_figures() -> dict:
     """Start-up and footprint of this process, for ``hvjit run --json``'s ``startup``:
 
@@ -315,6 +300,8 @@ def startup_figures() -> dict:
 
     now = time.monotonic_ns()
     first = int(_t.lib.hvt_vcpu_first_run_ns()) or None
+    from .serve_client import process_start_ns
+
     start = _served_client_start_ns if _served else process_start_ns()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
@@ -439,6 +426,7 @@ def _warm_up_run() -> None:
     import io
     import tempfile
 
+    from .firmware import acpi, mptable  # noqa: F401 - what a multiboot or Linux child writes
     from .loaders import bzimage, elf, flat, linux, multiboot  # noqa: F401 - every format's, for the children
 
     with tempfile.TemporaryDirectory(prefix="hvjit-serve-") as tmp:
@@ -711,27 +699,12 @@ def startup_done() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    wants_server = os.environ.get("HVJIT_SERVER") or any(a == "--server" or a.startswith("--server=") for a in argv)
-    if argv[:1] == ["run"] and wants_server:
-        # Decided before anything heavy is imported: a client needs only the standard library
-        # (and a plain run does not pay for the client's socket imports).
-        from . import serve_client
+    """``hvjit <argv>``: a run for a warm server goes there (``hvjit.__main__.main``, the
+    command's entry point, decides that before this module is imported), the rest here."""
+    from .serve_client import run_if_served
 
-        server, explicit, rest = serve_client.split_server_option(argv[1:])
-        if server:
-            try:
-                return serve_client.run(server, ["run", *rest], process_start_ns())
-            except serve_client.ServerUnreachable as e:
-                if explicit:
-                    print(f"hvjit: error: {e}", file=sys.stderr)
-                    return 1
-                print(f"hvjit: {e} (${serve_client.ENV}): running in this process", file=sys.stderr)
-            except OSError as e:
-                print(f"hvjit: error: the server at {server}: {e}", file=sys.stderr)
-                return 1
-            argv = ["run", *rest]
-    return run_command(argv)
+    status, argv = run_if_served(sys.argv[1:] if argv is None else list(argv))
+    return run_command(argv) if status is None else status
 
 
 def run_command(argv: list[str]) -> int:

@@ -2,8 +2,8 @@
 
 A whole `hvjit run` of a tiny guest costs ~0.5 s, nearly all of it importing numpy and Numba
 and loading the cached kernels. The server pays that once: `hvjit serve` runs a tiny guest the
-way `hvjit run` does (``cli.cmd_serve``), then stops hvjit's helper threads and closes
-``/dev/kvm`` (:func:`make_forkable`) and listens on a Unix socket (mode 0600). Each
+way `hvjit run` does (``cli.cmd_serve``), then stops hvjit's helper threads, checks that no
+VM or vCPU descriptor is left (:func:`make_forkable`) and listens on a Unix socket (mode 0600). Each
 connection gets a forked child, which takes the client's stdin/stdout/stderr (SCM_RIGHTS),
 argv, cwd, umask and environment, runs the command, reports its status and exits; the server
 stays single-threaded, reaps its children and kills a child whose client went away. The wire
@@ -39,22 +39,22 @@ Command = Callable[[list[str], Optional[int]], int]
 
 
 def make_forkable() -> None:
-    """Stop hvjit's helper threads and close ``/dev/kvm``; fail unless the process is then
-    single-threaded and holds no KVM descriptor: a forked child gets only the forking thread
-    (a lock another thread held stays locked there), and must not share KVM objects."""
+    """Stop hvjit's helper threads; fail unless the process is then single-threaded and holds
+    no VM or vCPU descriptor: a forked child gets only the forking thread (a lock another
+    thread held stays locked there), and KVM serves a VM only to the process that made it.
+    ``/dev/kvm`` itself stays open, with what hvjit learnt of the host (``Kvm.instance()``:
+    capabilities, CPUID, TSC, probed behaviour): it belongs to no process's memory."""
     from .session import stop_reaper
-    from .system import Kvm
     from .watchdog import stop as stop_watchdog
 
     stop_reaper()
     stop_watchdog()
-    Kvm.close_instance()
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())
         raise HvjitError(f"cannot serve: threads still running after the warm-up: {names}")
-    kvm = [target for target in _open_fds().values() if "kvm" in target]
+    kvm = [target for target in _open_fds().values() if target.startswith("anon_inode:kvm")]
     if kvm:
-        raise HvjitError(f"cannot serve: KVM descriptors still open after the warm-up: {kvm}")
+        raise HvjitError(f"cannot serve: KVM VM or vCPU descriptors still open after the warm-up: {kvm}")
 
 
 def _open_fds() -> dict[int, str]:
