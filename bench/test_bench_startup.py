@@ -14,6 +14,8 @@ The side-by-side test (:func:`test_hvjit_run_vs_qemu_startup`) spawns, in altern
 - ``hvjit run --server SOCKET IMAGE`` (and with ``--json``) through one warm ``hvjit serve``
   started before the rounds, untimed (``hvjit_server``: the client's peak RSS by GNU time,
   the forked child's as it reports it, ``child_max_rss_kib``, and the server's own RSS),
+- ``hvjit-client run --server SOCKET IMAGE`` (and with ``--json``): the same request from the
+  C client (client/hvjit_client.c), where it is installed beside ``sys.executable``,
 - QEMU on the same ELF: ``qemu-system-x86_64 -machine microvm -accel kvm -cpu
   max,-arch-capabilities -smp 1 -m 16M -nodefaults -no-user-config -display none -serial stdio
   -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel tiny.elf`` (microvm boots a
@@ -22,8 +24,10 @@ The side-by-side test (:func:`test_hvjit_run_vs_qemu_startup`) spawns, in altern
 and records medians of: spawn -> the first byte of the guest's serial output on the pipe (the
 milestone both VMMs reach the same way: the guest's first ``out`` to COM1, handled, written to
 stdout), spawn -> exit (whole process), peak RSS (GNU time's ``%M``), hvjit's spawn ->
-first KVM_RUN and, where ``strace`` is installed, QEMU's (and hvjit's) spawn -> first KVM_RUN
-ioctl as ``strace -f -ttt -e trace=ioctl`` sees it (strace slows both: a separate figure).
+first KVM_RUN, QEMU's (``qemu_stamped``: the same QEMU run with bench/first_kvm_run_shim.c
+preloaded, which reads the clock at the first KVM_RUN ioctl as hvjit's C side does; built with
+the host's C compiler) and, where ``strace`` is installed, QEMU's (and hvjit's) spawn -> first
+KVM_RUN ioctl as ``strace -f -ttt -e trace=ioctl`` sees it (strace slows both: a separate figure).
 Ratios hvjit/QEMU are reported, never asserted. The floor figures (``python -c pass``,
 ``import numpy``, ``import numba``) are measured in the same rounds.
 """
@@ -152,14 +156,36 @@ def qemu_tiny_command(qemu: str, image: Path) -> list[str]:
 GNU_TIME = "/usr/bin/time"
 
 
-def spawn_timed(cmd: list[str], timeout: float = 120.0) -> dict:
+SHIM_SOURCE = Path(__file__).with_name("first_kvm_run_shim.c")
+
+
+def build_shim(directory: Path) -> Path | None:
+    """bench/first_kvm_run_shim.c as a preload library (None without a C compiler)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = directory / "first_kvm_run_shim.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(SHIM_SOURCE), "-ldl"], check=True,
+                   capture_output=True, timeout=120)
+    return out
+
+
+def spawn_stamped(cmd: list[str], shim: Path, stamp: Path) -> dict:
+    """:func:`spawn_timed` with the shim preloaded: adds ``first_kvm_run_s`` from the spawn."""
+    stamp.unlink(missing_ok=True)
+    r = spawn_timed(cmd, env={"LD_PRELOAD": str(shim), "FIRST_KVM_RUN_FILE": str(stamp)})
+    r["first_kvm_run_s"] = (int(stamp.read_text()) - r["spawn_ns"]) / 1e9 if stamp.exists() else None
+    return r
+
+
+def spawn_timed(cmd: list[str], timeout: float = 120.0, env: dict | None = None) -> dict:
     """Spawn ``cmd``; seconds from just before the spawn to the first byte on its stdout and
     to its exit, its peak RSS, status and output.
 
     The peak RSS comes from GNU time (``%M``), which forks the command from its own small
     process: a child exec'd straight from pytest would report pytest's peak too (Linux keeps
     the larger ``maxrss`` across exec). Without GNU time it is left out (None)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, **(env or {})}
     rss_file = None
     if os.access(GNU_TIME, os.X_OK):
         fd, rss_file = tempfile.mkstemp(prefix="hvjit-rss-")
@@ -234,7 +260,11 @@ def test_hvjit_run_vs_qemu_startup(benchmark, kvm_session, tmp_path):
     script = Path(sys.executable).with_name("hvjit")
     server_socket = tmp_path / "serve.sock"
     server_cmd = [sys.executable, "-m", "hvjit", "run", "--server", str(server_socket), str(image)]
+    client = Path(sys.executable).with_name("hvjit-client")  # client/hvjit_client.c
+    client_cmd = [str(client), "run", "--server", str(server_socket), str(image)]
     runners = {"hvjit": hvjit_cmd, "hvjit_server": server_cmd}
+    if client.exists():
+        runners["hvjit_client"] = client_cmd
     if script.exists() and os.environ.get("PYTHONPATH") is None:  # the installed entry point runs this code
         runners["hvjit_script"] = [str(script), "run", str(image)]
     qemu = vmexit.find_qemu()
@@ -247,23 +277,27 @@ def test_hvjit_run_vs_qemu_startup(benchmark, kvm_session, tmp_path):
     assert warm["status"] == 0, warm
     server = start_server(server_socket, "--idle-timeout", "3600")
     json_runners = {"hvjit_json": hvjit_cmd + ["--json"], "hvjit_server_json": server_cmd + ["--json"]}
-    samples: dict[str, list[dict]] = {k: [] for k in [*runners, *json_runners, *floors]}
+    if client.exists():
+        json_runners["hvjit_client_json"] = client_cmd + ["--json"]
+    shim = build_shim(tmp_path) if qemu else None
+    stamped = {"qemu_stamped": runners["qemu"]} if shim else {}  # QEMU with its first KVM_RUN stamped
+    samples: dict[str, list[dict]] = {k: [] for k in [*runners, *json_runners, *stamped, *floors]}
     try:
         for _ in range(ROUNDS):
-            for name, cmd in [*runners.items(), *json_runners.items(), *floors.items()]:
-                r = spawn_timed(cmd)
+            for name, cmd in [*runners.items(), *json_runners.items(), *stamped.items(), *floors.items()]:
+                r = spawn_stamped(cmd, shim, tmp_path / "stamp") if name in stamped else spawn_timed(cmd)
                 if name in json_runners:
                     startup = json.loads(r["output"])["startup"]
                     r["first_kvm_run_s"] = (startup["first_kvm_run_ns"] - r["spawn_ns"]) / 1e9
-                    if name == "hvjit_server_json":
+                    if name in ("hvjit_server_json", "hvjit_client_json"):
                         assert startup["server"] is True, startup
                         r["child_max_rss_kib"] = startup["child_max_rss_kib"]
                     else:
                         r["self_max_rss_kib"] = startup["max_rss_kib"]
-                elif name in runners:
+                elif name in runners or name in stamped:
                     assert r["output"].replace(b"\r", b"") == b"hi\n", (name, r)
-                    assert r["status"] == (vmexit.QEMU_SUCCESS_STATUS if name == "qemu" else 0), (name, r)
-                if name.startswith("hvjit_server"):
+                    assert r["status"] == (vmexit.QEMU_SUCCESS_STATUS if name.startswith("qemu") else 0), (name, r)
+                if name.startswith(("hvjit_server", "hvjit_client")):
                     r["client_max_rss_kib"] = r.pop("max_rss_kib")  # GNU time sees only the client
                 samples[name].append(r)
         server_rss = _rss_kib(server.pid)
@@ -300,6 +334,17 @@ def test_hvjit_run_vs_qemu_startup(benchmark, kvm_session, tmp_path):
             "wall": _ratio(sv["wall_s"], q["wall_s"]),
             "client_max_rss": _ratio(sv["client_max_rss_kib"], q["max_rss_kib"]),
         }
+        qemu_kvm_run = info.get("qemu_stamped", {}).get("first_kvm_run_s")  # the shim's stamp
+        info["ratios_first_kvm_run_over_qemu"] = {
+            name: _ratio(info[f"{name}_json"]["first_kvm_run_s"], qemu_kvm_run)
+            for name in ("hvjit", "hvjit_server", "hvjit_client") if f"{name}_json" in info}
+        if "hvjit_client" in info:
+            cv = info["hvjit_client"]
+            info["ratios_hvjit_client_over_qemu"] = {
+                "first_output": _ratio(cv["first_output_s"], q["first_output_s"]),
+                "wall": _ratio(cv["wall_s"], q["wall_s"]),
+                "client_max_rss": _ratio(cv["client_max_rss_kib"], q["max_rss_kib"]),
+            }
     benchmark.extra_info.update(info)
     print("\n" + json.dumps({k: v for k, v in info.items() if k != "qemu_command"}, indent=1))
     benchmark.pedantic(lambda: None, rounds=1)

@@ -16,6 +16,7 @@ What a child cannot take from the client: whatever was read when the server impo
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import os
 import select
@@ -33,6 +34,8 @@ from .serve_client import read_request, send_message
 
 REQUEST_TIMEOUT = 10.0  # a client sends its request as soon as it is connected
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+SPARE_NAME = b"hvjit-spare"  # a spare's /proc/PID/comm until it is handed a request
 
 # argv and the client's process start (CLOCK_MONOTONIC ns) -> exit status
 Command = Callable[[list[str], Optional[int]], int]
@@ -55,6 +58,16 @@ def make_forkable() -> None:
     kvm = [target for target in _open_fds().values() if target.startswith("anon_inode:kvm")]
     if kvm:
         raise HvjitError(f"cannot serve: KVM VM or vCPU descriptors still open after the warm-up: {kvm}")
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _set_name(name: bytes) -> None:
+    """The process's name (/proc/PID/comm, what ps and top show)."""
+    _libc().prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def _open_fds() -> dict[int, str]:
@@ -114,6 +127,9 @@ class Server:
         self._wake_w.setblocking(False)
         self.children: dict[int, socket.socket] = {}  # pid -> its client's connection
         self._by_fd: dict[int, int] = {}
+        # A child forked ahead of the next request, waiting for its connection on the other
+        # end of `handoff`: the request does not wait for the fork (see _fork_spare).
+        self.spare: Optional[tuple[int, socket.socket]] = None  # (pid, handoff)
         self._poll = select.poll()
         self.stopping: Optional[int] = None
 
@@ -126,6 +142,7 @@ class Server:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         self._poll.register(self.listener, select.POLLIN)
         self._poll.register(self._wake_r, select.POLLIN)
+        self._fork_spare()
         print(f"hvjit: serving on {self.path} (pid {os.getpid()})", file=sys.stderr, flush=True)
         last = time.monotonic()
         try:
@@ -147,12 +164,17 @@ class Server:
                         self._client_gone(fd)
                 if self._reap():
                     last = time.monotonic()
+                    # The next request's child, now that a run ended: forking beside a
+                    # starting run slows it (KVM's memory slot set-up waits on the other CPU).
+                    if self.spare is None and self.stopping is None:
+                        self._fork_spare()
             print(f"hvjit: {signal.Signals(self.stopping).name}: server exiting", file=sys.stderr)
             return 0
         finally:
-            for pid in self.children:
+            spare = [self.spare[0]] if self.spare else []
+            for pid in [*self.children, *spare]:
                 os.kill(pid, signal.SIGKILL)
-            for pid in list(self.children):
+            for pid in [*self.children, *spare]:
                 _, status = os.waitpid(pid, 0)
                 self._finish(pid, status)
             self.close()
@@ -167,21 +189,59 @@ class Server:
         except BlockingIOError:
             pass
 
+    def _fork_spare(self) -> None:
+        """Fork the child for the next request now (at the start, and when a run ended):
+        forking this process (its page tables) and the child's first steps take ~10 ms,
+        which a request then does not wait for."""
+        ours, theirs = socket.socketpair()
+        pid = self._fork()
+        if pid == 0:
+            ours.close()
+            self._spare(theirs)
+        theirs.close()
+        if pid < 0:
+            ours.close()
+            return
+        self.spare = (pid, ours)
+
+    def _fork(self) -> int:
+        """os.fork(), or -1 (said on stderr) when the host refuses."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            return os.fork()
+        except OSError as e:
+            print(f"hvjit: cannot fork: {e}", file=sys.stderr)
+            return -1
+
+    def _hand_to_spare(self, conn: socket.socket) -> int:
+        """The spare's pid, once it holds ``conn``; -1 when there is none (or it died)."""
+        if self.spare is None:
+            return -1
+        pid, handoff = self.spare
+        self.spare = None
+        try:
+            socket.send_fds(handoff, [b"c"], [conn.fileno()])
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # gone or going: _reap collects it
+            return -1
+        finally:
+            handoff.close()
+        return pid
+
     def _accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        try:
-            pid = os.fork()
-        except OSError as e:
-            print(f"hvjit: cannot fork for a request: {e}", file=sys.stderr)
-            conn.close()
-            return
-        if pid == 0:
-            self._child(conn)
+        pid = self._hand_to_spare(conn)
+        if pid < 0:
+            pid = self._fork()
+            if pid == 0:
+                self._child(conn)
+            if pid < 0:
+                conn.close()
+                return
         self.children[pid] = conn
         self._by_fd[conn.fileno()] = pid
         # Only the client's hang-up, not its data: the child reads the request.
@@ -204,7 +264,13 @@ class Server:
         return reaped
 
     def _finish(self, pid: int, status: int) -> None:
-        conn = self.children.pop(pid)
+        if self.spare is not None and pid == self.spare[0]:  # died before any request: next one forks
+            self.spare[1].close()
+            self.spare = None
+            return
+        conn = self.children.pop(pid, None)
+        if conn is None:  # a spare that died as it was handed a connection
+            return
         if self._by_fd.pop(conn.fileno(), None) is not None:
             self._poll.unregister(conn)
         if os.WIFSIGNALED(status):
@@ -229,10 +295,24 @@ class Server:
 
     # ---- in the child ---------------------------------------------------------------------
 
-    def _child(self, conn: socket.socket) -> NoReturn:
+    def _spare(self, handoff: socket.socket) -> NoReturn:
+        """A child forked ahead: leave the server's world, then wait for a connection."""
+        try:
+            if self._detach():
+                _set_name(SPARE_NAME)
+                _, fds, _, _ = socket.recv_fds(handoff, 1, 1)
+                if fds:  # else the server closed its end: it is going
+                    handoff.close()
+                    _set_name(b"hvjit-run")
+                    self._child(socket.socket(fileno=fds[0]), detached=True)
+        except BaseException:  # noqa: BLE001 - a spare has no client to tell
+            pass
+        os._exit(0)
+
+    def _child(self, conn: socket.socket, detached: bool = False) -> NoReturn:
         status: Optional[int] = 1
         try:
-            status = self._run_request(conn)
+            status = self._run_request(conn) if detached or self._detach() else None
         except KeyboardInterrupt:
             status = 130
         except BaseException:  # noqa: BLE001 - reported to the client's stderr, never to the server
@@ -251,21 +331,24 @@ class Server:
                     pass
             os._exit((status or 0) & 0xFF)
 
-    def _run_request(self, conn: socket.socket) -> Optional[int]:
+    def _detach(self) -> bool:
+        """In a new child: none of the server's world. Its own session (no terminal's
+        signals, the client forwards them), the default signal handlers, none of the
+        server's sockets; dies with the server. False if the server is gone already."""
         server = os.getppid()
-        # None of the server's: its own session (no terminal's signals, the client forwards
-        # them), the default signal handlers, none of the server's sockets.
         os.setsid()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for sock in (self.listener, self._wake_r, self._wake_w, *self.children.values()):
+        spare = [self.spare[1]] if self.spare else []
+        for sock in (self.listener, self._wake_r, self._wake_w, *self.children.values(), *spare):
             sock.close()
         # Die with the server (SIGKILL'd, say): no VM outlives both server and client.
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != server:
-            return None
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        return os.getppid() == server
+
+    def _run_request(self, conn: socket.socket) -> Optional[int]:
         conn.settimeout(REQUEST_TIMEOUT)
         request, fds = read_request(conn)
         if request is None:

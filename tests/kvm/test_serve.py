@@ -35,8 +35,20 @@ def hvjit(*args, env=None, timeout=RUN_TIMEOUT):
                           env=env if env is not None else {k: v for k, v in os.environ.items() if k != "HVJIT_SERVER"})
 
 
-def client(path: Path, *args, **popen):
-    return subprocess.Popen([sys.executable, "-m", "hvjit", "run", "--server", str(path), *args],
+# The hvjit-client executable (client/hvjit_client.c), installed beside the interpreter.
+C_CLIENT = Path(sys.executable).with_name("hvjit-client")
+
+
+def front(name: str) -> list[str]:
+    """The command that sends `hvjit run` to a server: the Python one or hvjit-client."""
+    if name == "c":
+        assert C_CLIENT.exists(), f"{C_CLIENT} not installed (pip install -e . builds it)"
+        return [str(C_CLIENT)]
+    return [sys.executable, "-m", "hvjit"]
+
+
+def client(path: Path, *args, via: str = "python", **popen):
+    return subprocess.Popen([*front(via), "run", "--server", str(path), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
@@ -54,9 +66,20 @@ def spin(tmp_path: Path) -> Path:
     return image
 
 
-def children(server_pid: int) -> set[int]:
+def children(server_pid: int, *, spare: bool = False) -> set[int]:
+    """The server's children: those serving a request (or, with ``spare``, also the one
+    forked ahead for the next request)."""
     with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
-        return {int(p) for p in f.read().split()}
+        pids = {int(p) for p in f.read().split()}
+    return pids if spare else {pid for pid in pids if _name(pid) != "hvjit-spare"}
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""  # gone
 
 
 def running_child(server_pid: int, client: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> int:
@@ -142,9 +165,10 @@ def test_json_through_the_server_counts_from_the_client_start(server, tmp_path):
     assert 0 < st["first_kvm_run_s"] <= st["wall_s"] < (returned - spawned) / 1e9 + 0.02
 
 
-def test_sigint_to_the_client_ends_the_run_like_a_direct_one(server, tmp_path):
+@pytest.mark.parametrize("via", ["python", "c"])
+def test_sigint_to_the_client_ends_the_run_like_a_direct_one(server, tmp_path, via):
     proc, path = server
-    c = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120")
+    c = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120", via=via)
     child = running_child(proc.pid, c)
     c.send_signal(signal.SIGINT)
     out, err = c.communicate(timeout=GONE_TIMEOUT)
@@ -153,9 +177,10 @@ def test_sigint_to_the_client_ends_the_run_like_a_direct_one(server, tmp_path):
     assert gone(child), f"child {child} still there"
 
 
-def test_a_killed_client_takes_its_child_along(server, tmp_path):
+@pytest.mark.parametrize("via", ["python", "c"])
+def test_a_killed_client_takes_its_child_along(server, tmp_path, via):
     proc, path = server
-    c = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120")
+    c = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120", via=via)
     child = running_child(proc.pid, c)
     c.kill()
     c.communicate(timeout=GONE_TIMEOUT)
@@ -274,3 +299,54 @@ def test_server_from_the_environment(server, tmp_path):
     p = hvjit("run", str(image), "--cpl", "3", "--json", env=dict(os.environ, HVJIT_SERVER=str(path)))
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["startup"]["server"] is True
+
+
+# ---- hvjit-client (C) --------------------------------------------------------------------------
+
+def test_c_client_output_status_and_start_equal_the_python_ones(server, tmp_path):
+    _, path = server
+    image = hello(tmp_path, "from c\\n", 23)
+    spawned = time.monotonic_ns()
+    p = subprocess.run([*front("c"), "run", f"--server={path}", str(image), "--cpl", "3", "--json"],
+                       capture_output=True, timeout=RUN_TIMEOUT)
+    returned = time.monotonic_ns()
+    assert p.returncode == 23, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["console"] == "from c\n" and doc["startup"]["server"] is True
+    st = doc["startup"]
+    # The C client reads CLOCK_MONOTONIC itself: no clock tick of slack.
+    assert spawned < st["process_start_ns"] < st["first_kvm_run_ns"] < returned
+    plain = subprocess.run([*front("c"), "run", "--server", str(path), str(image), "--cpl", "3"],
+                           capture_output=True, timeout=RUN_TIMEOUT)
+    direct = hvjit("run", str(image), "--cpl", "3")
+    assert (plain.stdout, plain.returncode) == (direct.stdout, direct.returncode) == (b"from c\n", 23)
+
+
+def test_c_client_carries_names_that_are_not_utf8_or_need_escapes(server, tmp_path):
+    _, path = server
+    odd = os.fsencode(tmp_path) + b"/d\xffir \"q\\\tx"
+    os.mkdir(odd)
+    image = hello(tmp_path, "odd\\n", 5)
+    name = b"caf\xe9\n.bin"
+    with open(odd + b"/" + name, "wb") as f:
+        f.write(image.read_bytes())
+    p = subprocess.run([*front("c"), "run", "--server", str(path), os.fsdecode(name), "--cpl", "3"],
+                       capture_output=True, timeout=RUN_TIMEOUT, cwd=odd)
+    assert (p.stdout, p.returncode) == (b"odd\n", 5), p.stderr
+
+
+def test_c_client_unreachable_server_named_is_an_error_else_hvjit_runs_it(tmp_path):
+    image = hello(tmp_path, "here\\n", 3)
+    nobody = str(tmp_path / "nobody.sock")
+    named = subprocess.run([*front("c"), "run", "--server", nobody, str(image), "--cpl", "3"],
+                           capture_output=True, timeout=RUN_TIMEOUT)
+    assert named.returncode == 1 and named.stdout == b"" and b"no hvjit server at" in named.stderr
+    # From the environment: `hvjit` (found on PATH) runs it in its own process.
+    env = dict(os.environ, HVJIT_SERVER=nobody,
+               PATH=os.pathsep.join([str(C_CLIENT.parent), os.environ.get("PATH", "")]))
+    fallback = subprocess.run([*front("c"), "run", str(image), "--cpl", "3"], capture_output=True,
+                              timeout=RUN_TIMEOUT, env=env)
+    assert (fallback.stdout, fallback.returncode) == (b"here\n", 3), fallback.stderr
+    assert b"running in this process" in fallback.stderr
+    usage = subprocess.run([*front("c"), "info"], capture_output=True, timeout=RUN_TIMEOUT)
+    assert usage.returncode == 2 and b"usage: hvjit-client run" in usage.stderr
