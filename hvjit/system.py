@@ -132,8 +132,8 @@ class Kvm:
 
     @classmethod
     def close_instance(cls) -> None:
-        """Close the process-wide ``/dev/kvm`` (the next :meth:`instance` opens it again); no
-        VM made from it may be left. `hvjit serve` does so before it forks children."""
+        """Close the process-wide ``/dev/kvm`` (the next :meth:`instance` opens it again, and
+        probes the host afresh); no VM made from it may be left."""
         with cls._instance_lock:
             kvm, cls._instance = cls._instance, None
         if kvm is not None:
