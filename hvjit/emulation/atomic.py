@@ -11,6 +11,11 @@ A CAS covers a naturally aligned block of 1 to 16 bytes: an operand inside one i
 that block (its neighbours compared and kept). One that crosses a 16-byte boundary, or is not
 RAM, or holds a software breakpoint, cannot be swapped: the caller writes it plainly, as
 KVM's emulator does for a split locked access.
+
+cmpxchg8b/16b need no such loop: their operation is a compare-and-swap, so
+:func:`exchange_if_equal` runs it as the host's own instruction on aligned RAM. Under a vCPU
+that keeps changing the word (a ``lock xadd`` loop run by KVM), a read-compute-swap could lose
+the race a thousand times in a row; the host's instruction cannot.
 """
 
 from __future__ import annotations
@@ -33,6 +38,31 @@ def cas_block(gpa: int, size: int) -> Optional[tuple[int, int]]:
         if width > MAX_BLOCK:
             return None
     return gpa - gpa % width, width
+
+
+def exchange_if_equal(memory, gpa: int, expected: bytes, desired: bytes) -> Optional[bytes]:
+    """cmpxchg8b/16b's own operation at guest-physical ``gpa``, done by the host CPU's: store
+    ``desired`` if the naturally aligned 8 or 16 bytes there equal ``expected``. Returns what
+    they held at that instant (``expected`` when stored); None when not possible here (not
+    RAM, a breakpoint's byte, not aligned), nothing done. No retry can be needed: unlike a
+    read, a computation and a compare-and-swap, nothing can change in between."""
+    size = len(expected)
+    if size not in (8, 16) or len(desired) != size or gpa % size:
+        return None
+    try:
+        view = memory.view(gpa, size)
+    except GuestMemoryError:
+        return None
+    if any(gpa <= at < gpa + size for at in memory.patches):
+        return None
+    seen = _t.ffi.new("uint8_t[16]")
+    seen[0:size] = expected
+    new = _t.ffi.new("uint8_t[16]")
+    new[0:size] = desired
+    rc = _t.lib.hvt_mem_cas(_t.ffi.cast("void *", view.ctypes.data), size, seen, new)
+    if rc < 0:
+        raise HvjitError(f"hvt_mem_cas refused {size} bytes at guest-physical {gpa:#x}: {_t.errno_name(rc)}")
+    return bytes(_t.ffi.buffer(seen, size))
 
 
 def compare_and_swap(memory, gpa: int, expected: bytes, desired: bytes) -> Optional[bool]:

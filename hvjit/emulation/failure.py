@@ -18,8 +18,10 @@ for those an OpClass lumps together):
 - data instructions run by ``hvjit.kernels.emulate`` against guest memory (page walk, RAM or
   a Python MMIO handler): CMPXCHG8B/16B, MOVBE, POPCNT and the MMIO set (MOV, MOVZX,
   MOVSX, MOVS, STOS, ADD, OR, ADC, SBB, AND, SUB, XOR, CMP, TEST, BT, PUSH, POP, group 1);
-  a locked one (LOCK prefix, cmpxchg8b/16b) writes back with a compare-and-swap against what
-  it read and runs again when its operand changed meanwhile (:mod:`.atomic`);
+  cmpxchg8b/16b on aligned RAM is the host's own instruction (the emulation computes flags
+  and registers from what memory held at that instant); another locked one (LOCK prefix)
+  writes back with a compare-and-swap against what it read and runs again when its operand
+  changed meanwhile (:mod:`.atomic`);
 - the x87/SSE/XSAVE state instructions, with architectural checks and faults injected
   (#UD, #NM, #GP(0), #MF; RIP left on the instruction): ``xsetbv`` (XCR0 validated against
   CPUID 0xD.0, set with KVM_SET_XCRS), ``xgetbv`` (the real XCR0; ECX=1 gives XCR0 & XINUSE
@@ -54,7 +56,7 @@ from ..kernels import emulate as E
 from ..kernels.decode import DecodeStatus, OpClass, decode
 from ..kernels.format import format_instruction
 from . import faults, special
-from .atomic import compare_and_swap
+from .atomic import compare_and_swap, exchange_if_equal
 from .guest import (
     Fault,
     GuestAccessError,
@@ -200,6 +202,25 @@ class _Changed(Exception):
     """A locked operand changed between the instruction's read and its write-back."""
 
 
+CMPXCHG_WIDE = {int(OpClass.CMPXCHG8B): 8, int(OpClass.CMPXCHG16B): 16}
+
+
+def _cmpxchg_wide(vcpu, rec, regs, pieces, mops, n: int) -> Optional[bytes]:
+    """cmpxchg8b/16b as the host's own atomic instruction: the bytes its memory operand held
+    at that instant (the emulation then computes flags and registers from them, and writes
+    nothing back), or None where the general path must run it (not RAM, split, a breakpoint)."""
+    size = CMPXCHG_WIDE.get(int(rec["op_class"]))
+    if size is None or n != 1 or int(mops[0, 1]) != size or len(pieces[0]) != 1:
+        return None
+    half = size // 2
+
+    def pair(low: str, high: str) -> bytes:
+        mask = (1 << (8 * half)) - 1
+        return (int(regs[low]) & mask).to_bytes(half, "little") + (int(regs[high]) & mask).to_bytes(half, "little")
+
+    return exchange_if_equal(vcpu.vm.memory, pieces[0][0][0], pair("rax", "rdx"), pair("rbx", "rcx"))
+
+
 def _write_back(vcpu, pieces, mops, mdata, read_data, n: int, locked: bool) -> None:
     """Store the instruction's results; a locked read-modify-write as a compare-and-swap
     against what it read (plainly where that cannot be done, as KVM does)."""
@@ -240,20 +261,27 @@ def _data_instruction(f: Failure) -> Optional[VmExit]:
             if n < 0:
                 status = E.EmulateStatus(-n)
                 break
-            pieces, read_data = [], []
+            pieces = [chunks(vcpu, kw, mem, int(mops[i, 0]), int(mops[i, 1]), 1 if int(mops[i, 2]) & E.MemKind.WRITE else 0)
+                      for i in range(n)]  # faults before any effect
+            atomic = _cmpxchg_wide(vcpu, rec, regs, pieces, mops, n) if locked else None
+            read_data = []
             for i in range(n):
-                gla, size, mkind = (int(x) for x in mops[i])
-                access = 1 if mkind & E.MemKind.WRITE else 0
-                pieces.append(chunks(vcpu, kw, mem, gla, size, access))  # faults before any effect
+                size, mkind = int(mops[i, 1]), int(mops[i, 2])
                 data = b""
-                if mkind & E.MemKind.READ:
+                if atomic is not None:
+                    data = atomic  # what memory held when the host's cmpxchg ran
+                elif mkind & E.MemKind.READ:
                     data = b"".join(read_phys(vcpu, gpa, sz) for gpa, sz in pieces[i])
+                if data:
                     mdata[i, :size] = np.frombuffer(data, np.uint8)
                 read_data.append(data)
             status = E.EmulateStatus(int(E.step(rec, file, bitness, seg_bases, stack_asz, mops, mdata, info,
                                                 E.PHASE_EXECUTE)))
             if status not in (E.EmulateStatus.OK, E.EmulateStatus.REPEAT):
                 break
+            if atomic is not None:  # done by the host's instruction: nothing to write back
+                iterations += 1
+                continue
             try:
                 _write_back(vcpu, pieces, mops, mdata, read_data, n, locked)
             except _Changed:

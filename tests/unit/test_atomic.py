@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from hvjit import _trampoline as _t
-from hvjit.emulation.atomic import cas_block, compare_and_swap
+from hvjit.emulation.atomic import cas_block, compare_and_swap, exchange_if_equal
 from hvjit.memory import GuestMemory, MemorySegment, allocate_segment
 
 
@@ -48,6 +48,23 @@ def test_what_cannot_be_swapped_is_left_alone(memory):
     assert memory.read(0x200, 32) == bytes(32)
     with pytest.raises(ValueError):
         compare_and_swap(memory, 0x200, b"\0", b"\0\0")
+
+
+def test_cmpxchg8b_and_16b_as_one_host_instruction(memory):
+    memory.write(0x400, bytes(range(32)))
+    found = exchange_if_equal(memory, 0x400, bytes(range(16)), b"N" * 16)  # equal: stored
+    assert found == bytes(range(16)) and memory.read(0x400, 16) == b"N" * 16
+    found = exchange_if_equal(memory, 0x410, b"\0" * 8, b"M" * 8)  # not equal: what was there
+    assert found == bytes(range(16, 24)) and memory.read(0x410, 8) == bytes(range(16, 24))
+    assert exchange_if_equal(memory, 0x408, memory.read(0x408, 8), b"E" * 8) == b"N" * 8
+    assert memory.read(0x400, 16) == b"N" * 8 + b"E" * 8
+    # Where the host's instruction cannot do it, nothing is done (the caller's general path runs)
+    assert exchange_if_equal(memory, 0x418, bytes(16), bytes(16)) is None  # 16 bytes not 16-aligned
+    assert exchange_if_equal(memory, 0x404, bytes(8), bytes(8)) is None  # not 8-aligned
+    assert exchange_if_equal(memory, 0x20000, bytes(8), bytes(8)) is None  # not RAM
+    memory.patch(0x41C, 0xCC)
+    assert exchange_if_equal(memory, 0x418, memory.read(0x418, 8), bytes(8)) is None  # a breakpoint's byte
+    assert exchange_if_equal(memory, 0x400, bytes(4), bytes(4)) is None  # only 8 and 16
 
 
 def test_the_c_helper_checks_size_and_alignment(memory):
