@@ -71,6 +71,7 @@ write of MSR 0x10a. ``HVJIT_QEMU`` names another QEMU binary.
           "what": one-line description,
           "hvjit": RESULT, "qemu": RESULT,
           "ratio": hvjit/qemu of the medians, or null,
+          "paired_ratio": median over rounds of that round's hvjit/qemu, or null,
           "best_ratio": hvjit/qemu of the bests, or null,
           "note": str|null        # host facts that explain a line (e.g. PVM)
         }, ...
@@ -117,7 +118,7 @@ TESTS: dict[str, tuple[str, str]] = {
 IMAGE_NAME = "vmexit.elf"
 GUEST_MEMORY = 64 << 20
 DEFAULT_ITERATIONS = 1000
-DEFAULT_ROUNDS = 5
+DEFAULT_ROUNDS = 7
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_MACHINE = "microvm"
 QEMU_CPU = "max,-arch-capabilities"
@@ -463,6 +464,10 @@ def measure(session=None, *, tests=tuple(TESTS), iterations: int = DEFAULT_ITERA
         doc_tests[name] = {
             "handled_by": handled_by, "what": what, "hvjit": hv, "qemu": qm,
             "ratio": round(hv["cycles_per_iter"] / qm["cycles_per_iter"], 3) if both else None,
+            # Each round's two runs are neighbours in time: their ratio is steadier on a host
+            # whose speed drifts between rounds than the ratio of the two medians.
+            "paired_ratio": round(statistics.median(h / q for h, q in zip(hv["samples"], qm["samples"])), 3)
+            if both else None,
             "best_ratio": round(hv["best_cycles_per_iter"] / qm["best_cycles_per_iter"], 3) if both else None,
             "note": _note(name, host["flavour"], hv, qm),
         }
@@ -491,13 +496,16 @@ def format_table(doc: dict) -> str:
              f"guest TSC cycles per iteration: median of {doc['rounds']} alternating rounds of "
              f"{doc['iterations']} iterations; best: the fastest batch of up to 50 in any round",
              "",
-             f"{'':11} {'---------- median ----------':>40}  {'----------- best -----------':>40}",
-             f"{'test':11} {'hvjit':>12} {'QEMU':>14} {'hvjit/QEMU':>12}  {'hvjit':>12} {'QEMU':>14} "
+             "paired: the median of each round's hvjit/QEMU (the two runs of a round are neighbours in time)",
+             "",
+             f"{'':11} {'---------------- median ----------------':>49}  {'----------- best -----------':>40}",
+             f"{'test':11} {'hvjit':>12} {'QEMU':>14} {'hvjit/QEMU':>12} {'paired':>8}  {'hvjit':>12} {'QEMU':>14} "
              f"{'hvjit/QEMU':>12}  exit handled by"]
     reasons = []
     for name, t in doc["tests"].items():
         hv, qm = t["hvjit"], t["qemu"]
-        lines.append(f"{name:11} {_cell(hv):>12} {_cell(qm):>14} {_ratio(t['ratio']):>12}  "
+        lines.append(f"{name:11} {_cell(hv):>12} {_cell(qm):>14} {_ratio(t['ratio']):>12} "
+                     f"{_ratio(t.get('paired_ratio')):>8}  "
                      f"{_cell(hv, 'best_cycles_per_iter'):>12} {_cell(qm, 'best_cycles_per_iter'):>14} "
                      f"{_ratio(t['best_ratio']):>12}  {t['handled_by']}")
         for label, r in (("hvjit", hv), ("QEMU", qm)):

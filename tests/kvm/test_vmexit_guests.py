@@ -104,6 +104,8 @@ def test_measure_document(session):
             assert t["qemu"]["status"] == "ok", t["qemu"]
             # The document rounds the ratio to 3 decimals.
             assert t["ratio"] == pytest.approx(t["hvjit"]["cycles_per_iter"] / t["qemu"]["cycles_per_iter"], abs=6e-4)
+            paired = sorted(h / q for h, q in zip(t["hvjit"]["samples"], t["qemu"]["samples"]))
+            assert t["paired_ratio"] == pytest.approx((paired[0] + paired[1]) / 2, abs=6e-4)  # median of 2
         else:
             assert t["qemu"]["status"] == "not installed" and t["ratio"] is None
     assert "pio-read" in vmexit.format_table(doc)
