@@ -253,7 +253,10 @@ def host_info(kvm: Kvm) -> dict:
             "tsc_khz": probe_tsc_khz(kvm), "api_version": kvm.api_version}
 
 
-def run_all(session, exits: int = 20000, rounds: int = 5, kinds=("pio", "mmio", "hlt"), trace: bool = False,
+DEFAULT_ROUNDS = 5
+
+
+def run_all(session, exits: int = 20000, rounds: int = DEFAULT_ROUNDS, kinds=("pio", "mmio", "hlt"), trace: bool = False,
             traces: Optional[dict] = None) -> dict:
     """The schema ``hvjit bench exits --json`` prints (stable: harnesses rely on it; the
     tracing fields appear with ``trace``)."""

@@ -525,7 +525,7 @@ def cli_main(args) -> int:
     import sys
 
     iterations = args.iterations if args.iterations is not None else DEFAULT_ITERATIONS
-    doc = measure(iterations=iterations, rounds=args.rounds,
+    doc = measure(iterations=iterations, rounds=args.rounds if args.rounds is not None else DEFAULT_ROUNDS,
                   progress=lambda line: print(f"hvjit: vmexit {line}", file=sys.stderr))
     if args.json:
         json.dump(doc, sys.stdout, indent=2)

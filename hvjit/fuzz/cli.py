@@ -176,8 +176,9 @@ def cmd_bench_fleet(args) -> int:
     """``hvjit bench exits --workers N``: the benchmark on N Ray workers at once, per worker."""
     try:
         from .. import fleet
+        from ..benchmarks.exits import DEFAULT_ROUNDS
 
-        results = fleet.bench(args.what, {"exits": args.exits, "rounds": args.rounds,
+        results = fleet.bench(args.what, {"exits": args.exits, "rounds": args.rounds or DEFAULT_ROUNDS,
                                           "kinds": [k.strip() for k in args.kinds.split(",")]},
                               workers=args.workers, address=args.address)
     except HvjitError as e:
