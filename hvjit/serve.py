@@ -254,23 +254,25 @@ class Server:
         os.kill(pid, signal.SIGKILL)  # not reaped yet: the pid is still this child's
 
     def _reap(self) -> bool:
-        reaped = False
-        while self.children:
+        """Collect the children that ended; whether a run was among them."""
+        ran = False
+        while self.children or self.spare:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
-            self._finish(pid, status)
-            reaped = True
-        return reaped
+            ran |= self._finish(pid, status)
+        return ran
 
-    def _finish(self, pid: int, status: int) -> None:
-        if self.spare is not None and pid == self.spare[0]:  # died before any request: next one forks
+    def _finish(self, pid: int, status: int) -> bool:
+        if self.spare is not None and pid == self.spare[0]:
+            # Died before any request (its next would likely die too): no new spare until a
+            # run ends; requests meanwhile get a child forked for them.
             self.spare[1].close()
             self.spare = None
-            return
+            return False
         conn = self.children.pop(pid, None)
         if conn is None:  # a spare that died as it was handed a connection
-            return
+            return False
         if self._by_fd.pop(conn.fileno(), None) is not None:
             self._poll.unregister(conn)
         if os.WIFSIGNALED(status):
@@ -280,6 +282,7 @@ class Server:
             except OSError:
                 pass
         conn.close()
+        return True
 
     def close(self) -> None:
         """Close the socket and remove its file (unless a successor's replaced it)."""

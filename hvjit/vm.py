@@ -130,6 +130,7 @@ class Vm:
             self._create_kvm_vm()
             for gpa, size in layout:
                 self.add_memory(gpa, size, name="lowmem" if gpa == 0 else f"mem@{gpa:#x}")
+            self._create_irqchip()
             if devices:
                 self._attach_default_devices(vcpus)
             for i in range(vcpus):
@@ -161,6 +162,10 @@ class Vm:
                            "KVM_SET_IDENTITY_MAP_ADDR")
         if self.kvm.has(Cap.SET_TSS_ADDR):
             self._kvm_call(_t.lib.hvt_vm_set_tss_addr(self.fd, KVM_TSS_GPA), "KVM_SET_TSS_ADDR")
+
+    def _create_irqchip(self) -> None:
+        """After the memory slots (before any vCPU): with an in-kernel irqchip present, KVM
+        takes 5-8 ms more to add a slot on PVM (0.1-0.3 ms without one)."""
         if self.irqchip:
             interrupts.create_irqchip(self)
 
@@ -331,6 +336,7 @@ class Vm:
         for seg in self.memory.segments:
             self._map_segment(seg)
         self.hooks.remap()
+        self._create_irqchip()
         self.bus.dev_state[:] = 0
         self._console.clear()
         for i in range(n):

@@ -123,6 +123,14 @@ def quiet(server_pid: int, timeout: float = RUN_TIMEOUT) -> None:
         time.sleep(0.02)
 
 
+def settled(server_pid: int) -> int:
+    """How many descriptors the server holds once it is idle again: no run, and its spare
+    forked (the spare's socket may not get the number the last one had)."""
+    quiet(server_pid)
+    spare(server_pid)
+    return len(os.listdir(f"/proc/{server_pid}/fd"))
+
+
 def test_output_and_status_equal_a_direct_run(server, tmp_path):
     _, path = server
     image = hello(tmp_path, "same either way\\n", 23)
@@ -187,6 +195,40 @@ def test_a_killed_client_takes_its_child_along(server, tmp_path, via):
     assert gone(child), f"child {child} of a SIGKILLed client still there"
 
 
+def spare(server_pid: int, timeout: float = RUN_TIMEOUT) -> int:
+    """The child the server forked ahead for the next request, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spares = children(server_pid, spare=True) - children(server_pid)
+        if spares:
+            assert len(spares) == 1, spares
+            return spares.pop()
+        time.sleep(0.02)
+    pytest.fail(f"no spare child within {timeout} s")
+
+
+def test_the_child_forked_ahead_serves_the_next_request(server, tmp_path):
+    proc, path = server
+    quiet(proc.pid)
+    ahead = spare(proc.pid)
+    c = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120")
+    assert running_child(proc.pid, c) == ahead  # the spare took it (and left its name)
+    c.kill()
+    c.communicate(timeout=GONE_TIMEOUT)
+    assert gone(ahead)
+    assert spare(proc.pid) != ahead  # the next one, forked when that run ended
+
+
+def test_a_dead_spare_costs_a_request_nothing(server, tmp_path):
+    proc, path = server
+    quiet(proc.pid)
+    os.kill(spare(proc.pid), signal.SIGKILL)
+    p = hvjit("run", "--server", str(path), str(hello(tmp_path, "fork\\n", 4)), "--cpl", "3")
+    assert (p.stdout, p.returncode) == (b"fork\n", 4), p.stderr  # forked for it instead
+    quiet(proc.pid)
+    spare(proc.pid)  # and a spare again once that run ended
+
+
 def test_two_clients_at_once(server, tmp_path):
     _, path = server
     slow = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "4")  # ends by its watchdog
@@ -202,16 +244,14 @@ def test_the_server_leaks_no_descriptors_across_requests(server, tmp_path):
     proc, path = server
     image = hello(tmp_path, "fd\\n", 0)
     assert hvjit("run", "--server", str(path), str(image), "--cpl", "3").returncode == 0
-    quiet(proc.pid)
-    before = sorted(os.listdir(f"/proc/{proc.pid}/fd"))
+    before = settled(proc.pid)
     for _ in range(3):
         assert hvjit("run", "--server", str(path), str(image), "--cpl", "3").returncode == 0
     interrupted = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120")
     running_child(proc.pid, interrupted)
     interrupted.kill()
     interrupted.communicate(timeout=GONE_TIMEOUT)
-    quiet(proc.pid)
-    assert sorted(os.listdir(f"/proc/{proc.pid}/fd")) == before
+    assert settled(proc.pid) == before
 
 
 @pytest.mark.parametrize("garbage", [
@@ -222,8 +262,7 @@ def test_the_server_leaks_no_descriptors_across_requests(server, tmp_path):
 ])
 def test_a_malformed_request_ends_only_its_child(server, tmp_path, garbage):
     proc, path = server
-    quiet(proc.pid)
-    before = sorted(os.listdir(f"/proc/{proc.pid}/fd"))
+    before = settled(proc.pid)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(path))
         s.sendall(garbage)
@@ -231,11 +270,10 @@ def test_a_malformed_request_ends_only_its_child(server, tmp_path, garbage):
     ok = hvjit("run", "--server", str(path), str(hello(tmp_path, "still\\n", 0)), "--cpl", "3")
     assert (ok.stdout, ok.returncode) == (b"still\n", 0), ok.stderr
     assert proc.poll() is None, "the server died of a malformed request"
-    quiet(proc.pid)
     deadline = time.monotonic() + GONE_TIMEOUT  # the last connection closes just after its child goes
-    while sorted(os.listdir(f"/proc/{proc.pid}/fd")) != before and time.monotonic() < deadline:
+    while settled(proc.pid) != before and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert sorted(os.listdir(f"/proc/{proc.pid}/fd")) == before
+    assert settled(proc.pid) == before
 
 
 def test_a_second_server_on_a_live_socket_is_refused(server):
