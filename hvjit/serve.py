@@ -3,10 +3,12 @@
 A whole `hvjit run` of a tiny guest costs ~0.5 s, nearly all of it importing numpy and Numba
 and loading the cached kernels. The server pays that once: `hvjit serve` runs a tiny guest the
 way `hvjit run` does (``cli.cmd_serve``), then stops hvjit's helper threads, checks that no
-VM or vCPU descriptor is left (:func:`make_forkable`) and listens on a Unix socket (mode 0600). Each
-connection gets a forked child, which takes the client's stdin/stdout/stderr (SCM_RIGHTS),
-argv, cwd, umask and environment, runs the command, reports its status and exits; the server
-stays single-threaded, reaps its children and kills a child whose client went away. The wire
+VM or vCPU descriptor is left (:func:`make_forkable`) and listens on a Unix socket (mode
+0600). Each connection goes to a child forked ahead of it (the "spare", forked at the start
+and whenever a run ends; a child forked then if there is none), which takes the client's
+stdin/stdout/stderr (SCM_RIGHTS), argv, cwd, umask and environment, runs the command,
+reports its status and exits; the server stays single-threaded, reaps its children and kills
+a child whose client went away. The wire
 format and the client are in :mod:`hvjit.serve_client`.
 
 What a child cannot take from the client: whatever was read when the server imported hvjit
@@ -164,8 +166,8 @@ class Server:
                         self._client_gone(fd)
                 if self._reap():
                     last = time.monotonic()
-                    # The next request's child, now that a run ended: forking beside a
-                    # starting run slows it (KVM's memory slot set-up waits on the other CPU).
+                    # The next request's child, now that a run ended: forking (~7 ms of this
+                    # process's page tables) beside a starting run would compete with it.
                     if self.spare is None and self.stopping is None:
                         self._fork_spare()
             print(f"hvjit: {signal.Signals(self.stopping).name}: server exiting", file=sys.stderr)

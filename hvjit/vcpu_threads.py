@@ -99,7 +99,14 @@ def run_vm(vm, *, timeout: Optional[float], resume_hlt: bool) -> RunResult:
         # thread where it would only interrupt one KVM_RUN.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            ex = v.run(timeout=timeout, resume_hlt=resume_hlt, _group_stop=group_stop)
+            try:
+                ex = v.run(timeout=timeout, resume_hlt=resume_hlt, _group_stop=group_stop)
+            except ObjectDestroyedError:
+                if not (v.destroyed or vm.destroyed):
+                    raise
+                # Destroyed from another thread before this thread's run began: a stop, as
+                # for the vCPUs whose runs it ended.
+                ex = VmExit(exitcode=VmExitCode.BOGUS, rip=0, kvm_reason=-1)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             with lock:
                 errors.append(e)
