@@ -388,3 +388,19 @@ def test_c_client_unreachable_server_named_is_an_error_else_hvjit_runs_it(tmp_pa
     assert b"running in this process" in fallback.stderr
     usage = subprocess.run([*front("c"), "info"], capture_output=True, timeout=RUN_TIMEOUT)
     assert usage.returncode == 2 and b"usage: hvjit-client run" in usage.stderr
+
+
+@pytest.mark.parametrize("via", ["python", "c"])
+def test_a_killed_server_ends_its_runs_and_their_clients(tmp_path, via):
+    path = tmp_path / "doomed.sock"
+    proc = start_server(path)
+    try:
+        c = client(path, str(spin(tmp_path)), "--cpl", "3", "--timeout", "120", via=via)
+        child = running_child(proc.pid, c)
+        proc.kill()
+        proc.wait(timeout=GONE_TIMEOUT)
+        _, err = c.communicate(timeout=GONE_TIMEOUT)  # no hang: the connection closes
+        assert c.returncode == 1 and b"closed the connection before the run ended" in err, err
+        assert gone(child), f"child {child} outlived its server"
+    finally:
+        stop_server(proc)
