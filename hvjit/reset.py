@@ -43,7 +43,7 @@ from .abi import (
     Cap,
     KvmExit,
 )
-from .errors import SnapshotError
+from .errors import HvjitError, SnapshotError
 from .memory import PAGE_SIZE
 from .snapshot import Snapshot
 
@@ -126,15 +126,21 @@ def out_exit_settled(vm) -> bool:
     if Cap.SYNC_REGS.name in kvm.capabilities:
         from .entry import setup_long_mode  # the probe alone needs guest mode set-up
 
-        probe = type(vm)(None, "hvjit-out-probe", memory=1 << 20, devices=False, kvm=kvm,
-                         syscall_fixup=False, accelerate_strings=False)
         try:
-            probe.memory.write(PROBE_GPA, PROBE_CODE)
-            vcpu = probe.vcpu(0)
-            setup_long_mode(vcpu, PROBE_GPA, cpl=3)
-            settled = _probe_out_exits(vcpu)
-        finally:
-            probe.destroy()
+            probe = type(vm)(None, "hvjit-out-probe", memory=1 << 20, devices=False, kvm=kvm,
+                             syscall_fixup=False, accelerate_strings=False)
+        except HvjitError:
+            probe = None  # no VM for the probe: resets keep the completing KVM_RUN
+        if probe is not None:
+            try:
+                probe.memory.write(PROBE_GPA, PROBE_CODE)
+                vcpu = probe.vcpu(0)
+                setup_long_mode(vcpu, PROBE_GPA, cpl=3)
+                settled = _probe_out_exits(vcpu)
+            except HvjitError:
+                settled = False
+            finally:
+                probe.destroy()
     kvm.behaviour["out_exit_settled"] = settled
     return settled
 

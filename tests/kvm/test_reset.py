@@ -8,6 +8,7 @@ import pytest
 
 from hvjit import entry, reset
 from hvjit.asm import assemble
+from hvjit.errors import HvjitError
 
 from .test_snapshot import assert_same_state
 
@@ -282,3 +283,18 @@ def test_python_side_device_fields_come_back_compared_only_after_a_change(sessio
     assert_same_state(snap, vm.snapshot())
     vm.reset_to(snap, privileged=False)
     assert len(compared) == 3  # that one is vm.snapshot() reading it: the reset did not compare
+
+
+def test_a_probe_that_cannot_run_keeps_the_completing_kvm_run():
+    class NoVmHost:  # a host where the probe VM cannot be made
+        capabilities = {"SYNC_REGS": 7}
+        behaviour: dict = {}
+
+    class Refused:
+        kvm = NoVmHost()
+
+        def __init__(self, *args, **kwargs):
+            raise HvjitError("KVM_CREATE_VM: no more VMs here")
+
+    assert reset.out_exit_settled(object.__new__(Refused)) is False
+    assert NoVmHost.behaviour == {"out_exit_settled": False}  # asked once, remembered
