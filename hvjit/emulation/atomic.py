@@ -40,6 +40,26 @@ def cas_block(gpa: int, size: int) -> Optional[tuple[int, int]]:
     return gpa - gpa % width, width
 
 
+def _ram_block(memory, start: int, width: int):
+    """The host address of guest RAM ``[start, start + width)`` for ``hvt_mem_cas``, or None
+    when a CAS cannot be done there: not RAM (MMIO), split over segments, or a breakpoint's
+    byte inside (the guest's value lives in the patch table)."""
+    try:
+        view = memory.view(start, width)
+    except GuestMemoryError:
+        return None
+    if any(start <= at < start + width for at in memory.patches):
+        return None
+    return view
+
+
+def _cas(view, width: int, old, new, start: int) -> int:
+    rc = _t.lib.hvt_mem_cas(_t.ffi.cast("void *", view.ctypes.data), width, old, new)
+    if rc < 0:
+        raise HvjitError(f"hvt_mem_cas refused {width} bytes at guest-physical {start:#x}: {_t.errno_name(rc)}")
+    return rc
+
+
 def exchange_if_equal(memory, gpa: int, expected: bytes, desired: bytes) -> Optional[bytes]:
     """cmpxchg8b/16b's own operation at guest-physical ``gpa``, done by the host CPU's: store
     ``desired`` if the naturally aligned 8 or 16 bytes there equal ``expected``. Returns what
@@ -49,19 +69,14 @@ def exchange_if_equal(memory, gpa: int, expected: bytes, desired: bytes) -> Opti
     size = len(expected)
     if size not in (8, 16) or len(desired) != size or gpa % size:
         return None
-    try:
-        view = memory.view(gpa, size)
-    except GuestMemoryError:
-        return None
-    if any(gpa <= at < gpa + size for at in memory.patches):
+    view = _ram_block(memory, gpa, size)
+    if view is None:
         return None
     seen = _t.ffi.new("uint8_t[16]")
     seen[0:size] = expected
     new = _t.ffi.new("uint8_t[16]")
     new[0:size] = desired
-    rc = _t.lib.hvt_mem_cas(_t.ffi.cast("void *", view.ctypes.data), size, seen, new)
-    if rc < 0:
-        raise HvjitError(f"hvt_mem_cas refused {size} bytes at guest-physical {gpa:#x}: {_t.errno_name(rc)}")
+    _cas(view, size, seen, new, gpa)
     return bytes(_t.ffi.buffer(seen, size))
 
 
@@ -76,25 +91,18 @@ def compare_and_swap(memory, gpa: int, expected: bytes, desired: bytes) -> Optio
     if block is None:
         return None
     start, width = block
-    try:
-        view = memory.view(start, width)
-    except GuestMemoryError:
-        return None  # not RAM (MMIO), or split over segments
-    if any(start <= at < start + width for at in memory.patches):
-        return None  # a breakpoint's byte: the guest's value lives in the patch table
+    view = _ram_block(memory, start, width)
+    if view is None:
+        return None
     at = gpa - start
     old = _t.ffi.new("uint8_t[16]")
     new = _t.ffi.new("uint8_t[16]")
-    address = _t.ffi.cast("void *", view.ctypes.data)
     for _ in range(NEIGHBOUR_RETRIES):
         current = view.tobytes()
         if current[at:at + size] != expected:
             return False
         old[0:width] = current
         new[0:width] = current[:at] + desired + current[at + size:]
-        rc = _t.lib.hvt_mem_cas(address, width, old, new)
-        if rc < 0:
-            raise HvjitError(f"hvt_mem_cas refused {width} bytes at guest-physical {start:#x}: {_t.errno_name(rc)}")
-        if rc == 1:
+        if _cas(view, width, old, new, start) == 1:
             return True
     return False  # the block keeps changing: let the caller start the instruction over
