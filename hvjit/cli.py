@@ -105,15 +105,13 @@ def cmd_info(args) -> int:
 
 def _probed_behaviour() -> dict[str, bool]:
     """What only a probe guest shows (hvjit.reset.out_exit_settled)."""
-    from .reset import out_exit_settled
+    from .reset import host_settles_out_exits
+    from .system import Kvm
     from .vm import Vm
 
-    probe = Vm(None, "hvjit-info", memory=1 << 20, devices=False)
-    try:
-        out_exit_settled(probe)
-    finally:
-        probe.destroy()
-    return dict(probe.kvm.behaviour)
+    kvm = Kvm.instance()
+    host_settles_out_exits(kvm, Vm)
+    return dict(kvm.behaviour)
 
 
 # ---- run --------------------------------------------------------------------------------------

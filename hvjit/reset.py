@@ -118,7 +118,12 @@ def out_exit_settled(vm) -> bool:
     set back to that OUT, then to the third, through kvm_run; the host settles OUTs if both
     run as set. PVM (KVM's instruction emulator) does; VMX and SVM finish an OUT on the next
     KVM_RUN by skipping the instruction at the exit's RIP, which the first step shows."""
-    kvm = vm.kvm
+    return host_settles_out_exits(vm.kvm, type(vm))
+
+
+def host_settles_out_exits(kvm, vm_class) -> bool:
+    """:func:`out_exit_settled` for a host (``hvjit.system.Kvm``), its probe VM made with
+    ``vm_class`` (``hvjit.vm.Vm``, which imports this module)."""
     known = kvm.behaviour.get("out_exit_settled")
     if known is not None:
         return known
@@ -127,7 +132,7 @@ def out_exit_settled(vm) -> bool:
         from .entry import setup_long_mode  # the probe alone needs guest mode set-up
 
         try:
-            probe = type(vm)(None, "hvjit-out-probe", memory=1 << 20, devices=False, kvm=kvm,
+            probe = vm_class(None, "hvjit-out-probe", memory=1 << 20, devices=False, kvm=kvm,
                              syscall_fixup=False, accelerate_strings=False)
         except HvjitError:
             probe = None  # no VM for the probe: resets keep the completing KVM_RUN
