@@ -74,16 +74,6 @@ def _run_once(vm) -> None:
         raise RuntimeError(f"benchmark guest stopped with {result}")
 
 
-def _cold_get_regs(vcpu) -> float:
-    """Microseconds of one KVM_GET_REGS made as the first call after a guest run, where a
-    reset is made: caches and TLBs hold the guest's work then, not hvjit's."""
-    regs = np.zeros(1, KVM_REGS_DTYPE)
-    ptr, fd, fn = _t.ptr(regs), vcpu.fd, _t.lib.hvt_vcpu_get_regs
-    t0 = time.perf_counter_ns()
-    fn(fd, ptr)
-    return (time.perf_counter_ns() - t0) / 1000
-
-
 def reset_rounds(vm, snap, rounds: int) -> dict:
     """Resets after guest runs, full and CPL3-only in turn, each followed by a batch of
     KVM_GET_REGS (back to back: warm) and by another guest run and one KVM_GET_REGS right
@@ -104,7 +94,9 @@ def reset_rounds(vm, snap, rounds: int) -> dict:
             out[privileged][0].append(us)
             out[privileged][1].append(_get_regs_batch(vcpu))
             _run_once(vm)
-            out[privileged][2].append(_cold_get_regs(vcpu))
+            # One KVM_GET_REGS as the first call after a guest run, where a reset is made:
+            # caches and TLBs hold the guest's work then, not hvjit's.
+            out[privileged][2].append(_get_regs_batch(vcpu, 1))
             vm.reset_to(snap, privileged=privileged)
             copied = stats.pages
     full, user = out[True], out[False]
