@@ -456,7 +456,7 @@ class DevicePlan:
     buffer_slots: int  # a bit a slot of `buffers`: the rows the C side leaves to Python
     # Per `python` device, its state_version when its fields last equalled the snapshot's
     # (None: not known).
-    seen: list = field(default_factory=list)
+    seen: list
 
     def valid(self, bus) -> bool:
         return self.dev_buf is bus.dev_buf and self.dev_state is bus.dev_state
