@@ -50,6 +50,9 @@ struct hvt_reset_slot;
 struct hvt_reset_vcpu;
 struct hvt_reset_vmstate;
 struct hvt_reset_rows;
+struct hvt_reset_tally;
+struct hvt_dirty_rings;
+struct kvm_dirty_gfn;
 
 int hvt_sys_open(const char *path);
 int hvt_sys_close(int fd);
@@ -85,7 +88,11 @@ int hvt_vm_get_clock(int vm_fd, struct kvm_clock_data *clock);
 int hvt_vm_set_clock(int vm_fd, const struct kvm_clock_data *clock);
 int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
 int hvt_vm_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t first_page, uint32_t num_pages, uint64_t *bitmap);
-int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus, int nvcpus, const struct hvt_reset_vmstate *vmstate, struct hvt_reset_rows *rows);
+int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus, int nvcpus, const struct hvt_reset_vmstate *vmstate, struct hvt_reset_rows *rows, struct hvt_dirty_rings *rings, struct hvt_reset_tally *tally);
+int hvt_vm_reset_dirty_rings(int vm_fd);
+int hvt_dirty_ring_map(int vcpu_fd, uint32_t bytes, struct kvm_dirty_gfn **ring_out);
+int hvt_dirty_ring_unmap(struct kvm_dirty_gfn *ring, uint32_t bytes);
+int64_t hvt_dirty_rings_harvest(struct hvt_dirty_rings *rings);
 
 int hvt_vcpu_create(int vm_fd, int id, int mmap_size, struct kvm_run **run_out);
 int hvt_vcpu_destroy(int vcpu_fd, struct kvm_run *run, int mmap_size);
@@ -128,7 +135,7 @@ int hvt_vcpu_flush_sync(int vcpu_fd, struct kvm_run *run);
 int hvt_vcpu_reset(int vcpu_fd, struct kvm_run *run, const struct kvm_regs *regs, const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events, const void *xsave, uint32_t flags);
 
 int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap, uint64_t npages, uint64_t page_size);
-int hvt_mem_reset_pages(int vm_fd, int slot, void *dst, const void *src, uint64_t *bitmap, const uint64_t *extra, uint8_t *host_dirty, uint64_t npages, uint64_t page_size);
+int hvt_mem_reset_pages(int vm_fd, int slot, void *dst, const void *src, uint64_t *bitmap, const uint64_t *logged, const uint64_t *extra, uint8_t *host_dirty, uint64_t npages, uint64_t page_size);
 uint64_t hvt_mem_reset_rows(struct hvt_reset_rows *rows);
 int hvt_mem_cas(void *addr, uint32_t size, void *expected, const void *desired);
 

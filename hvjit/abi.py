@@ -106,7 +106,8 @@ HVT_LOOP_STATS_DTYPE = np.dtype([
 
 # hvt_vm_reset's per-slot and per-vCPU records (trampoline/include/hvt.h); pointers as uint64.
 HVT_RESET_SLOT_DTYPE = np.dtype([("slot", "<i4"), ("pad", "<u4"), ("npages", "<u8"), ("dst", "<u8"),
-                                 ("src", "<u8"), ("bitmap", "<u8"), ("extra", "<u8"), ("host_dirty", "<u8")])
+                                 ("src", "<u8"), ("bitmap", "<u8"), ("extra", "<u8"), ("host_dirty", "<u8"),
+                                 ("logged", "<u8")])
 HVT_RESET_VCPU_DTYPE = np.dtype([("fd", "<i4"), ("done", "<i4"), ("run", "<u8"), ("regs", "<u8"),
                                  ("sregs", "<u8"), ("events", "<u8"), ("xsave", "<u8"), ("xcrs", "<u8"),
                                  ("msrs", "<u8"), ("nmsrs", "<i4"), ("msrs_set", "<i4"), ("mp_state", "<u8"),
@@ -115,6 +116,12 @@ HVT_RESET_VMSTATE_DTYPE = np.dtype([("irqchip", "<u8"), ("nirqchip", "<i4"), ("p
                                     ("clock", "<u8")])
 HVT_RESET_ROWS_DTYPE = np.dtype([("live", "<u8"), ("saved", "<u8"), ("slots", "<u8"), ("count", "<i4"),
                                  ("row_bytes", "<u4"), ("touched", "<u8"), ("python", "<u8"), ("changed", "<u8")])
+HVT_RESET_TALLY_DTYPE = np.dtype([("completed", "<i4"), ("synced", "<i4"), ("settled", "<i4"), ("left", "<u4")])
+# KVM_CAP_DIRTY_LOG_RING: a ring entry, and hvt_dirty_rings_harvest's record.
+KVM_DIRTY_GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
+HVT_DIRTY_RINGS_DTYPE = np.dtype([("rings", "<u8"), ("fetch", "<u8"), ("count", "<i4"), ("entries", "<u4"),
+                                  ("bitmaps", "<u8"), ("npages", "<u8"), ("nslots", "<i4"), ("pad", "<u4"),
+                                  ("stray", "<u8")])
 
 
 # ---- kvm_run, flattened: the union's members become prefixed fields at their offsets -------
@@ -211,6 +218,9 @@ C_STRUCTS = {
     "hvt_reset_vcpu": HVT_RESET_VCPU_DTYPE,
     "hvt_reset_vmstate": HVT_RESET_VMSTATE_DTYPE,
     "hvt_reset_rows": HVT_RESET_ROWS_DTYPE,
+    "hvt_reset_tally": HVT_RESET_TALLY_DTYPE,
+    "kvm_dirty_gfn": KVM_DIRTY_GFN_DTYPE,
+    "hvt_dirty_rings": HVT_DIRTY_RINGS_DTYPE,
     "kvm_irq_routing_entry": KVM_IRQ_ROUTING_ENTRY_DTYPE,
     "kvm_msr_filter_range": KVM_MSR_FILTER_RANGE_DTYPE,
     "kvm_msr_filter": KVM_MSR_FILTER_DTYPE,
@@ -318,6 +328,7 @@ class Cap(enum.IntEnum):
     EXIT_HYPERCALL = 201
     BINARY_STATS_FD = 203
     DIRTY_LOG_RING = 192
+    DIRTY_LOG_RING_ACQ_REL = 223
     MANUAL_DIRTY_LOG_PROTECT2 = 168
     COALESCED_PIO = 162
     NESTED_STATE = 157

@@ -68,6 +68,7 @@ def _print_json(obj) -> None:
 
 def cmd_info(args) -> int:
     from .system import Kvm, cpu_model, cpu_vendor, detect_flavour
+    from .dirty import host_tracking
     from .vcpu_debug import host_support
 
     try:
@@ -75,6 +76,7 @@ def cmd_info(args) -> int:
         info = kvm.info()
         info["debug"] = host_support(kvm)
         info["behaviour"] = _probed_behaviour()
+        info["dirty_tracking"] = host_tracking(kvm)
     except KvmUnavailableError as e:
         info = {"available": False, "reason": str(e), "flavour": detect_flavour(),
                 "cpu_vendor": cpu_vendor(), "cpu_model": cpu_model()}
@@ -98,6 +100,11 @@ def cmd_info(args) -> int:
     print("OUT exits:    " + ("finished at the exit (a CPL3-only reset needs no completing KVM_RUN)"
                               if info["behaviour"]["out_exit_settled"] else
                               "finished on the next KVM_RUN (a reset completes them first)"))
+    tracking = info["dirty_tracking"]
+    bitmap = "KVM's bitmap" + (", manually protected" if tracking["manual_protect"] else ", cleared as read")
+    print("dirty pages:  " + (f"dirty ring of {tracking['ring_entries']} entries a vCPU (up to "
+                              f"{tracking['ring_max_entries']}; {bitmap} with dirty_ring=0)"
+                              if tracking["ring_entries"] else f"{bitmap} (no dirty ring on this host)"))
     caps = ", ".join(f"{k}" + (f"={v}" if v != 1 else "") for k, v in sorted(info["capabilities"].items()))
     print(f"capabilities: {caps}")
     return 0

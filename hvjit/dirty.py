@@ -1,18 +1,30 @@
-"""Which guest pages changed: KVM's dirty log for the guest's writes, plus hvjit's own.
+"""Which guest pages changed: KVM's dirty ring or dirty log for the guest's writes, plus hvjit's own.
 
-A :class:`DirtyTracker` turns on ``KVM_MEM_LOG_DIRTY_PAGES`` for every memory slot of a VM
-and, on :meth:`~DirtyTracker.collect`, reads (and so clears) KVM's bitmap of each slot with
-``KVM_GET_DIRTY_LOG``. KVM logs only writes by the guest: writes through ``vm.memory``
-(loaders, emulation, a fuzzer placing its input) are flagged per page by
-:class:`~hvjit.memory.GuestMemory` in each segment's ``host_dirty`` and folded in here.
+A :class:`DirtyTracker` turns on ``KVM_MEM_LOG_DIRTY_PAGES`` for every memory slot of a VM.
+KVM then reports the guest's writes one of two ways:
 
-Where the host offers ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` it is enabled: reading the log
-then neither clears it nor write-protects the pages again, so a page the guest keeps
-writing costs no write fault each run (measured on the PVM host: a 50-page guest run took
-~160 us instead of ~320 us) and the log reads as "written since the last clear", a superset
-of "since the last read" that every user here accepts. :meth:`DirtyTracker.after_reset`
-clears it, right after a reset (when the memory equals the base snapshot), every
-``CLEAR_EVERY`` resets or once the pages copied grew well past what one run writes.
+- **The dirty ring** (``KVM_CAP_DIRTY_LOG_RING``, used where the host offers it unless the
+  VM was made with ``dirty_ring=0``): each vCPU has a ring of written frames, mapped into
+  this process, which :class:`DirtyRings` reads without a system call. A frame enters the
+  ring on the first write after its page was write-protected and the page then stays
+  writable, so a page the guest keeps writing costs one fault, not one a run. The harvest
+  goes into ``logged``, a bitmap per segment of the pages written since the last clear;
+  ``KVM_RESET_DIRTY_RINGS`` protects them again at the clear. A full ring stops the vCPU
+  (``KVM_EXIT_DIRTY_RING_FULL``): :meth:`DirtyTracker.ring_full` harvests and resets, and
+  the run goes on. The ring has to be enabled before the VM's first vCPU (:func:`enable_ring`).
+- **The dirty bitmap**, read with ``KVM_GET_DIRTY_LOG``. Where the host offers
+  ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` it is enabled: reading the log then neither clears
+  it nor write-protects the pages again (measured on the PVM host: a 50-page guest run took
+  ~160 us instead of ~320 us), and the log reads as "written since the last clear".
+
+Both read as "written since the last clear", a superset of "since the last read" that every
+user here accepts (``cumulative``). :meth:`DirtyTracker.after_reset` clears, right after a
+reset (when the memory equals the base snapshot), every ``CLEAR_EVERY`` resets or once the
+pages copied grew well past what one run writes.
+
+KVM logs only writes by the guest: writes through ``vm.memory`` (loaders, emulation, a
+fuzzer placing its input) are flagged per page by :class:`~hvjit.memory.GuestMemory` in
+each segment's ``host_dirty`` and folded in here.
 
 Bitmaps are KVM's layout: uint64 words, bit ``i % 64`` of word ``i // 64`` is page ``i`` of
 the segment. They are keyed by the segment's position in guest-physical order (not by KVM
@@ -21,11 +33,15 @@ slot number), so snapshots of VMs with the same layout can be compared.
 
 from __future__ import annotations
 
+import os
+import threading
+from typing import Optional
+
 import numpy as np
 
 from . import _trampoline as _t
-from .abi import Cap
-from .errors import HvjitError
+from .abi import HVT_DIRTY_RINGS_DTYPE, KVM_DIRTY_GFN_DTYPE, Cap
+from .errors import HvjitError, UnsupportedError
 from .memory import PAGE_SIZE, MemorySegment
 
 KVM_MEM_LOG_DIRTY_PAGES = 1
@@ -35,6 +51,10 @@ CLEAR_EVERY = 64  # resets between two clears of a manually protected log
 CLEAR_GROWTH = 64  # pages copied beyond the first reset's count that make a clear worth it
 
 Bitmaps = dict[int, np.ndarray]  # segment index (guest-physical order) -> bitmap
+
+# Entries of each vCPU's dirty ring unless the VM asks otherwise: 64 KiB a vCPU, 16 MiB of
+# distinct pages between two resets of the rings (a full ring costs one exit to Python).
+DEFAULT_RING_ENTRIES = 4096
 
 
 def bitmap_words(size: int) -> int:
@@ -72,6 +92,126 @@ def count(bitmaps: Bitmaps) -> int:
     return sum(int(np.unpackbits(b.view(np.uint8)).sum()) for b in bitmaps.values())
 
 
+def ring_capability(kvm) -> tuple[int, int]:
+    """(the capability to enable, its largest ring in bytes) of this host's dirty ring;
+    (0, 0) without one. ``DIRTY_LOG_RING`` first: x86's memory order is what the acquire and
+    release of ``..._ACQ_REL`` ask for anyway."""
+    for cap in (Cap.DIRTY_LOG_RING, Cap.DIRTY_LOG_RING_ACQ_REL):
+        largest = kvm.check_extension(cap)
+        if largest > 0:
+            return int(cap), largest
+    return 0, 0
+
+
+def host_tracking(kvm) -> dict:
+    """What ``hvjit info`` says of this host's ways to track the guest's writes."""
+    cap, largest = ring_capability(kvm)
+    largest //= KVM_DIRTY_GFN_DTYPE.itemsize
+    return {"ring_entries": min(DEFAULT_RING_ENTRIES, largest) if cap else 0, "ring_max_entries": largest,
+            "manual_protect": bool(kvm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)}
+
+
+def enable_ring(vm, entries: Optional[int]) -> int:
+    """Give a new VM (no vCPU yet) dirty rings of ``entries`` each: None picks
+    ``DEFAULT_RING_ENTRIES`` where the host offers rings (else none), 0 none. Returns the
+    entries each vCPU's ring has (0: the VM keeps the dirty bitmap)."""
+    if entries == 0:
+        return 0
+    cap, largest = ring_capability(vm.kvm)
+    if not cap:
+        if entries is None:
+            return 0
+        raise UnsupportedError("a dirty ring (this host's KVM lacks KVM_CAP_DIRTY_LOG_RING)", vm.kvm.flavour)
+    asked = entries is not None
+    if entries is None:
+        entries = min(DEFAULT_RING_ENTRIES, largest // KVM_DIRTY_GFN_DTYPE.itemsize)
+    size = entries * KVM_DIRTY_GFN_DTYPE.itemsize
+    if entries < 1 or entries & (entries - 1) or size < PAGE_SIZE or size > largest:
+        raise ValueError(f"dirty_ring={entries}: a power of two from {PAGE_SIZE // KVM_DIRTY_GFN_DTYPE.itemsize} "
+                         f"to {largest // KVM_DIRTY_GFN_DTYPE.itemsize} entries on this host")
+    rc = _t.lib.hvt_vm_enable_cap(vm.fd, cap, size, 0)
+    if rc < 0:
+        if asked:
+            vm._kvm_call(rc, "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)", f"{entries} entries")
+        return 0  # the bitmap still works
+    return entries
+
+
+def _address(array: np.ndarray) -> int:
+    return int(_t.ffi.cast("uintptr_t", _t.ptr(array)))
+
+
+class DirtyRings:
+    """A VM's dirty rings, one per vCPU, and where their harvest goes (``hvt_dirty_rings``).
+
+    The fetch index of each ring lives here, for the KVM VM's life: a ring is read on from
+    where the last harvest stopped, whichever tracker asked. A vCPU's ring leaves the record
+    (under the lock a harvest holds) before it is unmapped."""
+
+    def __init__(self, entries: int, nvcpus: int):
+        self.entries = entries
+        self.bytes = entries * KVM_DIRTY_GFN_DTYPE.itemsize
+        self.lock = threading.Lock()  # a full ring is harvested on its vCPU's thread
+        self.full_exits = 0  # KVM_EXIT_DIRTY_RING_FULL exits drained
+        self._rings = np.zeros(nvcpus, np.uint64)  # addresses (0: none)
+        self._fetch = np.zeros(nvcpus, np.uint32)
+        self._bitmaps = np.zeros(0, np.uint64)
+        self._npages = np.zeros(0, np.uint64)
+        self._targets: list = []  # the bitmaps _bitmaps points into
+        self.record = np.zeros(1, HVT_DIRTY_RINGS_DTYPE)
+        self.record["rings"], self.record["fetch"] = _address(self._rings), _address(self._fetch)
+        self.record["count"], self.record["entries"] = nvcpus, entries
+        self.ptr = _t.ptr(self.record, "struct hvt_dirty_rings *")
+
+    def map(self, vcpu) -> Optional[object]:
+        """Map ``vcpu``'s ring; returns its pointer (for :meth:`unmap`)."""
+        out = _t.ffi.new("struct kvm_dirty_gfn **")
+        vcpu._call(_t.lib.hvt_dirty_ring_map(vcpu.fd, self.bytes, out), "mmap(dirty ring)")
+        with self.lock:
+            self._rings[vcpu.index] = int(_t.ffi.cast("uintptr_t", out[0]))
+        return out[0]
+
+    def unmap(self, vcpu, ring) -> None:
+        with self.lock:
+            self._rings[vcpu.index] = 0
+        _t.lib.hvt_dirty_ring_unmap(ring, self.bytes)
+
+    def attach(self, segments, bitmaps: Bitmaps) -> None:
+        """Harvest into ``bitmaps`` (per segment) from now on; other slots' pages are dropped."""
+        with self.lock:
+            top = max((seg.slot for seg in segments), default=-1) + 1
+            self._bitmaps = np.zeros(top, np.uint64)
+            self._npages = np.zeros(top, np.uint64)
+            for k, seg in enumerate(segments):
+                if not seg.readonly:
+                    self._bitmaps[seg.slot] = _address(bitmaps[k])
+                    self._npages[seg.slot] = seg.size // PAGE_SIZE
+            self._targets = list(bitmaps.values())
+            self.record["bitmaps"], self.record["npages"] = _address(self._bitmaps), _address(self._npages)
+            self.record["nslots"] = top
+
+    def drain(self, vm) -> None:
+        """A vCPU stopped with its ring full (KVM_EXIT_DIRTY_RING_FULL): read every ring and
+        let KVM reuse the entries. The pages stay in the attached bitmaps; those the guest
+        writes again go into the rings again."""
+        self.harvest()
+        vm._kvm_call(_t.lib.hvt_vm_reset_dirty_rings(vm.fd), "KVM_RESET_DIRTY_RINGS")
+        self.full_exits += 1
+
+    @property
+    def stray_entries(self) -> int:
+        """Entries read for no tracked page (a slot deleted or not tracked since)."""
+        return int(self.record["stray"][0])
+
+    def harvest(self) -> int:
+        """Read every ring into the attached bitmaps; returns the entries read."""
+        with self.lock:
+            n = _t.lib.hvt_dirty_rings_harvest(self.ptr)
+        if n < 0:  # only a malformed record gets here
+            raise HvjitError(f"dirty ring harvest: {os.strerror(-n)}")
+        return int(n)
+
+
 class DirtyTracker:
     """Dirty-page tracking of one VM's memory slots, as laid out when it was enabled."""
 
@@ -84,6 +224,10 @@ class DirtyTracker:
         self.since: Bitmaps = {}
         self.since_empty = True  # nothing folded into `since` since the last rebase
         self.manual = False  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled: the log reads cumulative
+        # The VM's dirty rings (None: KVM's bitmap is read) and, per segment, the pages they
+        # showed written since the last clear.
+        self.rings: Optional[DirtyRings] = vm._rings
+        self.logged: Bitmaps = {}
         self._resets = 0  # resets since the last clear
         self._baseline = -1  # pages the first reset after the last clear copied
 
@@ -95,7 +239,7 @@ class DirtyTracker:
     def enable(self) -> None:
         """Log the guest's writes to every slot from now on (and forget any base)."""
         vm = self.vm
-        if vm.kvm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+        if self.rings is None and vm.kvm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             # Before the slots log: enabling the log then write-protects every page once.
             self.manual = _t.lib.hvt_vm_enable_cap(vm.fd, Cap.MANUAL_DIRTY_LOG_PROTECT2,
                                                    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, 0) == 0
@@ -105,17 +249,29 @@ class DirtyTracker:
                                                        _t.ffi.cast("void *", seg.host_address)),
                          "KVM_SET_USER_MEMORY_REGION(log dirty pages)", seg.name)
             seg.host_dirty = np.zeros(seg.size // PAGE_SIZE, bool)
+        if self.rings is not None:
+            self.logged = empty_bitmaps(vm.memory.segments)
+            self.rings.attach(vm.memory.segments, self.logged)
+            self.rings.harvest()  # what an earlier tracker left: a superset does no harm
         self.vm_fd = vm.fd
         self.layout = vm.memory.version
         self.base = None
         self.since = empty_bitmaps(vm.memory.segments)
         self.since_empty = True
 
+    @property
+    def cumulative(self) -> bool:
+        """What :meth:`collect` shows runs from the last clear, not from the last collect."""
+        return self.manual or self.rings is not None
+
     def collect(self) -> Bitmaps:
         """Pages written since the last collect (KVM's log is cleared by reading it), or, with
-        manual protection, since the last clear."""
+        dirty rings or manual protection, since the last clear."""
         if not self.valid:
             raise HvjitError(f"dirty tracking of VM {self.vm.name!r} is stale (memory was remapped)")
+        if self.rings is not None:
+            self.rings.harvest()
+            return {k: self.logged[k] | self._host_written(seg) for k, seg in enumerate(self.vm.memory.segments)}
         out = {}
         for k, seg in enumerate(self.vm.memory.segments):
             bitmap = np.zeros(bitmap_words(seg.size), np.uint64)
@@ -150,19 +306,33 @@ class DirtyTracker:
     def after_reset(self, copied: int, bitmaps) -> None:
         """A reset just made the memory equal the base snapshot, copying ``copied`` pages;
         ``bitmaps`` (per segment, a pointer) hold at least the pages KVM logged. With manual
-        protection, clear the log when that is due (see the module docstring)."""
-        if not self.manual:
+        protection or dirty rings, clear the log when that is due (see the module docstring)."""
+        if not self.cumulative:
             return
         self._resets += 1
         if self._baseline < 0:
             self._baseline = copied
         if self._resets < CLEAR_EVERY and copied <= self._baseline + CLEAR_GROWTH:
             return
+        self._resets, self._baseline = 0, -1
+        if self.rings is not None:
+            self.clear_rings()
+            return
         for seg, bitmap in zip(self.vm.memory.segments, bitmaps):
             if not seg.readonly:
                 self.vm._kvm_call(_t.lib.hvt_vm_clear_dirty_log(self.vm.fd, seg.slot, 0, seg.size // PAGE_SIZE, bitmap),
                                   "KVM_CLEAR_DIRTY_LOG", seg.name)
-        self._resets, self._baseline = 0, -1
+
+    def clear_rings(self) -> None:
+        """Forget the pages the rings showed (the memory equals the base now) and protect
+        them again, so that the next write to each shows."""
+        assert self.rings is not None
+        # The bitmaps first: a page harvested after KVM protected it again but before they
+        # were cleared would be forgotten while it stays writable.
+        with self.rings.lock:
+            for bitmap in self.logged.values():
+                bitmap[:] = 0
+            self.vm._kvm_call(_t.lib.hvt_vm_reset_dirty_rings(self.vm.fd), "KVM_RESET_DIRTY_RINGS")
 
     def rebase(self, snapshot) -> None:
         """The VM's memory (and its device rows) now equal ``snapshot``'s."""

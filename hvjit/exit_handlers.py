@@ -111,6 +111,16 @@ def _emulation_failure(vcpu, rec) -> Optional[VmExit]:
     return handle_emulation_failure(vcpu, to_caller(vcpu, rec))
 
 
+def _unknown(vcpu, rec) -> Optional[VmExit]:
+    """An exit the run loop has no code for. A full dirty ring (hvjit.dirty) is read and
+    freed, and the guest goes on; anything else goes to the caller."""
+    rings = vcpu.vm._rings
+    if int(rec["kvm_reason"]) == KvmExit.DIRTY_RING_FULL and rings is not None:
+        rings.drain(vcpu.vm)
+        return None
+    return to_caller(vcpu, rec)
+
+
 HANDLERS: dict[int, ExitHandler] = {
     VmExitCode.INOUT: _port_io,
     VmExitCode.INOUT_STR: _port_io,
@@ -120,6 +130,7 @@ HANDLERS: dict[int, ExitHandler] = {
     VmExitCode.EMULATION_FAILURE: _emulation_failure,
     VmExitCode.DEBUG: _debug_stop,
     VmExitCode.SUSPENDED: _debug_stop,  # a PVM host reports steps and int3 as a shutdown
+    VmExitCode.UNKNOWN: _unknown,
 }
 
 

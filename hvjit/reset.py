@@ -35,6 +35,7 @@ from . import _trampoline as _t
 from . import dirty, snapshot, vcpu_events
 from .abi import (
     HVT_RESET_SLOT_DTYPE,
+    HVT_RESET_TALLY_DTYPE,
     HVT_RESET_VCPU_DTYPE,
     HVT_RESET_VMSTATE_DTYPE,
     KVM_EXIT_IO_OUT,
@@ -56,6 +57,10 @@ class ResetStats(NamedTuple):  # a NamedTuple: built in a fraction of a frozen d
     # vCPUs stopped at an OUT this host had finished (out_exit_settled): no completing
     # KVM_RUN, all their registers wait in kvm_run for the next one (CPL3-only resets)
     settled_exits: int = 0
+
+
+# ResetStats(...) without the Python-level __new__ NamedTuple adds (what that __new__ calls).
+_new_tuple = tuple.__new__
 
 
 def take(vm) -> Snapshot:
@@ -101,6 +106,7 @@ def pages_between(base: Optional[Snapshot], target: Snapshot) -> Optional[dirty.
 
 # hvt_vm_reset's steps and record flags (trampoline/include/hvt.h).
 DID_COMPLETE, DID_DEFER_REGS, DID_SYNC, DID_XSAVE, DID_PRIVILEGED, MSRS_SHORT, DID_SKIP = 1, 2, 4, 8, 32, 64, 128
+LEFT_ROWS, LEFT_MSRS = 1, 2  # hvt_reset_tally.left
 OUT_SETTLED = 1
 KVM_MP_STATE_RUNNABLE = 0
 MAX_PLANS = 8  # plans kept per snapshot (one per VM it was reset into)
@@ -205,6 +211,9 @@ class _Plan:
     xsave: bool  # the C call sets the XSAVE areas
     full: list[np.ndarray]  # all-pages bitmaps, for a target outside this VM's tree
     keep: list  # what the records point into
+    rings_ptr: Any  # struct hvt_dirty_rings * of the VM (NULL: it reads KVM's dirty bitmap)
+    tally_ptr: Any  # struct hvt_reset_tally *, hvt_vm_reset's
+    tally: Any  # int32_t * to the same: completed, synced, settled, left
     tracker: Any = None  # the DirtyTracker whose segments' host_dirty the records point into
     extra: bool = False  # some record points at an `extra` bitmap
 
@@ -230,7 +239,9 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
     slots = np.zeros(len(segments), HVT_RESET_SLOT_DTYPE)
     for k, seg in enumerate(segments):
         row = slots[k]
-        row["slot"] = -1 if seg.readonly else seg.slot  # the guest cannot write read-only memory
+        # No KVM log to read: the guest cannot write read-only memory, and a VM with dirty
+        # rings has them harvested into the tracker's `logged` (the record's `logged`).
+        row["slot"] = -1 if seg.readonly or vm._rings is not None else seg.slot
         row["npages"] = seg.size // PAGE_SIZE
         row["dst"] = seg.host_address
         row["src"] = address(snap.dense(k))
@@ -274,13 +285,80 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
     vmstate["pit2"] = address(snap.arrays.get("vm.pit2"))
     vmstate["clock"] = address(snapshot.clock_to_set(snap.arrays["vm.clock"]))
     keep.append(vmstate)
+    tally = np.zeros(1, HVT_RESET_TALLY_DTYPE)
+    keep.append(tally)
     return _Plan(slots, _t.ptr(slots, "struct hvt_reset_slot *"), _Records(user), _Records(privileged),
                  _t.ptr(vmstate, "struct hvt_reset_vmstate *"),
                  [_t.ffi.cast("uint64_t *", int(a)) for a in slots["bitmap"]], snapshot.device_plan(vm, snap), has_xsave,
-                 list(dirty.full_bitmaps(segments).values()), keep)
+                 list(dirty.full_bitmaps(segments).values()), keep,
+                 _t.ffi.NULL if vm._rings is None else vm._rings.ptr, _t.ptr(tally, "struct hvt_reset_tally *"), _t.ffi.cast("int32_t *", _t.ptr(tally)))
+
+
+class _Ready:
+    """What a VM's last reset found, kept so that the next reset to the same snapshot goes
+    straight to the C call while none of it changed (one for each kind of reset: a CPL3-only
+    one and one with the CPL0 state). A reset runs right after the guest, with cold caches:
+    there every look-up of the general path costs ~0.5-1 us, and they added up to a third
+    of a 50-page reset."""
+
+    __slots__ = ("snap", "generation", "tracker", "plan", "records", "call", "args", "touched", "python",
+                 "controls", "bus", "console", "tally", "bitmaps")
+
+    def __init__(self, vm, snap: Snapshot, privileged: bool, plan: _Plan, records: _Records):
+        self.snap, self.plan, self.records = snap, plan, records
+        self.generation = vm.generation  # memory, devices, vCPUs and KVM VM as they are now
+        self.tracker = vm._dirty
+        devices = plan.devices
+        self.touched = devices.touched  # uint64_t *: the device rows the host handed out
+        self.call = _t.lib.hvt_vm_reset
+        self.args = (vm.fd, plan.slots_ptr, len(vm.memory.segments), records.ptr, len(records.done),
+                     plan.vmstate_ptr if privileged else _t.ffi.NULL, devices.record_ptr, plan.rings_ptr, plan.tally_ptr)
+        # Python-side device fields equal the snapshot's while these versions hold.
+        self.python = [(device, seen) for (device, _, _), seen in zip(devices.python, devices.seen)]
+        self.controls = [(v, v._control) for v in vm.vcpus]
+        self.bus, self.console, self.tally, self.bitmaps = vm.bus, snap.console, plan.tally, plan.bitmaps
+
+    @staticmethod
+    def possible(plan: _Plan, records: _Records) -> bool:
+        """Whether a reset like the one just made (and complete) can take the short way next
+        time: the C call does all of it, Python only checks device fields by version."""
+        return (bool(records.done) and plan.xsave and not plan.extra
+                and all(seen is not None for seen in plan.devices.seen))
 
 
 def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
+    """``vm.reset_to(snap)``: put the VM back into ``snap``'s state in place, copying only the
+    pages that may differ. ``privileged=False`` leaves out what only CPL0 code changes (the
+    guest ran at CPL3 alone since ``snap``). The VM must be stopped or paused."""
+    ready = vm._reset_ready[privileged]
+    if ready is None or ready.snap is not snap or ready.generation != vm.generation:
+        return _reset_planned(vm, snap, privileged)
+    tracker = ready.tracker
+    if vm._dirty is not tracker or tracker.base is not snap or not tracker.since_empty:
+        return _reset_planned(vm, snap, privileged)
+    for device, seen in ready.python:
+        if device.state_version != seen:
+            return _reset_planned(vm, snap, privileged)
+    for vcpu, control in ready.controls:  # snapshot.check_stopped's test (Vm.reset_to checked the VM)
+        if vcpu.destroyed or control.thread is not None and not control.parked:
+            snapshot.check_stopped(vm)  # raises the error, the state read under the lock
+    if vm._console != ready.console:
+        vm._console[:] = ready.console
+    bus = ready.bus
+    ready.touched[0] = bus.buffer_touched
+    rc = ready.call(*ready.args)
+    tally = ready.tally
+    if rc < 0 or tally[3]:  # an error, or device rows or MSRs left to Python
+        return _after_call(vm, snap, ready.plan, ready.records, rc, 0, False, privileged, ready)
+    bus.buffer_touched = 0  # tracker.rebase(snap): its base and `since` are as they were
+    tracker.after_reset(rc, ready.bitmaps)
+    return _new_tuple(ResetStats, (rc, False, tally[0], tally[1], tally[2]))
+
+
+def _reset_planned(vm, snap: Snapshot, privileged: bool) -> ResetStats:
+    """The general way: find (or make) the plan, point it at every page that may differ and
+    put back the devices' Python-side fields, then the C call."""
+    vm._reset_ready[privileged] = None
     snapshot.check_stopped(vm)
     segments = vm.memory.segments
     key = _plan_key(vm)
@@ -293,9 +371,11 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
     at_snap = tracker.base is snap
     full, extras = False, ()  # `extras`: kept alive across the call
     if plan.tracker is not tracker or not at_snap or plan.extra or not tracker.since_empty:
+        vm._reset_ready = [None, None]  # the other kind's short way shares the slot records
         full, extras = _extra_pages(vm, snap, plan, tracker, segments, at_snap)
     bus, devices = vm.bus, plan.devices
     if not devices.valid(bus):
+        vm._reset_ready = [None, None]  # ... and the device plan
         devices = plan.devices = snapshot.device_plan(vm, snap)
     rewritten = snapshot.reset_fields(devices, bus, snap) if devices.python else 0
     devices.touched[0] = bus.buffer_touched if at_snap else snapshot.ALL_ROWS
@@ -308,25 +388,35 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
         for v in vm.vcpus:
             snapshot.complete_pending(v)
     rc = _t.lib.hvt_vm_reset(vm.fd, plan.slots_ptr, len(segments), records.ptr, nvcpus,
-                             plan.vmstate_ptr if privileged and nvcpus else _t.ffi.NULL, devices.record_ptr)
+                             plan.vmstate_ptr if privileged and nvcpus else _t.ffi.NULL, devices.record_ptr,
+                             plan.rings_ptr, plan.tally_ptr)
+    return _after_call(vm, snap, plan, records, rc, rewritten, full, privileged, None)
+
+
+def _after_call(vm, snap: Snapshot, plan: _Plan, records: _Records, rc: int, rewritten: int, full: bool,
+                privileged: bool, ready: Optional[_Ready]) -> ResetStats:
+    """After hvt_vm_reset: the device buffers it left, its errors, the rest of the vCPU state
+    where it left that, the dirty tracker. ``ready``, or a new one where the reset allows it,
+    becomes the VM's short way to its next reset."""
+    devices = plan.devices
     changed = devices.changed[0] & devices.buffer_slots  # rows the C call left: buffers first
     if changed:
         snapshot.reset_buffers(devices, changed, rewritten)
     if rc < 0:
+        vm._reset_ready[privileged] = None
         _raise_reset_error(vm, records, rc)
-    completed = synced = settled = short = 0
-    for v, p in zip(vm.vcpus, records.done):
-        d = p[0]
-        v._deferred = bool(d & DID_DEFER_REGS)  # the next register ioctl applies them first
-        completed += d & DID_COMPLETE
-        synced += bool(d & DID_SYNC)
-        settled += bool(d & DID_SKIP)
-        short |= d & MSRS_SHORT
-    if short or not nvcpus or not plan.xsave:
+    tally = plan.tally
+    short = tally[3] & LEFT_MSRS
+    if short or not records.done or not plan.xsave:
+        ready = None
         _slow_rest(vm, snap, plan, privileged, [p[0] for p in records.done])
+    tracker = vm._dirty
     tracker.rebase(snap)
     tracker.after_reset(rc, plan.bitmaps)
-    return ResetStats(rc, full, completed, synced, settled)
+    if ready is None and not short and _Ready.possible(plan, records):
+        ready = _Ready(vm, snap, privileged, plan, records)
+    vm._reset_ready[privileged] = ready
+    return ResetStats(rc, full, tally[0], tally[1], tally[2])
 
 
 def _extra_pages(vm, snap: Snapshot, plan: _Plan, tracker, segments, at_snap: bool) -> tuple[bool, tuple]:
@@ -338,6 +428,8 @@ def _extra_pages(vm, snap: Snapshot, plan: _Plan, tracker, segments, at_snap: bo
         plan.tracker = tracker
         for k, seg in enumerate(segments):
             plan.slots[k]["host_dirty"] = 0 if seg.host_dirty is None else _address(_t.ptr(seg.host_dirty))
+            logged = tracker.logged.get(k)
+            plan.slots[k]["logged"] = 0 if logged is None else _address(_t.ptr(logged))
     between = {} if at_snap else pages_between(tracker.base, snap)
     full = between is None
     extras = []

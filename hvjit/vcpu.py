@@ -38,7 +38,7 @@ from .abi import (
     SuspendHow,
     VmExitCode,
 )
-from .errors import KvmError, ObjectDestroyedError, RegisterError
+from .errors import HvjitError, KvmError, ObjectDestroyedError, RegisterError
 from .exits import VmExit
 from .kvm_stats import KvmStats
 from .vcpu_lifecycle import Request, RunControl, VcpuBusyError, VcpuState, authorize, ensure_kick_signal
@@ -51,6 +51,7 @@ DEBUG_NAMES = ("dr0", "dr1", "dr2", "dr3", "dr6", "dr7")
 REGISTER_NAMES = GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES + DEBUG_NAMES
 # KVM refuses KVM_GET/SET_MSRS with more entries than this (E2BIG).
 MSRS_PER_IOCTL = 255
+KVM_DIRTY_REGS_OFFSET = KVM_RUN_DTYPE.fields["kvm_dirty_regs"][1]  # type: ignore[index]
 # Exits the loop handles per call before checking in with Python (watchdog, stop requests).
 EXIT_BUDGET = 1 << 20
 # How long destroy waits for a run to stop before leaving the release to that run.
@@ -164,7 +165,16 @@ class Vcpu:
         self._native: Any = None  # the generated run-loop module (see warm_up)
         self._control = RunControl(lambda: self._run_ptr)
         self._released = False
-        self._deferred = False  # registers wait in kvm_run for the next KVM_RUN (hvjit.reset)
+        # This vCPU's dirty ring, and the VM's DirtyRings that mapped it (None: no rings).
+        self._rings = vm._rings
+        try:
+            self._ring = None if self._rings is None else self._rings.map(self)
+        except HvjitError:
+            self._page = self._run = None
+            _t.lib.hvt_vcpu_destroy(self.fd, self._run_ptr, self._mmap_size)
+            raise
+        # kvm_run's kvm_dirty_regs: registers a reset left there for the next KVM_RUN (_deferred)
+        self._dirty_regs = _t.ffi.cast("uint64_t *", _t.ffi.cast("char *", self._run_ptr) + KVM_DIRTY_REGS_OFFSET)
         self._debug = vcpu_debug.DebugState()
         self.emulation_counts: dict[str, int] = {}
         # The guest's CPUID feature names as KVM holds them, for deciding which instructions
@@ -196,10 +206,15 @@ class Vcpu:
         if self._deferred:
             self._flush_deferred()
 
+    @property
+    def _deferred(self) -> bool:
+        """A reset left registers in kvm_run for the next KVM_RUN (hvjit.reset); KVM clears
+        each bit of kvm_dirty_regs as it applies that part."""
+        return not self._released and self._dirty_regs[0] != 0
+
     def _flush_deferred(self) -> None:
         """A reset left the registers in kvm_run for the next KVM_RUN: apply them now, before
         an ioctl reads or overwrites them."""
-        self._deferred = False
         self._call(_t.lib.hvt_vcpu_flush_sync(self.fd, self._run_ptr), "KVM_RUN(apply sync registers)")
 
     def _destroy(self, wait: float = DESTROY_WAIT) -> bool:
@@ -216,6 +231,9 @@ class Vcpu:
             self._kvm_stats.close()
         # Drop every numpy view of the run page before unmapping it.
         self._page = self._run = None
+        if self._ring is not None:
+            self._rings.unmap(self, self._ring)  # out of the harvest's record first
+            self._ring = None
         _t.lib.hvt_vcpu_destroy(self.fd, self._run_ptr, self._mmap_size)
         with self._control.lock:  # kicks read the pointer under this lock
             self._run_ptr = _t.ffi.NULL

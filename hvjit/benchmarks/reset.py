@@ -132,7 +132,7 @@ def breakdown_us(vm, snap, rounds: int) -> dict[str, float]:
         timed("device fields and rows (reset_devices)", snapshot.reset_devices, vm, snap, since_snapshot=True)
         timed("dirty log + page copies (hvt_mem_reset_pages)", lib.hvt_mem_reset_pages, vm.fd, int(seg["slot"]),
               ptr("void *", int(seg["dst"])), ptr("void *", int(seg["src"])), ptr("uint64_t *", int(seg["bitmap"])),
-              _t.ffi.NULL, _t.ffi.NULL, int(seg["npages"]), PAGE_SIZE)
+              ptr("uint64_t *", int(seg["logged"])), _t.ffi.NULL, _t.ffi.NULL, int(seg["npages"]), PAGE_SIZE)
         done = timed("finish exit, registers, XSAVE (hvt_vcpu_reset)", lib.hvt_vcpu_reset, int(part["fd"]),
                      ptr("struct kvm_run *", int(part["run"])), ptr("struct kvm_regs *", int(part["regs"])),
                      ptr("struct kvm_sregs *", int(part["sregs"])),

@@ -3,12 +3,15 @@ FPU/SSE, SREGS and MSR state a run changed, several vCPUs, device rows the guest
 wrote — and take the cheap route (KVM_SET_REGS alone, untouched devices left) only when it
 is sound."""
 
+import functools
+
 import numpy as np
 import pytest
 
-from hvjit import entry, reset
+from hvjit import dirty, entry, reset
 from hvjit.asm import assemble
 from hvjit.errors import HvjitError
+from hvjit.system import Kvm
 
 from .test_snapshot import assert_same_state
 
@@ -61,6 +64,24 @@ SPIN = """
     xor %eax, %eax
     outl %eax, $0xf4
 """
+
+
+@pytest.fixture(params=["ring", "bitmap"])
+def tracking(request):
+    """Each test with either of KVM's ways to report the guest's writes (hvjit.dirty): the
+    dirty ring, where the host has one, and the dirty bitmap. The VM's ``dirty_ring``."""
+    if request.param == "ring" and not dirty.ring_capability(Kvm.instance())[0]:
+        pytest.skip("the host has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+    return None if request.param == "ring" else 0
+
+
+@pytest.fixture
+def session(session, tracking):
+    """The session, its VMs made with the test's way of tracking writes."""
+    create = session.create_vm
+    session.create_vm = functools.partial(create, dirty_ring=tracking)
+    yield session
+    session.create_vm = create
 
 
 def _vm(session, name, code, cpl, vcpus=1):
@@ -185,16 +206,16 @@ def test_device_rows_the_guest_or_the_host_changed_come_back(session):
     assert_same_state(snap, vm.snapshot())
 
 
-def test_a_manually_protected_log_is_cleared_and_still_catches_writes(session):
-    from hvjit import dirty
-
+def test_a_cumulative_log_is_cleared_and_still_catches_writes(session, tracking):
     # The guest writes DATA always, and DATA + 0x1000 when the host set the flag at FLAG.
     flag, other = DATA + 0x2000, DATA + 0x1000
     vm = _vm(session, "manual", f".code64\n mov ${DATA:#x}, %rdi\n incq (%rdi)\n cmpb $0, {flag:#x}\n"
                                 f" je 1f\n incq {other:#x}\n1: xor %eax, %eax\n outl %eax, $0xf4\n", 3)
     snap = vm.snapshot()
-    if not dirty.tracker(vm).manual:
-        pytest.skip("the host lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+    tracker = dirty.tracker(vm)
+    assert (tracker.rings is not None) == (tracking is None)
+    if not tracker.cumulative:
+        pytest.skip("the host lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (the bitmap is read and cleared)")
     counts = []
     for i in range(dirty.CLEAR_EVERY + 2):
         writes_other = i in (0, dirty.CLEAR_EVERY + 1)
@@ -298,3 +319,73 @@ def test_a_probe_that_cannot_run_keeps_the_completing_kvm_run():
 
     assert reset.out_exit_settled(object.__new__(Refused)) is False
     assert NoVmHost.behaviour == {"out_exit_settled": False}  # asked once, remembered
+
+
+def test_repeated_resets_take_the_short_way_and_restore_what_the_long_one_does(session):
+    from hvjit import snapshot
+
+    vm = _vm(session, "short", USER_CHANGES, 3)
+    snap = vm.snapshot()
+    took = []
+    for i in range(8):
+        privileged = bool(i % 2)
+        assert vm.run(timeout=30).reason == "poweroff"
+        took.append(vm._reset_ready[privileged] is not None)
+        vm.memory.write(DATA + 0x800, b"host")  # hvjit's own write: the C call takes it back too
+        stats = vm.reset_to(snap, privileged=privileged)
+        assert stats.pages >= 1 and not stats.full
+        assert_same_state(snap, snapshot.capture(vm))  # capture: the tracker and its base stay
+    # Each kind's first reset makes its short way (the first privileged one also learns which
+    # MSRs KVM refuses, so only its second may make it); every later reset takes it.
+    assert not took[0] and took[4:] == [True] * 4
+
+
+def test_a_reset_through_the_tree_drops_both_short_ways(session):
+    # The slot records are shared by both kinds of reset: one pointed at the pages between two
+    # snapshots (bitmaps that live only during that reset) must end the other kind's short way.
+    vm = _vm(session, "tree", USER_CHANGES, 3)
+    root = vm.snapshot()
+    for privileged in (True, False, True, False):
+        assert vm.run(timeout=30).reason == "poweroff"
+        vm.reset_to(root, privileged=privileged)
+    assert all(ready is not None for ready in vm._reset_ready)
+    assert vm.run(timeout=30).reason == "poweroff"
+    vm.snapshot()  # a child of root, its DATA at 1: the tracker's base now
+    vm.reset_to(root, privileged=False)
+    assert vm._reset_ready == [None, None]
+    assert vm.run(timeout=30).reason == "poweroff"
+    vm.reset_to(root, privileged=True)
+    assert vm.memory.read_u64(DATA) == 0
+    assert_same_state(root, vm.snapshot())
+
+
+def test_a_reset_while_a_vcpu_runs_is_refused_on_the_short_way_too(session):
+    import threading
+
+    flag = DATA + 0x1000
+    vm = _vm(session, "busy", f".code64\n cmpb $0, {flag:#x}\n je 2f\n1: jmp 1b\n2: xor %eax, %eax\n"
+                              " outl %eax, $0xf4\n", 3)
+    snap = vm.snapshot()
+    for _ in range(2):
+        assert vm.run(timeout=30).reason == "poweroff"
+        vm.reset_to(snap, privileged=False)
+    assert vm._reset_ready[False] is not None
+    vm.memory.write(flag, b"\1")  # now the guest spins
+    results = []
+    runner = threading.Thread(target=lambda: results.append(vm.run(timeout=30)))
+    runner.start()
+    try:
+        v = vm.vcpu(0)
+        for _ in range(1000):
+            if v._control.thread is not None:
+                break
+            threading.Event().wait(0.001)
+        with pytest.raises(HvjitError, match="is running"):
+            vm.reset_to(snap, privileged=False)
+    finally:
+        vm.vcpu(0).stop()
+        runner.join(10)
+    assert not runner.is_alive() and results[0].reason != "poweroff"
+    vm.reset_to(snap, privileged=False)  # stopped: allowed again, and the flag goes back
+    assert vm.memory.read(flag, 1) == b"\0"
+    assert vm.run(timeout=30).reason == "poweroff"

@@ -70,6 +70,29 @@ HVT_EXPORT int hvt_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
 HVT_EXPORT int hvt_vm_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t first_page, uint32_t num_pages,
                                       uint64_t *bitmap);
 
+/* ---- dirty_ring.c: KVM_CAP_DIRTY_LOG_RING ---------------------------------------------- */
+/* Maps vCPU `vcpu_fd`'s dirty ring (`bytes`, as enabled on its VM) at *ring_out. 0 or -errno. */
+HVT_EXPORT int hvt_dirty_ring_map(int vcpu_fd, uint32_t bytes, struct kvm_dirty_gfn **ring_out);
+HVT_EXPORT int hvt_dirty_ring_unmap(struct kvm_dirty_gfn *ring, uint32_t bytes);
+/* A VM's dirty rings and what their harvest fills. */
+struct hvt_dirty_rings {
+    struct kvm_dirty_gfn **rings; /* `count` of them (NULL: that vCPU has none yet) */
+    uint32_t *fetch;       /* per ring, the free-running index of the next entry to read */
+    int32_t count;
+    uint32_t entries;      /* per ring, a power of two */
+    uint64_t **bitmaps;    /* by KVM slot id (`nslots` of them; NULL: not tracked): a bit a page */
+    const uint64_t *npages; /* by KVM slot id */
+    int32_t nslots;
+    uint32_t pad;
+    uint64_t stray;        /* out, counting: entries for no tracked page (a slot deleted since) */
+};
+/* Reads every ring from its fetch index to the first entry KVM has not filled: sets the page's
+ * bit, marks the entry for KVM_RESET_DIRTY_RINGS. Returns the entries read, or -EINVAL. */
+HVT_EXPORT int64_t hvt_dirty_rings_harvest(struct hvt_dirty_rings *rings);
+/* KVM_RESET_DIRTY_RINGS: the pages of the entries marked so far are write-protected again
+ * and their entries free. Returns how many, or -errno. */
+HVT_EXPORT int hvt_vm_reset_dirty_rings(int vm_fd);
+
 /* One memory slot of a fast reset: hvt_mem_reset_pages's arguments. */
 struct hvt_reset_slot {
     int32_t slot;          /* KVM slot whose dirty log is read; < 0: none (read-only memory) */
@@ -80,6 +103,8 @@ struct hvt_reset_slot {
     uint64_t *bitmap;      /* out: the pages copied (KVM's log | extra | host_dirty) */
     const uint64_t *extra; /* pages to copy besides KVM's log; NULL: none */
     uint8_t *host_dirty;   /* a byte a page, nonzero where the host wrote; cleared; NULL: none */
+    const uint64_t *logged; /* the slot's bitmap of a VM with dirty rings (read instead of KVM's
+                             * log: `slot` is then < 0); NULL: none */
 };
 /* One vCPU of a fast reset: hvt_vcpu_reset's arguments, the state only CPL0 code changes
  * (each NULL: not set), and the answer. */
@@ -128,16 +153,28 @@ struct hvt_reset_rows {
     uint64_t python;       /* in: slots left to the caller (their buffer goes back first) */
     uint64_t changed;      /* out: the slots that differed or were touched */
 };
+/* What a fast reset did, over all its vCPUs, so that the caller need not read each record. */
+struct hvt_reset_tally {
+    int32_t completed;     /* vCPUs whose pending exit a KVM_RUN finished (HVT_RESET_DID_COMPLETE) */
+    int32_t synced;        /* ... whose SREGS or events went in through a KVM_RUN (.._DID_SYNC) */
+    int32_t settled;       /* ... stopped at an OUT that needed no KVM_RUN (.._DID_SKIP) */
+    uint32_t left;         /* HVT_RESET_LEFT_*: what the call left to the caller */
+};
+#define HVT_RESET_LEFT_ROWS 1 /* rows of `rows->python` slots changed: the caller puts them back */
+#define HVT_RESET_LEFT_MSRS 2 /* some vCPU's KVM_SET_MSRS took fewer (HVT_RESET_MSRS_SHORT) */
 /*
  * A VM's fast reset in one call: hvt_mem_reset_rows on `rows` (NULL: none), each vCPU's
  * pending exit finished, hvt_mem_reset_pages for each slot, the irqchips and PIT of `vmstate`
  * (NULL: none), the rest of hvt_vcpu_reset and the vCPU's CPL0 state for each vCPU, then
  * kvmclock. Returns the pages copied, or the first -errno (each vCPU's `done` says which
- * vCPU; all positive: the VM-wide part).
+ * vCPU; all positive: the VM-wide part). `rings` (NULL: none) are harvested into the slots'
+ * `logged` bitmaps once the pending exits are finished. `tally` (NULL: none) sums the vCPUs'
+ * `done` after a call that returned the pages copied.
  */
 HVT_EXPORT int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots,
                             struct hvt_reset_vcpu *vcpus, int nvcpus,
-                            const struct hvt_reset_vmstate *vmstate, struct hvt_reset_rows *rows);
+                            const struct hvt_reset_vmstate *vmstate, struct hvt_reset_rows *rows,
+                            struct hvt_dirty_rings *rings, struct hvt_reset_tally *tally);
 
 /* ---- vcpu.c ---------------------------------------------------------------------------- */
 /* Creates vCPU `id` and maps its kvm_run page (*run_out, mmap_size bytes). Returns the fd. */
@@ -225,14 +262,15 @@ HVT_EXPORT int hvt_vcpu_flush_sync(int vcpu_fd, struct kvm_run *run);
 HVT_EXPORT int hvt_mem_copy_pages(void *dst, const void *src, const uint64_t *bitmap,
                                   uint64_t npages, uint64_t page_size);
 /*
- * One memory slot's part of a fast reset: KVM's dirty log of `slot` into `bitmap` (no log
- * when slot < 0), OR'd with `extra` (NULL: none) and with the pages whose `host_dirty` byte
- * is set (NULL: none; the bytes are cleared), then hvt_mem_copy_pages from src to dst.
- * `bitmap` holds one bit a page afterwards. Returns the pages copied, or -errno.
+ * One memory slot's part of a fast reset: the pages written, into `bitmap` — KVM's dirty log
+ * of `slot` (slot >= 0), else a copy of `logged` (a VM with dirty rings), else none — OR'd
+ * with `extra` (NULL: none) and with the pages whose `host_dirty` byte is set (NULL: none;
+ * the bytes are cleared), then hvt_mem_copy_pages from src to dst. `bitmap` holds one bit a
+ * page afterwards. Returns the pages copied, or -errno.
  */
 HVT_EXPORT int hvt_mem_reset_pages(int vm_fd, int slot, void *dst, const void *src, uint64_t *bitmap,
-                                   const uint64_t *extra, uint8_t *host_dirty, uint64_t npages,
-                                   uint64_t page_size);
+                                   const uint64_t *logged, const uint64_t *extra, uint8_t *host_dirty,
+                                   uint64_t npages, uint64_t page_size);
 /*
  * The device rows of a fast reset (struct hvt_reset_rows): sets `changed` and copies each
  * changed row back, but the `python` ones. Returns `changed`.

@@ -167,8 +167,9 @@ static int reset_privileged(struct hvt_reset_vcpu *v)
     return HVT_RESET_DID_PRIVILEGED;
 }
 
-int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus,
-                 int nvcpus, const struct hvt_reset_vmstate *vmstate, struct hvt_reset_rows *rows)
+static int vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus,
+                    int nvcpus, const struct hvt_reset_vmstate *vmstate, struct hvt_reset_rows *rows,
+                    struct hvt_dirty_rings *rings)
 {
     if (nslots < 0 || nvcpus < 0 || (nslots && !slots) || (nvcpus && !vcpus))
         return -EINVAL;
@@ -186,11 +187,16 @@ int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt
     }
     if (first_error)
         return first_error;
+    if (rings) { /* after the pending exits: a finished string IN writes guest memory */
+        int64_t rc = hvt_dirty_rings_harvest(rings);
+        if (rc < 0)
+            return (int)rc;
+    }
     int copied = 0;
     for (int i = 0; i < nslots; i++) {
         struct hvt_reset_slot *s = &slots[i];
-        int rc = hvt_mem_reset_pages(vm_fd, s->slot, s->dst, s->src, s->bitmap, s->extra, s->host_dirty,
-                                     s->npages, HVT_PAGE_SIZE);
+        int rc = hvt_mem_reset_pages(vm_fd, s->slot, s->dst, s->src, s->bitmap, s->logged, s->extra,
+                                     s->host_dirty, s->npages, HVT_PAGE_SIZE);
         if (rc < 0)
             return rc;
         copied += rc;
@@ -222,5 +228,31 @@ int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt
         if (rc < 0)
             return rc;
     }
+    return copied;
+}
+
+static void tally_vcpus(const struct hvt_reset_vcpu *vcpus, int nvcpus, uint64_t rows_left,
+                        struct hvt_reset_tally *tally)
+{
+    memset(tally, 0, sizeof(*tally));
+    for (int i = 0; i < nvcpus; i++) {
+        int32_t done = vcpus[i].done;
+        tally->completed += !!(done & HVT_RESET_DID_COMPLETE);
+        tally->synced += !!(done & HVT_RESET_DID_SYNC);
+        tally->settled += !!(done & HVT_RESET_DID_SKIP);
+        if (done & HVT_RESET_MSRS_SHORT)
+            tally->left |= HVT_RESET_LEFT_MSRS;
+    }
+    if (rows_left)
+        tally->left |= HVT_RESET_LEFT_ROWS;
+}
+
+int hvt_vm_reset(int vm_fd, struct hvt_reset_slot *slots, int nslots, struct hvt_reset_vcpu *vcpus,
+                 int nvcpus, const struct hvt_reset_vmstate *vmstate, struct hvt_reset_rows *rows,
+                 struct hvt_dirty_rings *rings, struct hvt_reset_tally *tally)
+{
+    int copied = vm_reset(vm_fd, slots, nslots, vcpus, nvcpus, vmstate, rows, rings);
+    if (tally && copied >= 0)
+        tally_vcpus(vcpus, nvcpus, rows ? rows->changed & rows->python : 0, tally);
     return copied;
 }
