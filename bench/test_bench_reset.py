@@ -10,7 +10,7 @@ def test_reset_cost_against_one_vcpu_ioctl(benchmark, kvm_session):
     result = measure(kvm_session, (1, 50, 500), rounds=60)
     for row in result["rows"]:
         assert row["pages_copied"] >= row["dirty_pages"]  # every page the guest wrote came back
-        print(f"\n{row['dirty_pages']:4d} dirty pages: reset {row['reset_us']:7.1f} us "
+        print(f"\n{row['dirty_pages']:4d} dirty pages ({row['tracking']}): reset {row['reset_us']:7.1f} us "
               f"({row['reset_over_ioctl']:.1f} warm / {row['reset_over_cold_ioctl']:.1f} cold ioctls), "
               f"CPL3-only reset {row['reset_user_us']:7.1f} us ({row['reset_user_over_ioctl']:.1f} warm / "
               f"{row['reset_user_over_cold_ioctl']:.1f} cold ioctls); KVM_GET_REGS {row['get_regs_us']:.1f} us "

@@ -67,8 +67,8 @@ def _print_json(obj) -> None:
 # ---- info -------------------------------------------------------------------------------------
 
 def cmd_info(args) -> int:
-    from .system import Kvm, cpu_model, cpu_vendor, detect_flavour
     from .dirty import host_tracking
+    from .system import Kvm, cpu_model, cpu_vendor, detect_flavour
     from .vcpu_debug import host_support
 
     try:

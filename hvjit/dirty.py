@@ -224,6 +224,9 @@ class DirtyTracker:
         self.since: Bitmaps = {}
         self.since_empty = True  # nothing folded into `since` since the last rebase
         self.manual = False  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled: the log reads cumulative
+        # What collect shows runs from the last clear, not from the last collect (manual
+        # protection or rings): after_reset clears now and then.
+        self.cumulative = False
         # The VM's dirty rings (None: KVM's bitmap is read) and, per segment, the pages they
         # showed written since the last clear.
         self.rings: Optional[DirtyRings] = vm._rings
@@ -249,6 +252,7 @@ class DirtyTracker:
                                                        _t.ffi.cast("void *", seg.host_address)),
                          "KVM_SET_USER_MEMORY_REGION(log dirty pages)", seg.name)
             seg.host_dirty = np.zeros(seg.size // PAGE_SIZE, bool)
+        self.cumulative = self.manual or self.rings is not None
         if self.rings is not None:
             self.logged = empty_bitmaps(vm.memory.segments)
             self.rings.attach(vm.memory.segments, self.logged)
@@ -258,11 +262,6 @@ class DirtyTracker:
         self.base = None
         self.since = empty_bitmaps(vm.memory.segments)
         self.since_empty = True
-
-    @property
-    def cumulative(self) -> bool:
-        """What :meth:`collect` shows runs from the last clear, not from the last collect."""
-        return self.manual or self.rings is not None
 
     def collect(self) -> Bitmaps:
         """Pages written since the last collect (KVM's log is cleared by reading it), or, with

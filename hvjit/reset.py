@@ -64,16 +64,18 @@ _new_tuple = tuple.__new__
 
 
 def take(vm) -> Snapshot:
-    """``vm.snapshot()``: capture, and link the snapshot into this VM's tree."""
-    snapshot.check_stopped(vm)
-    tracker = dirty.tracker(vm)
-    since = tracker.accumulate()
-    parent = tracker.base
-    snap = snapshot.capture(vm)
-    if parent is not None:
-        snap.parent, snap.delta = parent, since
-    tracker.rebase(snap)
-    return snap
+    """``vm.snapshot()``: capture, and link the snapshot into this VM's tree (under the VM's
+    state lock, as a reset: the rings it harvests are unmapped by a destroy)."""
+    with vm._state_lock:
+        snapshot.check_stopped(vm)
+        tracker = dirty.tracker(vm)
+        since = tracker.accumulate()
+        parent = tracker.base
+        snap = snapshot.capture(vm)
+        if parent is not None:
+            snap.parent, snap.delta = parent, since
+        tracker.rebase(snap)
+        return snap
 
 
 def pages_between(base: Optional[Snapshot], target: Snapshot) -> Optional[dirty.Bitmaps]:
@@ -330,29 +332,35 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
     """``vm.reset_to(snap)``: put the VM back into ``snap``'s state in place, copying only the
     pages that may differ. ``privileged=False`` leaves out what only CPL0 code changes (the
     guest ran at CPL3 alone since ``snap``). The VM must be stopped or paused."""
-    ready = vm._reset_ready[privileged]
-    if ready is None or ready.snap is not snap or ready.generation != vm.generation:
-        return _reset_planned(vm, snap, privileged)
-    tracker = ready.tracker
-    if vm._dirty is not tracker or tracker.base is not snap or not tracker.since_empty:
-        return _reset_planned(vm, snap, privileged)
-    for device, seen in ready.python:
-        if device.state_version != seen:
+    # Under the VM's state lock: a destroy or reinit in another thread waits for the C call,
+    # which writes through raw pointers into kvm_run pages and the rings; a reset after it
+    # finds the VM destroyed.
+    with vm._state_lock:
+        if vm.destroyed:
+            vm._check()  # raises
+        ready = vm._reset_ready[privileged]
+        if ready is None or ready.snap is not snap or ready.generation != vm.generation:
             return _reset_planned(vm, snap, privileged)
-    for vcpu, control in ready.controls:  # snapshot.check_stopped's test (Vm.reset_to checked the VM)
-        if vcpu.destroyed or control.thread is not None and not control.parked:
-            snapshot.check_stopped(vm)  # raises the error, the state read under the lock
-    if vm._console != ready.console:
-        vm._console[:] = ready.console
-    bus = ready.bus
-    ready.touched[0] = bus.buffer_touched
-    rc = ready.call(*ready.args)
-    tally = ready.tally
-    if rc < 0 or tally[3]:  # an error, or device rows or MSRs left to Python
-        return _after_call(vm, snap, ready.plan, ready.records, rc, 0, False, privileged, ready)
-    bus.buffer_touched = 0  # tracker.rebase(snap): its base and `since` are as they were
-    tracker.after_reset(rc, ready.bitmaps)
-    return _new_tuple(ResetStats, (rc, False, tally[0], tally[1], tally[2]))
+        tracker = ready.tracker
+        if vm._dirty is not tracker or tracker.base is not snap or not tracker.since_empty:
+            return _reset_planned(vm, snap, privileged)
+        for device, seen in ready.python:
+            if device.state_version != seen:
+                return _reset_planned(vm, snap, privileged)
+        for vcpu, control in ready.controls:  # snapshot.check_stopped's test
+            if vcpu.destroyed or control.thread is not None and not control.parked:
+                snapshot.check_stopped(vm)  # raises the error, the state read under the lock
+        if vm._console != ready.console:
+            vm._console[:] = ready.console
+        bus = ready.bus
+        ready.touched[0] = bus.buffer_touched
+        rc = ready.call(*ready.args)
+        tally = ready.tally
+        if rc < 0 or tally[3]:  # an error, or device rows or MSRs left to Python
+            return _after_call(vm, snap, ready.plan, ready.records, rc, 0, False, privileged, ready)
+        bus.buffer_touched = 0  # tracker.rebase(snap): its base and `since` are as they were
+        tracker.after_reset(rc, ready.bitmaps)
+        return _new_tuple(ResetStats, (rc, False, tally[0], tally[1], tally[2]))
 
 
 def _reset_planned(vm, snap: Snapshot, privileged: bool) -> ResetStats:

@@ -125,6 +125,9 @@ class Vm:
         self.vcpus: list[Vcpu] = []
         self.destroyed = False
         self._teardown_lock = threading.Lock()
+        # Held by a reset or snapshot (hvjit.reset) and by destroy and reinit while they close
+        # or unmap what those use.
+        self._state_lock = threading.Lock()
         self._unreleased = 0  # vCPUs whose fd and run page are not released yet
         self._vm_released = False
         self._suspend_how: Optional[SuspendHow] = None
@@ -287,8 +290,9 @@ class Vm:
         """
         if self.destroyed:
             return
-        self.destroyed = True
-        self._reset_ready = [None, None]  # a reset takes the general way, which checks the VM
+        with self._state_lock:  # a reset or snapshot in another thread ends first; later ones see this
+            self.destroyed = True
+            self._reset_ready = [None, None]
         for v in self.vcpus:  # stop them all at once, then wait for each
             v._control.request(Request.TEARDOWN)
         with self._teardown_lock:
@@ -331,30 +335,31 @@ class Vm:
         authorize(self, "reinit")
         if any(v._control.thread is not None for v in self.vcpus):
             raise VcpuBusyError(f"VM {self.name!r}: stop every vCPU before reinit")
-        n = len(self.vcpus)
-        with self._teardown_lock:
-            self._unreleased = n
-        for v in self.vcpus:
-            v._destroy()
-        self._release_handles_of_kind("vcpu")
-        self.vcpus = []
-        _t.lib.hvt_sys_close(self.fd)
-        self.fd = -1
-        self._suspend_how = None
-        self._paused = False
-        self._create_kvm_vm()
-        self.generation += 1
-        self._dirty = None  # the new VM logs nothing yet (its fd may well have the old number)
-        for seg in self.memory.segments:
-            self._map_segment(seg)
-        self.hooks.remap()
-        self._create_irqchip()
-        self.bus.dev_state[:] = 0
-        self._console.clear()
-        for i in range(n):
-            vcpu = Vcpu(self, i)
-            self.vcpus.append(vcpu)
-            vcpu.handle = self._own(vcpu, "vcpu", vcpu._destroy)
+        with self._state_lock:  # a reset or snapshot in another thread ends first (see destroy)
+            n = len(self.vcpus)
+            with self._teardown_lock:
+                self._unreleased = n
+            for v in self.vcpus:
+                v._destroy()
+            self._release_handles_of_kind("vcpu")
+            self.vcpus = []
+            _t.lib.hvt_sys_close(self.fd)
+            self.fd = -1
+            self._suspend_how = None
+            self._paused = False
+            self._create_kvm_vm()
+            self.generation += 1
+            self._dirty = None  # the new VM logs nothing yet (its fd may well have the old number)
+            for seg in self.memory.segments:
+                self._map_segment(seg)
+            self.hooks.remap()
+            self._create_irqchip()
+            self.bus.dev_state[:] = 0
+            self._console.clear()
+            for i in range(n):
+                vcpu = Vcpu(self, i)
+                self.vcpus.append(vcpu)
+                vcpu.handle = self._own(vcpu, "vcpu", vcpu._destroy)
 
     # ---- the whole VM's lifecycle (bhyve's vm_suspend, suspend/resume of every vCPU) ------
 

@@ -21,6 +21,7 @@ from .. import dirty, entry, reset, snapshot
 from ..abi import KVM_REGS_DTYPE
 from ..asm import assemble
 from ..memory import PAGE_SIZE
+from ..system import Kvm
 
 CODE_GPA = 0x1000
 BUFFER_GPA = 0x100000
@@ -58,10 +59,10 @@ def ioctl_us(vcpu, rounds: int = 2000) -> float:
     return statistics.median(_get_regs_batch(vcpu, rounds // 5) for _ in range(5))
 
 
-def _writer_vm(session, pages: int, name: str):
+def _writer_vm(session, pages: int, name: str, dirty_ring=None):
     if not 1 <= pages <= MAX_PAGES:
         raise ValueError(f"pages must be 1..{MAX_PAGES}")
-    vm = session.create_vm(name, memory=MEMORY)
+    vm = session.create_vm(name, memory=MEMORY, dirty_ring=dirty_ring)
     vm.memory.write(CODE_GPA, assemble(WRITER.format(buffer=BUFFER_GPA, pages=pages), CODE_GPA))
     entry.setup_long_mode(vm.vcpu(0), CODE_GPA, cpl=3)
     vm.vcpu(0).warm_up()
@@ -127,12 +128,22 @@ def breakdown_us(vm, snap, rounds: int) -> dict[str, float]:
     ptr = _t.ffi.cast
     lib = _t.lib
     tracker = dirty.tracker(vm)
+    rings = _t.ffi.NULL if vm._rings is None else vm._rings.ptr
+    pages_step = ("dirty log + page copies (hvt_mem_reset_pages)" if vm._rings is None else
+                  "dirty ring harvest + page copies (hvt_mem_reset_pages)")
+
+    def reset_pages():
+        if rings:
+            lib.hvt_dirty_rings_harvest(rings)
+        return lib.hvt_mem_reset_pages(vm.fd, int(seg["slot"]), ptr("void *", int(seg["dst"])),
+                                       ptr("void *", int(seg["src"])), ptr("uint64_t *", int(seg["bitmap"])),
+                                       ptr("uint64_t *", int(seg["logged"])), _t.ffi.NULL, _t.ffi.NULL,
+                                       int(seg["npages"]), PAGE_SIZE)
+
     for _ in range(rounds):
         _run_once(vm)
         timed("device fields and rows (reset_devices)", snapshot.reset_devices, vm, snap, since_snapshot=True)
-        timed("dirty log + page copies (hvt_mem_reset_pages)", lib.hvt_mem_reset_pages, vm.fd, int(seg["slot"]),
-              ptr("void *", int(seg["dst"])), ptr("void *", int(seg["src"])), ptr("uint64_t *", int(seg["bitmap"])),
-              ptr("uint64_t *", int(seg["logged"])), _t.ffi.NULL, _t.ffi.NULL, int(seg["npages"]), PAGE_SIZE)
+        timed(pages_step, reset_pages)
         done = timed("finish exit, registers, XSAVE (hvt_vcpu_reset)", lib.hvt_vcpu_reset, int(part["fd"]),
                      ptr("struct kvm_run *", int(part["run"])), ptr("struct kvm_regs *", int(part["regs"])),
                      ptr("struct kvm_sregs *", int(part["sregs"])),
@@ -171,9 +182,12 @@ def floor_us(vm, rounds: int) -> dict[str, float]:
     ops = {"KVM_GET_REGS": lambda: lib.hvt_vcpu_get_regs(fd, pregs),
            "KVM_SET_REGS": lambda: lib.hvt_vcpu_set_regs(fd, pregs),
            "KVM_SET_XSAVE": lambda: lib.hvt_vcpu_set_xsave(fd, pxsave),
-           "KVM_RUN (immediate exit)": immediate_run,
-           "KVM_GET_DIRTY_LOG (VM ioctl, nothing dirty)": lambda: lib.hvt_vm_get_dirty_log(vm.fd, seg.slot, pbitmap),
-           "cffi call (hvt_sys_nop)": lib.hvt_sys_nop}
+           "KVM_RUN (immediate exit)": immediate_run}
+    if vm._rings is None:
+        ops["KVM_GET_DIRTY_LOG (VM ioctl, nothing dirty)"] = lambda: lib.hvt_vm_get_dirty_log(vm.fd, seg.slot, pbitmap)
+    else:
+        ops["dirty ring harvest (nothing new; no system call)"] = lambda: lib.hvt_dirty_rings_harvest(vm._rings.ptr)
+    ops["cffi call (hvt_sys_nop)"] = lib.hvt_sys_nop
     times: dict[str, list[float]] = {k: [] for k in ops}
     for _ in range(rounds):
         for name, fn in ops.items():
@@ -185,21 +199,27 @@ def floor_us(vm, rounds: int) -> dict[str, float]:
 
 
 def measure(session, page_counts=(1, 50, 500), rounds: int = 60) -> dict:
-    """Reset cost per dirty-page count, as microseconds and as multiples of one vCPU ioctl."""
+    """Reset cost per dirty-page count, as microseconds and as multiples of one vCPU ioctl,
+    with the VM's default tracking (the dirty ring where the host has one); with 50 pages
+    also with KVM's dirty bitmap on such a host, for the comparison."""
     out: dict = {"rows": []}
-    for n in page_counts:
-        vm = _writer_vm(session, n, f"reset-bench-{n}")
+    runs = [(n, None) for n in page_counts]
+    if 50 in page_counts and dirty.ring_capability(Kvm.instance())[0]:
+        runs.append((50, 0))
+    for n, ring in runs:
+        vm = _writer_vm(session, n, f"reset-bench-{n}" + ("" if ring is None else "-bitmap"), dirty_ring=ring)
         try:
             snap = reset.take(vm)
             _run_once(vm)
             vm.reset_to(snap)  # the first reset after the snapshot sets the dirty log going
             m = reset_rounds(vm, snap, rounds)
-            row = {"dirty_pages": n, "pages_copied": m["pages_copied"], "reset_us": round(m["reset_us"], 1),
+            row = {"dirty_pages": n, "tracking": "bitmap" if vm._rings is None else "ring",
+                   "pages_copied": m["pages_copied"], "reset_us": round(m["reset_us"], 1),
                    "reset_user_us": round(m["reset_user_us"], 1), "get_regs_us": round(m["get_regs_us"], 2),
                    "get_regs_cold_us": round(m["get_regs_cold_us"], 2), "guest_run_us": round(m["run_us"], 1),
                    **{k: round(m[k], 2) for k in ("reset_over_ioctl", "reset_user_over_ioctl",
                                                   "reset_over_cold_ioctl", "reset_user_over_cold_ioctl")}}
-            if n == 50:
+            if n == 50 and ring is None:
                 row["breakdown_us"] = breakdown_us(vm, snap, rounds)
                 row["floor_us"] = floor_us(vm, rounds)
                 out["breakdown_pages"] = n

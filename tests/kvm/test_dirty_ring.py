@@ -51,7 +51,7 @@ def test_a_full_ring_stops_the_vcpu_and_loses_no_page(session):
     vm = _writer(session, "full", pages, dirty_ring=SMALLEST)
     snap = vm.snapshot()
     before = vm.memory.read(BUFFER, pages * 4096)
-    for run in range(3):
+    for _ in range(3):
         assert vm.run(timeout=30).reason == "poweroff"
         written = np.frombuffer(vm.memory.read(BUFFER, pages * 4096), np.uint8).reshape(pages, 4096)
         assert (written[:, 0] == 1).all()

@@ -389,3 +389,40 @@ def test_a_reset_while_a_vcpu_runs_is_refused_on_the_short_way_too(session):
     vm.reset_to(snap, privileged=False)  # stopped: allowed again, and the flag goes back
     assert vm.memory.read(flag, 1) == b"\0"
     assert vm.run(timeout=30).reason == "poweroff"
+
+
+def _hammer(vm, snap, operation: str, privileged: bool, outcomes: list) -> None:
+    """Reset (or snapshot) ``vm`` until it is destroyed, noting how each call ended."""
+    from hvjit.errors import ObjectDestroyedError
+
+    try:
+        while True:
+            if operation == "reset":
+                vm.reset_to(snap, privileged=privileged)
+            else:
+                vm.snapshot()
+            outcomes.append("done")
+    except ObjectDestroyedError:
+        outcomes.append("destroyed")
+    except HvjitError as e:  # anything else is a failure the test shows
+        outcomes.append(repr(e))
+
+
+@pytest.mark.parametrize("operation", ["reset", "snapshot"])
+def test_destroy_from_another_thread_never_meets_a_reset_half_way(session, operation):
+    # A reset writes through raw pointers into each vCPU's kvm_run page and dirty ring; a
+    # destroy unmaps them. Each call must either finish or raise ObjectDestroyedError.
+    import threading
+    import time
+
+    for trial in range(12):
+        vm = _vm(session, f"race{operation}{trial}", USER_CHANGES, 3, vcpus=2)
+        snap = vm.snapshot()
+        outcomes: list = []
+        worker = threading.Thread(target=_hammer, args=(vm, snap, operation, bool(trial % 2), outcomes))
+        worker.start()
+        time.sleep(0.001 * (trial % 4))
+        vm.destroy()
+        worker.join(10)
+        assert not worker.is_alive()
+        assert outcomes[-1] == "destroyed" and set(outcomes) <= {"done", "destroyed"}, outcomes[-3:]
