@@ -10,8 +10,8 @@ KVM then reports the guest's writes one of two ways:
   writable, so a page the guest keeps writing costs one fault, not one a run. The harvest
   goes into ``logged``, a bitmap per segment of the pages written since the last clear;
   ``KVM_RESET_DIRTY_RINGS`` protects them again at the clear. A full ring stops the vCPU
-  (``KVM_EXIT_DIRTY_RING_FULL``): :meth:`DirtyTracker.ring_full` harvests and resets, and
-  the run goes on. The ring has to be enabled before the VM's first vCPU (:func:`enable_ring`).
+  (``KVM_EXIT_DIRTY_RING_FULL``): :meth:`DirtyRings.drain` harvests and resets, and the run
+  goes on. The ring has to be enabled before the VM's first vCPU (:func:`enable_ring`).
 - **The dirty bitmap**, read with ``KVM_GET_DIRTY_LOG``. Where the host offers
   ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` it is enabled: reading the log then neither clears
   it nor write-protects the pages again (measured on the PVM host: a 50-page guest run took
@@ -256,7 +256,10 @@ class DirtyTracker:
         if self.rings is not None:
             self.logged = empty_bitmaps(vm.memory.segments)
             self.rings.attach(vm.memory.segments, self.logged)
-            self.rings.harvest()  # what an earlier tracker left: a superset does no harm
+            # What an earlier tracker left (a superset does no harm), and its pages protected
+            # again: one it had read stays writable, and a write to it would not show.
+            self.rings.harvest()
+            vm._kvm_call(_t.lib.hvt_vm_reset_dirty_rings(vm.fd), "KVM_RESET_DIRTY_RINGS")
         self.vm_fd = vm.fd
         self.layout = vm.memory.version
         self.base = None

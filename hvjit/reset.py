@@ -289,11 +289,13 @@ def _make_plan(vm, snap: Snapshot) -> _Plan:
     keep.append(vmstate)
     tally = np.zeros(1, HVT_RESET_TALLY_DTYPE)
     keep.append(tally)
-    return _Plan(slots, _t.ptr(slots, "struct hvt_reset_slot *"), _Records(user), _Records(privileged),
-                 _t.ptr(vmstate, "struct hvt_reset_vmstate *"),
-                 [_t.ffi.cast("uint64_t *", int(a)) for a in slots["bitmap"]], snapshot.device_plan(vm, snap), has_xsave,
-                 list(dirty.full_bitmaps(segments).values()), keep,
-                 _t.ffi.NULL if vm._rings is None else vm._rings.ptr, _t.ptr(tally, "struct hvt_reset_tally *"), _t.ffi.cast("int32_t *", _t.ptr(tally)))
+    return _Plan(slots=slots, slots_ptr=_t.ptr(slots, "struct hvt_reset_slot *"), user=_Records(user),
+                 privileged=_Records(privileged), vmstate_ptr=_t.ptr(vmstate, "struct hvt_reset_vmstate *"),
+                 bitmaps=[_t.ffi.cast("uint64_t *", int(a)) for a in slots["bitmap"]],
+                 devices=snapshot.device_plan(vm, snap), xsave=has_xsave,
+                 full=list(dirty.full_bitmaps(segments).values()), keep=keep,
+                 rings_ptr=_t.ffi.NULL if vm._rings is None else vm._rings.ptr,
+                 tally_ptr=_t.ptr(tally, "struct hvt_reset_tally *"), tally=_t.ffi.cast("int32_t *", _t.ptr(tally)))
 
 
 class _Ready:
@@ -314,7 +316,8 @@ class _Ready:
         self.touched = devices.touched  # uint64_t *: the device rows the host handed out
         self.call = _t.lib.hvt_vm_reset
         self.args = (vm.fd, plan.slots_ptr, len(vm.memory.segments), records.ptr, len(records.done),
-                     plan.vmstate_ptr if privileged else _t.ffi.NULL, devices.record_ptr, plan.rings_ptr, plan.tally_ptr)
+                     plan.vmstate_ptr if privileged else _t.ffi.NULL, devices.record_ptr, plan.rings_ptr,
+                     plan.tally_ptr)
         # Python-side device fields equal the snapshot's while these versions hold.
         self.python = [(device, seen) for (device, _, _), seen in zip(devices.python, devices.seen)]
         self.controls = [(v, v._control) for v in vm.vcpus]

@@ -10,7 +10,9 @@ from hvjit.system import Kvm
 
 CODE = 0x1000
 BUFFER = 0x100000
-SMALLEST = 256  # entries: one page of ring; KVM keeps 64 of them (more with PML) in reserve
+# Entries of a small ring: KVM keeps 64 of them in reserve, 576 where the CPU logs writes
+# itself (Intel's PML), and refuses a ring without room beyond that.
+SMALL = 1024
 
 WRITER = """
 .code64
@@ -31,8 +33,8 @@ def _needs_a_ring():
         pytest.skip("the host has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
 
 
-def _writer(session, name, pages, **kwargs):
-    vm = session.create_vm(name, memory=4 << 20, **kwargs)
+def _writer(session, name, pages, memory=4 << 20, **kwargs):
+    vm = session.create_vm(name, memory=memory, **kwargs)
     vm.memory.write(CODE, assemble(WRITER.format(buffer=BUFFER, pages=pages), CODE))
     entry.setup_long_mode(vm.vcpu(0), CODE, cpl=3)
     return vm
@@ -47,8 +49,8 @@ def test_rings_are_the_default_and_zero_keeps_the_bitmap(session):
 
 
 def test_a_full_ring_stops_the_vcpu_and_loses_no_page(session):
-    pages = 600  # well past what a 256-entry ring holds before it is full
-    vm = _writer(session, "full", pages, dirty_ring=SMALLEST)
+    pages = 1500  # well past what a 1024-entry ring holds before it is full
+    vm = _writer(session, "full", pages, memory=8 << 20, dirty_ring=SMALL)
     snap = vm.snapshot()
     before = vm.memory.read(BUFFER, pages * 4096)
     for _ in range(3):
@@ -67,3 +69,21 @@ def test_a_ring_size_kvm_would_refuse_is_a_value_error(session, entries):
     with pytest.raises(ValueError, match="power of two"):
         session.create_vm(f"bad{entries}", memory=1 << 20, dirty_ring=entries)
     assert not any(vm.name == f"bad{entries}" for vm in session.vms)
+
+
+def test_a_new_tracker_sees_writes_to_pages_the_old_one_had_read(session):
+    # Pages a tracker read from the ring stay writable until the rings are reset; a tracker
+    # made after the memory layout changed must protect them again, or the guest's next
+    # write to them would not show and a reset would leave it.
+    vm = _writer(session, "retrack", 4)
+    first = vm.snapshot()
+    assert vm.run(timeout=30).reason == "poweroff"
+    vm.reset_to(first, privileged=False)  # the ring was read: the 4 pages stay writable
+    vm.add_memory(64 << 20, 1 << 20)  # a new layout: the next snapshot makes a new tracker
+    second = vm.snapshot()
+    assert vm._dirty.rings is not None and vm._dirty.base is second
+    assert vm.run(timeout=30).reason == "poweroff"
+    assert vm.memory.read(BUFFER, 1) == b"\1"
+    stats = vm.reset_to(second, privileged=False)
+    assert not stats.full and stats.pages >= 4
+    assert vm.memory.read(BUFFER, 4 * 4096) == bytes(4 * 4096)

@@ -95,7 +95,7 @@ HVT_EXPORT int hvt_vm_reset_dirty_rings(int vm_fd);
 
 /* One memory slot of a fast reset: hvt_mem_reset_pages's arguments. */
 struct hvt_reset_slot {
-    int32_t slot;          /* KVM slot whose dirty log is read; < 0: none (read-only memory) */
+    int32_t slot;          /* KVM slot whose dirty log is read; < 0: none (read-only memory, rings) */
     uint32_t pad;
     uint64_t npages;
     void *dst;             /* the guest's memory */
