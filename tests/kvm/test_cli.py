@@ -26,8 +26,12 @@ def test_info_json_reports_flavour_and_caps():
     assert "USER_MEMORY" in info["capabilities"]
     assert info["cpu_vendor"]
     assert info["behaviour"]["out_exit_settled"] in (True, False)  # a probe guest ran
+    tracking = info["dirty_tracking"]
+    ring = info["capabilities"].get("DIRTY_LOG_RING") or info["capabilities"].get("DIRTY_LOG_RING_ACQ_REL") or 0
+    assert tracking["ring_max_entries"] == ring // 16 and (tracking["ring_entries"] > 0) == (ring > 0)
     human = hvjit("info")
     assert b"flavour" in human.stdout and b"OUT exits:" in human.stdout and human.returncode == 0
+    assert (b"dirty pages:  dirty ring of" if ring else b"dirty pages:  KVM's bitmap") in human.stdout
 
 
 @pytest.mark.parametrize("mode,cpl,gpa", [
