@@ -111,29 +111,37 @@ def host_tracking(kvm) -> dict:
             "manual_protect": bool(kvm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)}
 
 
-def enable_ring(vm, entries: Optional[int]) -> int:
-    """Give a new VM (no vCPU yet) dirty rings of ``entries`` each: None picks
-    ``DEFAULT_RING_ENTRIES`` where the host offers rings (else none), 0 none. Returns the
-    entries each vCPU's ring has (0: the VM keeps the dirty bitmap)."""
-    if entries == 0:
+def ring_entries(kvm, asked: Optional[int]) -> int:
+    """The entries of each vCPU's dirty ring for a VM that asked ``asked`` (``Vm(dirty_ring=)``):
+    None picks ``DEFAULT_RING_ENTRIES`` where the host offers rings (else 0), 0 means none.
+    Checked before anything of the VM is made."""
+    if asked == 0:
         return 0
-    cap, largest = ring_capability(vm.kvm)
+    cap, largest = ring_capability(kvm)
     if not cap:
-        if entries is None:
+        if asked is None:
             return 0
-        raise UnsupportedError("a dirty ring (this host's KVM lacks KVM_CAP_DIRTY_LOG_RING)", vm.kvm.flavour)
-    asked = entries is not None
-    if entries is None:
-        entries = min(DEFAULT_RING_ENTRIES, largest // KVM_DIRTY_GFN_DTYPE.itemsize)
-    size = entries * KVM_DIRTY_GFN_DTYPE.itemsize
-    if entries < 1 or entries & (entries - 1) or size < PAGE_SIZE or size > largest:
-        raise ValueError(f"dirty_ring={entries}: a power of two from {PAGE_SIZE // KVM_DIRTY_GFN_DTYPE.itemsize} "
-                         f"to {largest // KVM_DIRTY_GFN_DTYPE.itemsize} entries on this host")
-    rc = _t.lib.hvt_vm_enable_cap(vm.fd, cap, size, 0)
+        raise UnsupportedError("a dirty ring (this host's KVM lacks KVM_CAP_DIRTY_LOG_RING)", kvm.flavour)
+    item = KVM_DIRTY_GFN_DTYPE.itemsize
+    entries = min(DEFAULT_RING_ENTRIES, largest // item) if asked is None else asked
+    if not isinstance(entries, int) or entries < 1 or entries & (entries - 1) or not PAGE_SIZE <= entries * item <= largest:
+        raise ValueError(f"dirty_ring={entries!r}: a power of two from {PAGE_SIZE // item} "
+                         f"to {largest // item} entries on this host")
+    return entries
+
+
+def enable_ring(vm, entries: int, asked: bool) -> int:
+    """Give a new VM (no vCPU yet, as KVM asks) dirty rings of ``entries`` each (from
+    :func:`ring_entries`). Returns the entries, or 0 when KVM refused a ring the VM did not
+    ask for (it keeps the bitmap then); a refused ring it asked for is a KvmError."""
+    if not entries:
+        return 0
+    cap, _ = ring_capability(vm.kvm)
+    rc = _t.lib.hvt_vm_enable_cap(vm.fd, cap, entries * KVM_DIRTY_GFN_DTYPE.itemsize, 0)
     if rc < 0:
         if asked:
             vm._kvm_call(rc, "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)", f"{entries} entries")
-        return 0  # the bitmap still works
+        return 0
     return entries
 
 

@@ -96,7 +96,8 @@ class Vm:
         self.device_specs: list[tuple[str, dict]] = []  # (factory name, config) of each device
         self.default_devices = devices
         self._dirty = None  # hvjit.dirty.DirtyTracker, once a snapshot is taken
-        self._dirty_ring_asked = dirty_ring
+        self._ring_entries = dirty.ring_entries(self.kvm, dirty_ring)  # checked before anything is made
+        self._ring_asked = dirty_ring is not None
         self._vcpu_count = vcpus
         self._rings: Optional[dirty.DirtyRings] = None  # with the KVM VM, where it has dirty rings
         # hvjit.reset's short ways to the next reset, while they hold: [CPL3-only, with CPL0 state]
@@ -169,7 +170,7 @@ class Vm:
 
     def _create_kvm_vm(self) -> None:
         self.fd = _t.check(_t.lib.hvt_vm_create(self.kvm.fd, 0), "KVM_CREATE_VM", self.name)
-        entries = dirty.enable_ring(self, self._dirty_ring_asked)  # before any vCPU, as KVM asks
+        entries = dirty.enable_ring(self, self._ring_entries, self._ring_asked)
         self._rings = dirty.DirtyRings(entries, self._vcpu_count) if entries else None
         if self.kvm.has(Cap.SET_IDENTITY_MAP_ADDR):
             self._kvm_call(_t.lib.hvt_vm_set_identity_map_addr(self.fd, KVM_IDENTITY_MAP_GPA),
