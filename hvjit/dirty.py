@@ -105,9 +105,7 @@ def ring_capability(kvm) -> tuple[int, int]:
 
 def host_tracking(kvm) -> dict:
     """What ``hvjit info`` says of this host's ways to track the guest's writes."""
-    cap, largest = ring_capability(kvm)
-    largest //= KVM_DIRTY_GFN_DTYPE.itemsize
-    return {"ring_entries": min(DEFAULT_RING_ENTRIES, largest) if cap else 0, "ring_max_entries": largest,
+    return {"ring_entries": ring_entries(kvm, None), "ring_max_entries": ring_capability(kvm)[1] // KVM_DIRTY_GFN_DTYPE.itemsize,
             "manual_protect": bool(kvm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)}
 
 
