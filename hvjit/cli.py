@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from . import helper_threads
 from .errors import HvjitError, KvmUnavailableError
 
 # Exit statuses of `hvjit run` that are not the guest's own debug-exit code.
@@ -282,7 +283,7 @@ def _show_progress(vm, watch, args, fmt):
             print(f"\r\x1b[K{line}" if tty else f"hvjit: {line}", end="" if tty else "\n",
                   file=sys.stderr, flush=True)
 
-    threading.Thread(target=report, name="hvjit-progress", daemon=True).start()
+    helper_threads.start(report, "hvjit-progress")
     return stop
 
 
@@ -352,8 +353,7 @@ def _run_with_snapshot(vm, args):
                         v.kick()
                     return
 
-        watcher = threading.Thread(target=watch, name="hvjit-snapshot-at", daemon=True)
-        watcher.start()
+        watcher = helper_threads.start(watch, "hvjit-snapshot-at")
         try:
             first = vm.run(timeout=args.timeout)
         finally:
@@ -393,7 +393,7 @@ def _feed_stdin(vm):
                 return
             vm.send_console_input(chunk.replace(b"\n", b"\r"))
 
-    threading.Thread(target=pump, name="hvjit-stdin", daemon=True).start()
+    helper_threads.start(pump, "hvjit-stdin")
     return stop
 
 

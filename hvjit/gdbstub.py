@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import helper_threads
 from .abi import SuspendHow, VmExitCode
 from .emulation.guest import GuestAccessError, cpu_mode, paging_registers
 from .errors import GuestFault, HvjitError, UnsupportedError
@@ -280,8 +281,7 @@ class _Runner:
         self.index = vcpus[0].index
         self.exit: Optional[VmExit] = None
         self.error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._main, name=f"{vm.name}-gdb-run", daemon=True)
-        self._thread.start()
+        self._thread = helper_threads.start(self._main, f"{vm.name}-gdb-run")
 
     def _main(self) -> None:
         try:

@@ -28,6 +28,7 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
+from hvjit import helper_threads
 from hvjit.errors import (
     DuplicateNameError,
     InvalidHandleError,
@@ -170,11 +171,7 @@ def _ensure_reaper() -> None:
         return
     with _reaper_lock:
         if _reaper_thread is None:
-            thread = threading.Thread(
-                target=_reap_abandoned_forever, name="hvjit-session-reaper", daemon=True
-            )
-            thread.start()
-            _reaper_thread = thread
+            _reaper_thread = helper_threads.start(_reap_abandoned_forever, "hvjit-session-reaper")
 
 
 def stop_reaper() -> None:

@@ -7,15 +7,17 @@ of KVM_RUN and stop too.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import helper_threads
 from .abi import SuspendHow, VmExitCode
 from .errors import ObjectDestroyedError
 from .exits import VmExit
+
+JOIN_SLICE = 0.05  # seconds the caller waits for a vCPU thread between looks at its signals
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,6 @@ def run_vm(vm, *, timeout: Optional[float], resume_hlt: bool) -> RunResult:
                 pass
 
     def worker(v) -> None:
-        # Ctrl-C must reach the caller's thread (which then stops everyone), not a vCPU
-        # thread where it would only interrupt one KVM_RUN.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             try:
                 ex = v.run(timeout=timeout, resume_hlt=resume_hlt, _group_stop=group_stop)
@@ -120,13 +119,17 @@ def run_vm(vm, *, timeout: Optional[float], resume_hlt: bool) -> RunResult:
         if first:
             stop_all()
 
-    threads = [threading.Thread(target=worker, args=(v,), name=f"{vm.name}-vcpu{v.index}", daemon=True)
-               for v in vcpus]
+    # Ctrl-C must reach the caller's thread (which then stops everyone), not a vCPU thread
+    # where it would only interrupt one KVM_RUN: helper_threads block it.
+    threads: list[threading.Thread] = []
     try:
+        for v in vcpus:
+            threads.append(helper_threads.start(worker, f"{vm.name}-vcpu{v.index}", (v,)))
         for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+            # In slices: a SIGINT another thread of the process took (one the caller started)
+            # raises KeyboardInterrupt here only when this thread runs Python code again.
+            while t.is_alive():
+                t.join(JOIN_SLICE)
     except BaseException:
         stop_all()
         for t in threads:

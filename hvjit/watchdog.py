@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Callable
 
+from . import helper_threads
+
 
 class _Scheduler:
     def __init__(self):
@@ -28,8 +30,7 @@ class _Scheduler:
             self._callbacks[token] = callback
             heapq.heappush(self._heap, (time.monotonic() + delay, token))
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._serve, name="hvjit-watchdog", daemon=True)
-                self._thread.start()
+                self._thread = helper_threads.start(self._serve, "hvjit-watchdog")
             self._cond.notify()
         return token
 

@@ -296,3 +296,26 @@ def test_destroy_while_a_tick_hook_runs_is_a_stop_not_an_error(session, vcpus):
     assert not t.is_alive()
     assert "error" not in box, box.get("error")
     assert box["result"].exitcode == VmExitCode.BOGUS
+
+
+def test_ctrl_c_taken_by_another_thread_still_stops_a_multi_vcpu_run(session):
+    # Linux may hand a process's SIGINT to any thread that does not block it; Python raises
+    # KeyboardInterrupt in the main thread once that thread runs Python code again. A caller
+    # joining its vCPU threads must look at its signals while it waits.
+    vm = _spinning_vm(session, "sigint-elsewhere", vcpus=2)
+    vm.vcpu(0).warm_up()
+    sent = []
+
+    def interrupt_from_here():
+        time.sleep(0.3)
+        sent.append(time.monotonic())
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # this thread takes it
+
+    other = threading.Thread(target=interrupt_from_here)  # the caller's own: SIGINT not blocked
+    other.start()
+    with pytest.raises(KeyboardInterrupt):
+        vm.run(timeout=20)
+    stopped = time.monotonic()
+    other.join()
+    assert stopped - sent[0] < 0.5  # not the 20 s watchdog
+    assert all(v.state == "stopped" for v in vm.vcpus) and vm.run(timeout=0.2).reason == "timeout"
