@@ -12,7 +12,7 @@ PACKAGE = Path(hvjit.__file__).resolve().parent
 
 # Bottom to top; a module may import its own layer and the ones below (docs/architecture.md).
 LAYERS = [
-    ("base", ["hvjit", "hvjit._cachedir", "hvjit._jit", "hvjit.abi", "hvjit.errors"]),
+    ("base", ["hvjit", "hvjit._cachedir", "hvjit._jit", "hvjit.abi", "hvjit.errors", "hvjit.helper_threads"]),
     ("kernels and the C ABI", ["hvjit.kernels", "hvjit.kernels.*", "hvjit._trampoline"]),
     ("devices and firmware tables", ["hvjit.devices", "hvjit.devices.*", "hvjit.firmware", "hvjit.firmware.*"]),
     ("the machine", ["hvjit.system", "hvjit.memory", "hvjit.watchdog", "hvjit.exits", "hvjit.interrupts",
