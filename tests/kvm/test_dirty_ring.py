@@ -6,25 +6,14 @@ import pytest
 
 from hvjit import dirty, entry
 from hvjit.asm import assemble
+from hvjit.benchmarks.reset import BUFFER_GPA as BUFFER
+from hvjit.benchmarks.reset import CODE_GPA as CODE
+from hvjit.benchmarks.reset import WRITER  # a CPL3 guest: one byte into each of `pages` pages
 from hvjit.system import Kvm
 
-CODE = 0x1000
-BUFFER = 0x100000
 # Entries of a small ring: KVM keeps 64 of them in reserve, 576 where the CPU logs writes
 # itself (Intel's PML), and refuses a ring without room beyond that.
 SMALL = 1024
-
-WRITER = """
-.code64
-    mov ${buffer}, %rdi
-    mov ${pages}, %ecx
-1:  incb (%rdi)
-    add $4096, %rdi
-    dec %ecx
-    jnz 1b
-    xor %eax, %eax
-    outl %eax, $0xf4
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +33,7 @@ def test_rings_are_the_default_and_zero_keeps_the_bitmap(session):
     ring = _writer(session, "ring", 1)
     bitmap = _writer(session, "bitmap", 1, dirty_ring=0)
     ring.snapshot(), bitmap.snapshot()
-    assert ring._dirty.rings is not None and ring._dirty.rings.entries == dirty.DEFAULT_RING_ENTRIES
+    assert ring._dirty.rings is not None and ring._dirty.rings.entries == dirty.ring_entries(Kvm.instance(), None)
     assert bitmap._dirty.rings is None and bitmap._rings is None
 
 
