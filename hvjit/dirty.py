@@ -34,6 +34,7 @@ slot number), so snapshots of VMs with the same layout can be compared.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Optional
 
@@ -49,6 +50,7 @@ KVM_MEM_READONLY = 2
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1  # not INITIALLY_SET: enabling still protects every page
 CLEAR_EVERY = 64  # resets between two clears of a manually protected log
 CLEAR_GROWTH = 64  # pages copied beyond the first reset's count that make a clear worth it
+NEVER = sys.maxsize
 
 Bitmaps = dict[int, np.ndarray]  # segment index (guest-physical order) -> bitmap
 
@@ -237,8 +239,9 @@ class DirtyTracker:
         # showed written since the last clear.
         self.rings: Optional[DirtyRings] = vm._rings
         self.logged: Bitmaps = {}
-        self._resets = 0  # resets since the last clear
-        self._baseline = -1  # pages the first reset after the last clear copied
+        # When after_reset clears a cumulative log: in this many resets, or after a reset
+        # that copied more pages than this (-1: the next reset sets it). Never otherwise.
+        self.resets_left = self.clear_above = NEVER
 
     @property
     def valid(self) -> bool:
@@ -259,6 +262,8 @@ class DirtyTracker:
                          "KVM_SET_USER_MEMORY_REGION(log dirty pages)", seg.name)
             seg.host_dirty = np.zeros(seg.size // PAGE_SIZE, bool)
         self.cumulative = self.manual or self.rings is not None
+        if self.cumulative:
+            self.resets_left, self.clear_above = CLEAR_EVERY, -1
         if self.rings is not None:
             self.logged = empty_bitmaps(vm.memory.segments)
             self.rings.attach(vm.memory.segments, self.logged)
@@ -314,15 +319,19 @@ class DirtyTracker:
     def after_reset(self, copied: int, bitmaps) -> None:
         """A reset just made the memory equal the base snapshot, copying ``copied`` pages;
         ``bitmaps`` (per segment, a pointer) hold at least the pages KVM logged. With manual
-        protection or dirty rings, clear the log when that is due (see the module docstring)."""
-        if not self.cumulative:
+        protection or dirty rings, clear the log when that is due (see the module docstring).
+        hvjit.reset's short way makes this same test inline."""
+        self.resets_left -= 1
+        if self.resets_left <= 0 or copied > self.clear_above:
+            self.clear_due(copied, bitmaps)
+
+    def clear_due(self, copied: int, bitmaps) -> None:
+        """:meth:`after_reset`'s test passed: the first reset since the last clear sets the
+        growth bound (what one run writes); else clear the log now."""
+        if self.clear_above < 0 and self.resets_left > 0:
+            self.clear_above = copied + CLEAR_GROWTH
             return
-        self._resets += 1
-        if self._baseline < 0:
-            self._baseline = copied
-        if self._resets < CLEAR_EVERY and copied <= self._baseline + CLEAR_GROWTH:
-            return
-        self._resets, self._baseline = 0, -1
+        self.resets_left, self.clear_above = CLEAR_EVERY, -1
         if self.rings is not None:
             self.clear_rings()
             return

@@ -305,7 +305,7 @@ class _Ready:
     there every look-up of the general path costs ~0.5-1 us, and they added up to a third
     of a 50-page reset."""
 
-    __slots__ = ("snap", "generation", "tracker", "plan", "records", "call", "args", "touched", "python",
+    __slots__ = ("snap", "generation", "tracker", "plan", "records", "call", "args", "touched", "devices_version",
                  "controls", "bus", "console", "tally", "bitmaps")
 
     def __init__(self, vm, snap: Snapshot, privileged: bool, plan: _Plan, records: _Records):
@@ -318,8 +318,8 @@ class _Ready:
         self.args = (vm.fd, plan.slots_ptr, len(vm.memory.segments), records.ptr, len(records.done),
                      plan.vmstate_ptr if privileged else _t.ffi.NULL, devices.record_ptr, plan.rings_ptr,
                      plan.tally_ptr)
-        # Python-side device fields equal the snapshot's while these versions hold.
-        self.python = [(device, seen) for (device, _, _), seen in zip(devices.python, devices.seen)]
+        # The devices' Python-side fields equal the snapshot's while no state_version moves.
+        self.devices_version = vm.bus.state_version
         self.controls = [(v, v._control) for v in vm.vcpus]
         self.bus, self.console, self.tally, self.bitmaps = vm.bus, snap.console, plan.tally, plan.bitmaps
 
@@ -347,22 +347,23 @@ def reset_to(vm, snap: Snapshot, *, privileged: bool = True) -> ResetStats:
         tracker = ready.tracker
         if vm._dirty is not tracker or tracker.base is not snap or not tracker.since_empty:
             return _reset_planned(vm, snap, privileged)
-        for device, seen in ready.python:
-            if device.state_version != seen:
-                return _reset_planned(vm, snap, privileged)
+        bus = ready.bus
+        if bus.state_version != ready.devices_version:
+            return _reset_planned(vm, snap, privileged)
         for vcpu, control in ready.controls:  # snapshot.check_stopped's test
             if vcpu.destroyed or control.thread is not None and not control.parked:
                 snapshot.check_stopped(vm)  # raises the error, the state read under the lock
         if vm._console != ready.console:
             vm._console[:] = ready.console
-        bus = ready.bus
         ready.touched[0] = bus.buffer_touched
         rc = ready.call(*ready.args)
         tally = ready.tally
         if rc < 0 or tally[3]:  # an error, or device rows or MSRs left to Python
             return _after_call(vm, snap, ready.plan, ready.records, rc, 0, False, privileged, ready)
         bus.buffer_touched = 0  # tracker.rebase(snap): its base and `since` are as they were
-        tracker.after_reset(rc, ready.bitmaps)
+        tracker.resets_left -= 1  # tracker.after_reset, its test inline
+        if tracker.resets_left <= 0 or rc > tracker.clear_above:
+            tracker.clear_due(rc, ready.bitmaps)
         return _new_tuple(ResetStats, (rc, False, tally[0], tally[1], tally[2]))
 
 

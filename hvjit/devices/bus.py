@@ -50,6 +50,9 @@ class IoBus:
         # Buffer rows handed to Python since the last snapshot or reset, a bit a slot: Python
         # may have written them (the guest's writes show in the state row's STATE_ACCESSES).
         self.buffer_touched = 0
+        # Counts every change of an attached device's state_version: one look tells a reset
+        # whether any device's Python-side fields may have moved (hvjit.reset).
+        self.state_version = 0
         self.slots: dict[int, Slot] = {}
         self._port_handlers: dict[int, tuple[int, PortHandler]] = {}  # port -> (slot, handler)
         self._mmio_handlers: list[tuple[int, int, int, MmioHandler]] = []  # start, end, slot, h
@@ -228,7 +231,18 @@ class PortDevice:
     # A device with Python-side state may count its changes here (bump it wherever
     # snapshot_state() may change, restore_state included): a reset then compares
     # snapshot_state() only when the count moved. None: compare every time.
-    state_version: Optional[int] = None
+    _state_version: Optional[int] = None
+
+    @property
+    def state_version(self) -> Optional[int]:
+        return self._state_version
+
+    @state_version.setter
+    def state_version(self, value: Optional[int]) -> None:
+        self._state_version = value
+        bus = getattr(self, "bus", None)  # set by attach; a device may count before it
+        if bus is not None:
+            bus.state_version += 1
 
     def snapshot_state(self) -> dict:
         """Python-side fields that change after attach, as JSON-able values."""

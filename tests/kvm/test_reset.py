@@ -297,7 +297,9 @@ def test_python_side_device_fields_come_back_compared_only_after_a_change(sessio
         assert vm.run(timeout=30).reason == "poweroff"
         vm.reset_to(snap, privileged=False)
     assert len(compared) == 1  # the first reset with this plan; nothing moved after that
+    counted = vm.bus.state_version
     fw_cfg.add_file("opt/test/extra", b"not in the snapshot")
+    assert vm.bus.state_version > counted  # the one number a repeated reset looks at
     assert vm.run(timeout=30).reason == "poweroff"
     vm.reset_to(snap, privileged=False)
     assert len(compared) == 2 and fw_cfg.files == files
