@@ -24,6 +24,7 @@ shared host the loops' ratios carry a few percent of noise, this does not.
 
 from __future__ import annotations
 
+import errno
 import statistics
 import time
 from typing import Callable, Optional
@@ -173,6 +174,8 @@ class ExitBench:
         while True:
             rc = lib.hvt_vcpu_run(fd)
             if rc < 0:
+                if rc in (-errno.EINTR, -errno.EAGAIN):  # a stray signal (Ray's workers get some): enter again
+                    continue
                 _t.check(rc, "KVM_RUN")
             reason = int(run["exit_reason"])
             if reason == KvmExit.IO:

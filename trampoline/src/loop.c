@@ -10,6 +10,8 @@ int hvt_loop_reference(int vcpu_fd, struct kvm_run *run, uint64_t max_exits, uin
     memset(stats, 0, sizeof(*stats));
     while (stats->exits < max_exits) {
         int rc = hvt_vcpu_run(vcpu_fd);
+        if (rc == -EINTR || rc == -EAGAIN)
+            continue; /* a stray signal, as any VMM's loop sees: enter again */
         if (rc < 0)
             return rc;
         stats->last_reason = run->exit_reason;
