@@ -20,9 +20,15 @@ QUIET = {signal.SIGINT}
 def start(target: Callable[..., object], name: str, args: tuple = (), *, daemon: bool = True) -> threading.Thread:
     """Start ``target(*args)`` in a new thread that blocks SIGINT; returns the thread."""
     thread = threading.Thread(target=target, args=args, name=name, daemon=daemon)
+    start_quiet(thread)
+    return thread
+
+
+def start_quiet(thread: threading.Thread) -> None:
+    """Start ``thread`` blocking SIGINT (for a caller that must know the thread even when a
+    KeyboardInterrupt comes in the middle of starting it)."""
     before = signal.pthread_sigmask(signal.SIG_BLOCK, QUIET)
     try:
         thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
-    return thread

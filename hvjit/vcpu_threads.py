@@ -96,7 +96,13 @@ def run_vm(vm, *, timeout: Optional[float], resume_hlt: bool) -> RunResult:
             except ObjectDestroyedError:  # destroyed from another thread: its run stops anyway
                 pass
 
-    def worker(v) -> None:
+    def worker(v, finished: threading.Event) -> None:
+        try:
+            run_one(v)
+        finally:
+            finished.set()
+
+    def run_one(v) -> None:
         try:
             try:
                 ex = v.run(timeout=timeout, resume_hlt=resume_hlt, _group_stop=group_stop)
@@ -120,21 +126,27 @@ def run_vm(vm, *, timeout: Optional[float], resume_hlt: bool) -> RunResult:
             stop_all()
 
     # Ctrl-C must reach the caller's thread (which then stops everyone), not a vCPU thread
-    # where it would only interrupt one KVM_RUN: helper_threads block it.
-    threads: list[threading.Thread] = []
+    # where it would only interrupt one KVM_RUN: helper_threads block it. The caller waits on
+    # each thread's own event, not Thread.join: a KeyboardInterrupt in a join may leave the
+    # Thread marked stopped while it still runs (CPython 3.11's _wait_for_tstate_lock).
+    finished = [threading.Event() for _ in vcpus]
+    threads = [threading.Thread(target=worker, args=(v, done), name=f"{vm.name}-vcpu{v.index}", daemon=True)
+               for v, done in zip(vcpus, finished)]
+    started = 0
     try:
-        for v in vcpus:
-            threads.append(helper_threads.start(worker, f"{vm.name}-vcpu{v.index}", (v,)))
         for t in threads:
+            helper_threads.start_quiet(t)
+            started += 1
+        for done in finished:
             # In slices: a SIGINT another thread of the process took (one the caller started)
             # raises KeyboardInterrupt here only when this thread runs Python code again.
-            while t.is_alive():
-                t.join(JOIN_SLICE)
+            while not done.wait(JOIN_SLICE):
+                pass
     except BaseException:
         stop_all()
-        for t in threads:
-            if t.ident is not None:
-                t.join()
+        for i, (t, done) in enumerate(zip(threads, finished)):
+            if i < started or t.ident is not None:  # (a start the interrupt cut short may have run)
+                done.wait()
         raise
     if errors and not decided:
         raise errors[0]
