@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -171,7 +171,7 @@ class DirtyRings:
         self.record["count"], self.record["entries"] = nvcpus, entries
         self.ptr = _t.ptr(self.record, "struct hvt_dirty_rings *")
 
-    def map(self, vcpu) -> Optional[object]:
+    def map(self, vcpu) -> Any:
         """Map ``vcpu``'s ring; returns its pointer (for :meth:`unmap`)."""
         out = _t.ffi.new("struct kvm_dirty_gfn **")
         vcpu._call(_t.lib.hvt_dirty_ring_map(vcpu.fd, self.bytes, out), "mmap(dirty ring)")

@@ -1,10 +1,10 @@
 """Fast in-process reset: put a VM back into a snapshot's state, copying only what changed.
 
-Memory: the pages KVM's dirty log (and hvjit's own writes) marked since the VM last equalled
-a snapshot, plus the pages that differ between that snapshot and the target, known from the
-tree of snapshots taken in this process (each holds the pages that may differ from its
-parent). Without such a link (another VM's snapshot, a file) every page is copied once, and
-later resets are fast again.
+Memory: the pages KVM's dirty ring or dirty log (and hvjit's own writes) marked since the
+VM last equalled a snapshot, plus the pages that differ between that snapshot and the
+target, known from the tree of snapshots taken in this process (each holds the pages that
+may differ from its parent). Without such a link (another VM's snapshot, a file) every page
+is copied once, and later resets are fast again.
 
 vCPUs: the exit each vCPU stopped at is completed first (else KVM would finish it on top of
 the restored registers) by an immediate-exit KVM_RUN that also reports the SREGS and events
@@ -326,7 +326,8 @@ class _Ready:
     @staticmethod
     def possible(plan: _Plan, records: _Records) -> bool:
         """Whether a reset like the one just made (and complete) can take the short way next
-        time: the C call does all of it, Python only checks device fields by version."""
+        time: the C call does all of it, and every device with Python-side fields counts its
+        changes (state_version), so one bus-wide count tells whether they moved."""
         return (bool(records.done) and plan.xsave and not plan.extra
                 and all(seen is not None for seen in plan.devices.seen))
 
