@@ -76,3 +76,33 @@ def test_a_new_tracker_sees_writes_to_pages_the_old_one_had_read(session):
     stats = vm.reset_to(second, privileged=False)
     assert not stats.full and stats.pages >= 4
     assert vm.memory.read(BUFFER, 4 * 4096) == bytes(4 * 4096)
+
+
+def test_destroy_while_vcpus_drain_full_rings(session):
+    # Two vCPUs keep filling small rings (each full ring is read in Python on its vCPU's
+    # thread) while another thread destroys the VM: a ring leaves the harvest's record before
+    # it is unmapped, so every trial ends with a stop, never a crash.
+    import threading
+    import time
+
+    forever = WRITER.replace("    xor %eax, %eax\n    outl %eax, $0xf4\n", "    jmp 0b\n").replace(
+        "    mov ${buffer}, %rdi", "0:  mov ${buffer}, %rdi")
+    for trial in range(6):
+        vm = session.create_vm(f"drain{trial}", memory=16 << 20, vcpus=2, dirty_ring=SMALL)
+        # Both write the same 3000 pages: however the first writes split between the two
+        # rings, one gets more than a full ring's worth.
+        vm.memory.write(CODE, assemble(forever.format(buffer=BUFFER, pages=3000), CODE))
+        for v in vm.vcpus:
+            entry.setup_long_mode(v, CODE, cpl=3)
+        vm.snapshot()  # the slots log from here on
+        outcome: list = []
+        runner = threading.Thread(target=lambda vm=vm, out=outcome: out.append(vm.run(timeout=20)))
+        runner.start()
+        deadline = time.monotonic() + 10
+        while vm._rings.full_exits == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert vm._rings.full_exits >= 1, (outcome, runner.is_alive())  # the rings fill and get drained
+        time.sleep(0.01 * trial)  # then at different points of the next drains
+        vm.destroy()
+        runner.join(20)
+        assert not runner.is_alive() and [r.reason for r in outcome] == ["bogus"], outcome
